@@ -1,0 +1,25 @@
+"""rkfac: K-FAC with randomized eigendecompositions of the Kronecker factors.
+
+    pre = rkfac.KFACPreconditioner(model, decomposition=rkfac.SymmetricRandomizedEVD(rank=220))
+    loss.backward(); pre.step(); optimizer.step()      # pre.step() rewrites .grad in place
+
+or the ready optimizer ``rkfac.KFAC(model, lr=0.1, **preconditioner_options)``.
+"""
+
+from rkfac.decompositions import Decomposition, ExactEigh, RandomizedSVD, SymmetricRandomizedEVD
+from rkfac.lowrank import Eigenpairs
+from rkfac.optimizer import KFAC
+from rkfac.preconditioner import KFACPreconditioner
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Decomposition",
+    "Eigenpairs",
+    "ExactEigh",
+    "KFAC",
+    "KFACPreconditioner",
+    "RandomizedSVD",
+    "SymmetricRandomizedEVD",
+    "__version__",
+]

@@ -1,0 +1,166 @@
+"""Top eigenpairs of a symmetric PSD Kronecker factor: exact, randomized SVD, symmetric randomized EVD.
+
+Each method is a small frozen config object with one public method, :meth:`Decomposition.decompose`,
+which fixes the contract for all of them:
+
+- the factor is symmetrized first, ``X ← (X + Xᵀ) / 2`` (averaging in float loses symmetry);
+- the result holds the ``rank`` largest eigenvalues, sorted descending and clamped at 0,
+  with orthonormal eigenvectors, and the trace of the whole factor;
+- when ``rank + oversample ≥ d`` the sketch could not be smaller than the matrix, so the
+  exact ``eigh`` is used (truncated to ``rank``): rank ≥ d reproduces :class:`ExactEigh`;
+- randomness comes only from the ``torch.Generator`` passed in.
+
+Costs for a d × d factor, k = rank + oversample, q = power_iters (counting d² k products):
+ExactEigh O(d³); RandomizedSVD 2(q + 1) products; SymmetricRandomizedEVD q + 1 products.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rkfac.lowrank import Eigenpairs
+from rkfac.schedules import IntSchedule, at_step_int, check_int, int_schedule
+
+
+class Decomposition(ABC):
+    """Strategy object: how the preconditioner turns a factor into :class:`Eigenpairs`."""
+
+    def decompose(self, factor: Tensor, generator: torch.Generator | None = None, step: int = 0) -> Eigenpairs:
+        """Top eigenpairs of the symmetric PSD ``factor`` (d × d). See the module docstring."""
+        if factor.dim() != 2 or factor.shape[0] != factor.shape[1]:
+            raise ValueError(f"factor must be a square matrix, got shape {tuple(factor.shape)}")
+        symmetric = (factor + factor.T) / 2
+        trace = float(symmetric.diagonal().sum())
+        dim = symmetric.shape[0]
+        keep = min(self.rank_at(step), dim)
+        if generator is None:
+            generator = torch.Generator(device=factor.device)
+            generator.manual_seed(0)
+        values, vectors = self._top(symmetric, keep, generator)
+        values = values.clamp_min(0).contiguous()
+        top = float(values[0]) if values.numel() else 0.0
+        return Eigenpairs(vectors.contiguous(), values, trace, top)
+
+    @abstractmethod
+    def rank_at(self, step: int) -> int:
+        """How many eigenpairs to keep at ``step``."""
+
+    @abstractmethod
+    def _top(self, symmetric: Tensor, keep: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        """(values descending, vectors) of the ``keep`` largest eigenpairs of ``symmetric``."""
+
+    @abstractmethod
+    def cost(self, dim: int, step: int = 0) -> float:
+        """Approximate floating-point work to decompose a dim × dim factor (a cost model)."""
+
+
+def _exact_top(symmetric: Tensor, keep: int) -> tuple[Tensor, Tensor]:
+    """The ``keep`` largest eigenpairs from a full ``eigh``, sorted descending."""
+    values, vectors = torch.linalg.eigh(symmetric)
+    return values.flip(0)[:keep], vectors.flip(1)[:, :keep]
+
+
+def _orthonormal_basis(matrix: Tensor) -> Tensor:
+    return torch.linalg.qr(matrix).Q
+
+
+@dataclass(frozen=True)
+class ExactEigh(Decomposition):
+    """Full ``torch.linalg.eigh``: the K-FAC baseline, O(d³). ``rank=None`` keeps every mode."""
+
+    rank: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.rank is not None:
+            check_int(self.rank, "rank", low=1)
+
+    def rank_at(self, step: int) -> int:
+        return self.rank if self.rank is not None else 2**62
+
+    def _top(self, symmetric: Tensor, keep: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        return _exact_top(symmetric, keep)
+
+    def cost(self, dim: int, step: int = 0) -> float:
+        return 9.0 * dim**3
+
+
+@dataclass(frozen=True)
+class _Randomized(Decomposition):
+    rank: IntSchedule = 220
+    oversample: int = 10
+    power_iters: int = 4
+
+    def __post_init__(self) -> None:
+        int_schedule(self.rank, "rank", low=1)
+        check_int(self.oversample, "oversample", low=0)
+        check_int(self.power_iters, "power_iters", low=0)
+
+    def rank_at(self, step: int) -> int:
+        return at_step_int(self.rank, step, "rank", low=1)
+
+    def _top(self, symmetric: Tensor, keep: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        columns = keep + self.oversample
+        if columns >= symmetric.shape[0]:
+            # The sketch would be as large as the matrix: the exact method is cheaper and exact.
+            return _exact_top(symmetric, keep)
+        sketch = torch.randn(symmetric.shape[0], columns, generator=generator, device=symmetric.device, dtype=symmetric.dtype)
+        return self._sketched_top(symmetric, keep, sketch)
+
+    @abstractmethod
+    def _sketched_top(self, symmetric: Tensor, keep: int, sketch: Tensor) -> tuple[Tensor, Tensor]:
+        """Top eigenpairs from the Gaussian ``sketch`` (d × k, k = keep + oversample)."""
+
+
+@dataclass(frozen=True)
+class RandomizedSVD(_Randomized):
+    """RS-KFAC: Halko–Martinsson–Tropp randomized SVD (Algorithm 4.4 with QR between products).
+
+    ``Y = X Ω`` with k = r + p Gaussian columns, then q power iterations ``Q ← qr(X qr(Xᵀ Q))``,
+    ``B = Qᵀ X`` (k × d) and a small SVD ``B = Ũ S Vᵀ``. For PSD X the singular values are
+    the eigenvalues and the right singular vectors the eigenvectors. 2(q + 1) products of
+    X with a d × k matrix; the method does not exploit symmetry, which is why it costs about
+    twice :class:`SymmetricRandomizedEVD`.
+    """
+
+    def _sketched_top(self, symmetric: Tensor, keep: int, sketch: Tensor) -> tuple[Tensor, Tensor]:
+        basis = _orthonormal_basis(symmetric @ sketch)
+        for _ in range(self.power_iters):
+            basis = _orthonormal_basis(symmetric.T @ basis)
+            basis = _orthonormal_basis(symmetric @ basis)
+        projected = basis.T @ symmetric
+        _, singular_values, right_t = torch.linalg.svd(projected, full_matrices=False)
+        return singular_values[:keep], right_t[:keep].T
+
+    def cost(self, dim: int, step: int = 0) -> float:
+        columns = self.rank_at(step) + self.oversample
+        return 2.0 * 2 * (self.power_iters + 1) * dim**2 * columns
+
+
+@dataclass(frozen=True)
+class SymmetricRandomizedEVD(_Randomized):
+    """SRE-KFAC: symmetric randomized eigendecomposition.
+
+    ``Y = X^q Ω`` (re-orthonormalised by QR after every product: O(d k²), small against the
+    O(d² k) product, and without it the small modes sink below float32 resolution after a
+    few powers), ``Q = qr(Y)``, ``C = Qᵀ X Q`` (k × k), ``C = W Λ Wᵀ``, ``U = Q W``; keep the
+    top r. q + 1 products of X with a d × k matrix.
+    """
+
+    def _sketched_top(self, symmetric: Tensor, keep: int, sketch: Tensor) -> tuple[Tensor, Tensor]:
+        basis = sketch
+        for _ in range(self.power_iters):
+            basis = _orthonormal_basis(symmetric @ basis)
+        if self.power_iters == 0:
+            basis = _orthonormal_basis(basis)
+        core = basis.T @ (symmetric @ basis)
+        values, core_vectors = torch.linalg.eigh((core + core.T) / 2)
+        top = core_vectors.flip(1)[:, :keep]
+        return values.flip(0)[:keep], basis @ top
+
+    def cost(self, dim: int, step: int = 0) -> float:
+        columns = self.rank_at(step) + self.oversample
+        return 2.0 * (self.power_iters + 1) * dim**2 * columns

@@ -1,0 +1,337 @@
+"""The K-FAC preconditioner: rewrites ``.grad`` of Linear and Conv2d layers in place.
+
+Algorithm, at step k (``k = pre.steps``, counted from 0) of ``loss.backward(); pre.step()``::
+
+    if k % factor_every(k) == 0:            # the hooks captured this step's statistics
+        F_X ← S_X on the first update, else ρ F_X + (1 − ρ) S_X      for X in (A, G)
+    if k % inverse_every(k) == 0 or a factor has no decomposition yet:
+        (U_X, D_X) ← decomposition(F_X)     # sketch seeded by (seed, layer, factor, k)
+    for every layer:                        # every step
+        λ_A, λ_G ← damping_mode(δ(k), ...)
+        V ← (U_G D_G U_Gᵀ + λ_G I)⁻¹ ∇W (U_A D_A U_Aᵀ + λ_A I)⁻¹
+    scale the V's by ``clip``; write them into ``.grad``
+
+Any torch optimizer then steps on the rewritten gradients. Parameters of other layers keep
+their plain gradient; so does a preconditioned layer before its first statistics exist
+(e.g. when the very first backward ran in eval mode), and one whose gradient is None.
+
+Statistics are captured only on factor steps, in training mode, with grad enabled (see
+:mod:`rkfac.capture` and, for the scaling, :mod:`rkfac.layers`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rkfac import layers
+from rkfac.capture import StatisticsCapture, StatisticSums
+from rkfac.clipping import CLIP_MODES, clip_directions
+from rkfac.damping import DAMPING_MODES, factor_dampings
+from rkfac.decompositions import Decomposition, SymmetricRandomizedEVD
+from rkfac.lowrank import Eigenpairs, kronecker_solve
+from rkfac.mc_fisher import MC_LOSSES, sampled_loss
+from rkfac.schedules import (
+    FloatSchedule,
+    IntSchedule,
+    at_step_float,
+    at_step_int,
+    check_choice,
+    check_float,
+    float_schedule,
+    int_schedule,
+)
+from rkfac.seeding import keyed_generator
+
+FACTORS = ("A", "G")
+FISHER_TYPES = ("empirical", "mc")
+LOSS_REDUCTIONS = ("mean", "sum")
+
+SkipRule = str | type[nn.Module]
+
+
+@dataclass
+class _Layer:
+    """One preconditioned layer: its module and the state the preconditioner keeps for it."""
+
+    name: str
+    index: int
+    module: layers.SupportedLayer
+    factors: dict[str, Tensor] = field(default_factory=dict)
+    eigen: dict[str, Eigenpairs] = field(default_factory=dict)
+
+
+class KFACPreconditioner:
+    """K-FAC with a pluggable decomposition of the Kronecker factors.
+
+    Args:
+        model: the module whose Linear and Conv2d (groups = 1) layers are preconditioned.
+        decomposition: how factors are decomposed; default
+            ``SymmetricRandomizedEVD(rank=220, oversample=10, power_iters=4)`` (the paper's).
+        damping: δ > 0, a float or a callable of the step.
+        damping_mode: "relative" or "pi" (see :mod:`rkfac.damping`).
+        factor_decay: ρ in [0, 1) of the exponential average of the factors.
+        factor_every: capture statistics and update factors every this many steps.
+        inverse_every: recompute decompositions every this many steps.
+        clip: "rms", "kl" or None; ``clip_value`` is κ (see :mod:`rkfac.clipping`).
+        lr: the learning rate the "kl" clip assumes; :class:`rkfac.KFAC` keeps it in sync
+            with its own. Unused by the other clip modes.
+        fisher: "empirical" (statistics from the user's backward) or "mc" (G from a backward
+            with sampled labels: call :meth:`sample_fisher` with the model outputs before the
+            user's backward).
+        mc_loss: the loss whose predictive distribution "mc" samples: "cross_entropy" or "mse".
+        loss_reduction: "mean" or "sum": how the user's loss combines the samples; sets the
+            scale of G (see :mod:`rkfac.layers`).
+        skip: layers left alone: glob patterns on qualified module names, or module types.
+        seed: seeds every sketch and every sampled label.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        decomposition: Decomposition | None = None,
+        damping: FloatSchedule = 0.1,
+        damping_mode: str = "relative",
+        factor_decay: float = 0.95,
+        factor_every: IntSchedule = 10,
+        inverse_every: IntSchedule = 50,
+        clip: str | None = "rms",
+        clip_value: float = 0.07,
+        lr: FloatSchedule = 0.1,
+        fisher: str = "empirical",
+        mc_loss: str = "cross_entropy",
+        loss_reduction: str = "mean",
+        skip: Iterable[SkipRule] = (),
+        seed: int = 0,
+    ) -> None:
+        if decomposition is None:
+            decomposition = SymmetricRandomizedEVD()
+        if not isinstance(decomposition, Decomposition):
+            raise ValueError(f"decomposition must be an rkfac Decomposition (e.g. rkfac.ExactEigh()), got {decomposition!r}")
+        self.decomposition = decomposition
+        self.damping = float_schedule(damping, "damping", low=0.0, low_inclusive=False)
+        self.damping_mode = str(check_choice(damping_mode, "damping_mode", DAMPING_MODES))
+        self.factor_decay = check_float(factor_decay, "factor_decay", low=0.0, high=1.0, high_inclusive=False)
+        self.factor_every = int_schedule(factor_every, "factor_every", low=1)
+        self.inverse_every = int_schedule(inverse_every, "inverse_every", low=1)
+        self.clip = check_choice(clip, "clip", CLIP_MODES)
+        self.clip_value = check_float(clip_value, "clip_value", low=0.0, low_inclusive=False)
+        self.lr = float_schedule(lr, "lr", low=0.0)
+        self.fisher = str(check_choice(fisher, "fisher", FISHER_TYPES))
+        self.mc_loss = str(check_choice(mc_loss, "mc_loss", MC_LOSSES))
+        self.loss_reduction = str(check_choice(loss_reduction, "loss_reduction", LOSS_REDUCTIONS))
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        self.seed = seed
+        self.steps = 0
+
+        skip_rules = _check_skip_rules(skip)
+        selected = {
+            name: module
+            for name, module in model.named_modules()
+            if layers.is_supported(module) and not _skipped(name, module, skip_rules)
+        }
+        if not selected:
+            raise ValueError(
+                f"model {type(model).__name__} has no nn.Linear or nn.Conv2d (groups=1) layer to precondition"
+                + (f" after skip={skip_rules!r}" if skip_rules else "")
+            )
+        self._layers = [_Layer(name, index, module) for index, (name, module) in enumerate(selected.items())]  # type: ignore[arg-type]
+        self._capture = StatisticsCapture(selected, self._is_factor_step)  # type: ignore[arg-type]
+        self._capture.capture_output_grads = self.fisher == "empirical"
+        self._mc_generator: torch.Generator | None = None
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Qualified names of the preconditioned layers, in model order."""
+        return [layer.name for layer in self._layers]
+
+    def step(self) -> None:
+        """Precondition the current gradients in place (see the module docstring)."""
+        step = self.steps
+        self._check_mc_statistics()
+        with torch.no_grad():
+            self._update_factors()
+            self._decompose(step)
+            self._precondition(step)
+        self.steps += 1
+
+    def sample_fisher(self, outputs: Tensor) -> None:
+        """For ``fisher="mc"``: capture G from a backward with labels sampled from ``outputs``.
+
+        Call it after the forward and before ``loss.backward()``, on every step (it returns at
+        once on steps that are not factor steps)::
+
+            logits = model(x)
+            pre.sample_fisher(logits)
+            F.cross_entropy(logits, y).backward()
+            pre.step(); optimizer.step()
+
+        The sampled backward uses ``torch.autograd.grad``, so ``.grad`` is not touched, and it
+        keeps the graph for the user's own backward.
+        """
+        if self.fisher != "mc":
+            raise ValueError(f"sample_fisher is for fisher='mc'; this preconditioner has fisher={self.fisher!r}")
+        if not self._is_factor_step() or not outputs.requires_grad:
+            return
+        if self._mc_generator is None or self._mc_generator.device != outputs.device:
+            self._mc_generator = keyed_generator(outputs.device, self.seed, "mc-labels")
+        loss = sampled_loss(outputs, self.mc_loss, self.loss_reduction, self._mc_generator)
+        weights = [layer.module.weight for layer in self._layers if layer.module.weight.requires_grad]
+        self._capture.capture_output_grads = True
+        try:
+            torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
+        finally:
+            self._capture.capture_output_grads = False
+
+    def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """The current averaged factors, ``{layer_name: (A, G)}``, for layers that have them."""
+        return {layer.name: (layer.factors["A"], layer.factors["G"]) for layer in self._layers if layer.factors}
+
+    def eigenpairs(self) -> dict[str, tuple[Eigenpairs, Eigenpairs]]:
+        """The decompositions in use, ``{layer_name: (A pairs, G pairs)}``."""
+        return {layer.name: (layer.eigen["A"], layer.eigen["G"]) for layer in self._layers if layer.eigen}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step, the factors and the current decompositions (and the label sampler)."""
+        return {
+            "steps": self.steps,
+            "layers": {
+                layer.name: {
+                    "factors": dict(layer.factors),
+                    "eigen": {key: _pairs_to_dict(pairs) for key, pairs in layer.eigen.items()},
+                }
+                for layer in self._layers
+            },
+            "mc_generator": None if self._mc_generator is None else self._mc_generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output; tensors move to each layer's device."""
+        names = set(state.get("layers", {}))
+        if names != set(self.layer_names):
+            raise ValueError(f"state_dict layers {sorted(names)} do not match this preconditioner's {self.layer_names}")
+        for layer in self._layers:
+            saved = state["layers"][layer.name]
+            device = layer.module.weight.device
+            factors = {key: tensor.to(device) for key, tensor in saved["factors"].items()}
+            expected = dict(zip(FACTORS, layers.factor_dims(layer.module)))
+            for key, tensor in factors.items():
+                if tensor.shape != (expected[key], expected[key]):
+                    raise ValueError(f"factor {key} of layer {layer.name!r} has shape {tuple(tensor.shape)}, expected {expected[key]}²")
+            layer.factors = factors
+            layer.eigen = {key: _pairs_from_dict(pairs).to(device) for key, pairs in saved["eigen"].items()}
+        self.steps = int(state["steps"])
+        self._capture.clear()
+        generator_state = state.get("mc_generator")
+        if generator_state is not None:
+            self._mc_generator = torch.Generator()
+            self._mc_generator.set_state(generator_state)
+
+    def remove(self) -> None:
+        """Take the hooks off the model; the preconditioner captures nothing afterwards."""
+        self._capture.remove()
+
+    # ------------------------------------------------------------------ the three phases
+
+    def _is_factor_step(self) -> bool:
+        step = self.steps
+        return step % at_step_int(self.factor_every, step, "factor_every", low=1) == 0
+
+    def _check_mc_statistics(self) -> None:
+        if self.fisher != "mc":
+            return
+        sums = self._capture.sums.values()
+        if any(s.has_inputs for s in sums) and not any(s.has_output_grads for s in sums):
+            self._capture.clear()
+            raise RuntimeError(
+                "fisher='mc' captured layer inputs but no sampled-label gradients on this factor step: "
+                "call pre.sample_fisher(outputs) after the forward and before loss.backward()"
+            )
+
+    def _update_factors(self) -> None:
+        """Fold the captured statistics into the exponential averages; clear the sums."""
+        decay = self.factor_decay
+        for layer in self._layers:
+            sums: StatisticSums = self._capture.sums[layer.name]
+            if not (sums.has_inputs and sums.has_output_grads):
+                continue
+            for key, statistic in zip(FACTORS, sums.averages(self.loss_reduction)):
+                if key in layer.factors:
+                    layer.factors[key].mul_(decay).add_(statistic, alpha=1.0 - decay)
+                else:
+                    layer.factors[key] = statistic
+        self._capture.clear()
+
+    def _decompose(self, step: int) -> None:
+        scheduled = step % at_step_int(self.inverse_every, step, "inverse_every", low=1) == 0
+        for layer in self._layers:
+            if not layer.factors or (layer.eigen and not scheduled):
+                continue
+            for factor_index, key in enumerate(FACTORS):
+                factor = layer.factors[key]
+                generator = keyed_generator(factor.device, self.seed, "sketch", layer.index, factor_index, step)
+                layer.eigen[key] = self.decomposition.decompose(factor, generator, step)
+
+    def _precondition(self, step: int) -> None:
+        damping = at_step_float(self.damping, step, "damping", low=0.0, low_inclusive=False)
+        updated: list[tuple[_Layer, Tensor]] = []
+        grads: list[Tensor] = []
+        for layer in self._layers:
+            grad = layers.grad_matrix(layer.module)
+            if grad is None or not layer.eigen:
+                continue
+            a_pairs, g_pairs = layer.eigen["A"], layer.eigen["G"]
+            grad = grad.to(a_pairs.values.dtype)
+            a_damping, g_damping = factor_dampings(self.damping_mode, damping, a_pairs, g_pairs)
+            updated.append((layer, kronecker_solve(grad, g_pairs, g_damping, a_pairs, a_damping)))
+            grads.append(grad)
+        directions = [direction for _, direction in updated]
+        lr = at_step_float(self.lr, step, "lr", low=0.0) if self.clip == "kl" else 0.0
+        clip_directions(self.clip, self.clip_value, directions, grads, lr)
+        for layer, direction in updated:
+            layers.set_grad_matrix(layer.module, direction)
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(decomposition={self.decomposition!r}, damping_mode={self.damping_mode!r}, "
+            f"factor_decay={self.factor_decay}, clip={self.clip!r}, fisher={self.fisher!r}, layers={self.layer_names})"
+        )
+
+
+def _check_skip_rules(skip: Iterable[SkipRule]) -> list[SkipRule]:
+    if isinstance(skip, (str, type)):
+        skip = [skip]
+    rules = list(skip)
+    for rule in rules:
+        if not (isinstance(rule, str) or (isinstance(rule, type) and issubclass(rule, nn.Module))):
+            raise ValueError(f"skip entries must be name patterns (str) or nn.Module types, got {rule!r}")
+    return rules
+
+
+def _skipped(name: str, module: nn.Module, rules: list[SkipRule]) -> bool:
+    for rule in rules:
+        if isinstance(rule, str) and fnmatch.fnmatchcase(name, rule):
+            return True
+        if isinstance(rule, type) and isinstance(module, rule):
+            return True
+    return False
+
+
+def _pairs_to_dict(pairs: Eigenpairs) -> dict[str, Any]:
+    return {"vectors": pairs.vectors, "values": pairs.values, "trace": pairs.trace, "top": pairs.top}
+
+
+def _pairs_from_dict(saved: dict[str, Any]) -> Eigenpairs:
+    return Eigenpairs(saved["vectors"], saved["values"], float(saved["trace"]), float(saved["top"]))
+
+
+__all__ = ["KFACPreconditioner"]
