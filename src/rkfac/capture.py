@@ -31,6 +31,13 @@ def statistics_dtype(module: SupportedLayer) -> torch.dtype:
     return torch.float64 if module.weight.dtype == torch.float64 else torch.float32
 
 
+def _gram(rows: Tensor) -> Tensor:
+    """``rowsᵀ rows`` in the dtype of ``rows``: hooks run inside the user's autocast region,
+    which would otherwise compute it in bf16/fp16."""
+    with torch.autocast(rows.device.type, enabled=False):
+        return rows.T @ rows
+
+
 class StatisticSums:
     """Running sums of one layer's statistics since the last factor update."""
 
@@ -41,12 +48,12 @@ class StatisticSums:
         self.grad_samples = 0
 
     def add_inputs(self, rows: Tensor) -> None:
-        gram = rows.T @ rows
+        gram = _gram(rows)
         self.input_sum = gram if self.input_sum is None else self.input_sum.add_(gram)
         self.input_rows += rows.shape[0]
 
     def add_output_grads(self, rows: Tensor, samples: int) -> None:
-        gram = rows.T @ rows
+        gram = _gram(rows)
         self.grad_sum = gram if self.grad_sum is None else self.grad_sum.add_(gram)
         self.grad_samples += samples
 
