@@ -95,13 +95,18 @@ def main() -> None:
     parser.add_argument("--optimizers", default="sgd,kfac,rs-kfac,sre-kfac")
     args = parser.parse_args()
     data = load_fashion_mnist(args.data_dir)
-    print(f"Fashion-MNIST MLP 784-{args.width}-{args.width}-10, batch {args.batch_size}, {args.epochs} epoch(s), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(
+        f"Fashion-MNIST MLP 784-{args.width}-{args.width}-10, batch {args.batch_size}, {args.epochs} epoch(s), "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    )
     results = {}
     for name in args.optimizers.split(","):
         results[name] = run(name, data, args.width, args.epochs, args.batch_size, args.seed)
         r = results[name]
-        print(f"  {name:9s} {r['seconds_per_epoch']:7.1f} s/epoch  loss {r['loss']:.3f}  test acc {100 * r['test_accuracy']:.2f}%", flush=True)
+        print(
+            f"  {name:9s} {r['seconds_per_epoch']:7.1f} s/epoch  loss {r['loss']:.3f}  test acc {100 * r['test_accuracy']:.2f}%",
+            flush=True,
+        )
     if "kfac" in results:
         exact = results["kfac"]["seconds_per_epoch"]
         for name in ("rs-kfac", "sre-kfac"):

@@ -48,10 +48,12 @@ def test_linear_statistics_match_per_sample_definition(bias: bool) -> None:
 
     rows = with_ones(x) if bias else x
     expected_a = sum(torch.outer(r, r) for r in rows) / len(rows)
-    deltas = torch.stack([
-        per_sample_output_grads(model, layer, lambda out, i=i: F.cross_entropy(out, y[i : i + 1]), x[i : i + 1])[0]
-        for i in range(len(x))
-    ])
+    deltas = torch.stack(
+        [
+            per_sample_output_grads(model, layer, lambda out, i=i: F.cross_entropy(out, y[i : i + 1]), x[i : i + 1])[0]
+            for i in range(len(x))
+        ]
+    )
     expected_g = sum(torch.outer(d, d) for d in deltas) / len(x)
     torch.testing.assert_close(a, expected_a)
     torch.testing.assert_close(g, expected_g)
@@ -72,7 +74,9 @@ def test_linear_with_leading_dims_sums_positions() -> None:
     a, g = factors[""]
     rows = with_ones(x.reshape(-1, 5))
     torch.testing.assert_close(a, rows.T @ rows / (n * tokens))
-    deltas = torch.cat([per_sample_output_grads(layer, layer, lambda out, i=i: per_sample_loss(out, i), x[i : i + 1]) for i in range(n)])
+    deltas = torch.cat(
+        [per_sample_output_grads(layer, layer, lambda out, i=i: per_sample_loss(out, i), x[i : i + 1]) for i in range(n)]
+    )
     flat = deltas.reshape(-1, 3)
     torch.testing.assert_close(g, flat.T @ flat / n)
 
@@ -126,9 +130,9 @@ def test_conv2d_statistics_match_per_position_definition(options: dict) -> None:
 
     rows = with_ones(patches) if conv.bias is not None else patches
     torch.testing.assert_close(a, rows.T @ rows / len(rows))
-    deltas = torch.cat([
-        per_sample_output_grads(model, conv, lambda o, i=i: F.cross_entropy(o, y[i : i + 1]), x[i : i + 1]) for i in range(3)
-    ])  # (n, c_out, H, W)
+    deltas = torch.cat(
+        [per_sample_output_grads(model, conv, lambda o, i=i: F.cross_entropy(o, y[i : i + 1]), x[i : i + 1]) for i in range(3)]
+    )  # (n, c_out, H, W)
     positions = deltas.shape[2] * deltas.shape[3]
     flat = deltas.permute(0, 2, 3, 1).reshape(-1, conv.out_channels)
     # S_G = T · mean over (sample, position) of δδᵀ

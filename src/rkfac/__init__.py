@@ -14,10 +14,10 @@ from rkfac.preconditioner import KFACPreconditioner
 __version__ = "0.1.0"
 
 __all__ = [
+    "KFAC",
     "Decomposition",
     "Eigenpairs",
     "ExactEigh",
-    "KFAC",
     "KFACPreconditioner",
     "RandomizedSVD",
     "SymmetricRandomizedEVD",

@@ -17,7 +17,7 @@ dtype, so autocast does not degrade them.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -110,7 +110,9 @@ class StatisticsCapture:
 
         return hook
 
-    def _output_grad_hook(self, layer: SupportedLayer, sums: StatisticSums, samples: int, dtype: torch.dtype) -> Callable[[Tensor], None]:
+    def _output_grad_hook(
+        self, layer: SupportedLayer, sums: StatisticSums, samples: int, dtype: torch.dtype
+    ) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
             if self.capture_output_grads:
                 with torch.no_grad():

@@ -23,7 +23,7 @@ def rms_scale(direction: Tensor, clip_value: float) -> Tensor:
 
 
 def kl_scale(directions: list[Tensor], grads: list[Tensor], lr: float, clip_value: float) -> Tensor:
-    inner = sum((direction * grad).sum() for direction, grad in zip(directions, grads))
+    inner = sum((direction * grad).sum() for direction, grad in zip(directions, grads, strict=True))
     quadratic = torch.as_tensor(inner, dtype=directions[0].dtype, device=directions[0].device) * lr**2
     scale = (clip_value / quadratic).sqrt().clamp(max=1.0)
     return torch.where(quadratic > 0, scale, torch.ones_like(scale))

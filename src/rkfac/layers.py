@@ -27,13 +27,13 @@ dimensions after the first are positions.
 
 from __future__ import annotations
 
-from typing import Union
+from typing import TypeAlias
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-SupportedLayer = Union[nn.Linear, nn.Conv2d]
+SupportedLayer: TypeAlias = nn.Linear | nn.Conv2d
 
 
 def is_supported(module: nn.Module) -> bool:

@@ -120,7 +120,8 @@ class KFACPreconditioner:
         self.factor_decay = check_float(factor_decay, "factor_decay", low=0.0, high=1.0, high_inclusive=False)
         self.factor_every = int_schedule(factor_every, "factor_every", low=1)
         self.inverse_every = int_schedule(inverse_every, "inverse_every", low=1)
-        self.clip = check_choice(clip, "clip", CLIP_MODES)
+        self.clip: str | None = clip
+        check_choice(clip, "clip", CLIP_MODES)
         self.clip_value = check_float(clip_value, "clip_value", low=0.0, low_inclusive=False)
         self.lr = float_schedule(lr, "lr", low=0.0)
         self.fisher = str(check_choice(fisher, "fisher", FISHER_TYPES))
@@ -132,7 +133,7 @@ class KFACPreconditioner:
         self.steps = 0
 
         skip_rules = _check_skip_rules(skip)
-        selected = {
+        selected: dict[str, layers.SupportedLayer] = {
             name: module
             for name, module in model.named_modules()
             if layers.is_supported(module) and not _skipped(name, module, skip_rules)
@@ -142,8 +143,8 @@ class KFACPreconditioner:
                 f"model {type(model).__name__} has no nn.Linear or nn.Conv2d (groups=1) layer to precondition"
                 + (f" after skip={skip_rules!r}" if skip_rules else "")
             )
-        self._layers = [_Layer(name, index, module) for index, (name, module) in enumerate(selected.items())]  # type: ignore[arg-type]
-        self._capture = StatisticsCapture(selected, self._is_factor_step)  # type: ignore[arg-type]
+        self._layers = [_Layer(name, index, module) for index, (name, module) in enumerate(selected.items())]
+        self._capture = StatisticsCapture(selected, self._is_factor_step)
         self._capture.capture_output_grads = self.fisher == "empirical"
         self._mc_generator: torch.Generator | None = None
 
@@ -223,10 +224,12 @@ class KFACPreconditioner:
             saved = state["layers"][layer.name]
             device = layer.module.weight.device
             factors = {key: tensor.to(device) for key, tensor in saved["factors"].items()}
-            expected = dict(zip(FACTORS, layers.factor_dims(layer.module)))
+            expected = dict(zip(FACTORS, layers.factor_dims(layer.module), strict=True))
             for key, tensor in factors.items():
                 if tensor.shape != (expected[key], expected[key]):
-                    raise ValueError(f"factor {key} of layer {layer.name!r} has shape {tuple(tensor.shape)}, expected {expected[key]}²")
+                    raise ValueError(
+                        f"factor {key} of layer {layer.name!r} has shape {tuple(tensor.shape)}, expected {expected[key]}²"
+                    )
             layer.factors = factors
             layer.eigen = {key: _pairs_from_dict(pairs).to(device) for key, pairs in saved["eigen"].items()}
         self.steps = int(state["steps"])
@@ -264,7 +267,7 @@ class KFACPreconditioner:
             sums: StatisticSums = self._capture.sums[layer.name]
             if not (sums.has_inputs and sums.has_output_grads):
                 continue
-            for key, statistic in zip(FACTORS, sums.averages(self.loss_reduction)):
+            for key, statistic in zip(FACTORS, sums.averages(self.loss_reduction), strict=True):
                 if key in layer.factors:
                     layer.factors[key].mul_(decay).add_(statistic, alpha=1.0 - decay)
                 else:

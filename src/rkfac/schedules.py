@@ -6,13 +6,22 @@ evaluated, so a bad schedule fails on the step that produced the bad value, nami
 
 from __future__ import annotations
 
-from typing import Callable, Union
+from collections.abc import Callable
+from typing import TypeAlias
 
-FloatSchedule = Union[float, Callable[[int], float]]
-IntSchedule = Union[int, Callable[[int], int]]
+FloatSchedule: TypeAlias = float | Callable[[int], float]
+IntSchedule: TypeAlias = int | Callable[[int], int]
 
 
-def check_float(value: object, name: str, *, low: float | None = None, low_inclusive: bool = True, high: float | None = None, high_inclusive: bool = True) -> float:
+def check_float(
+    value: object,
+    name: str,
+    *,
+    low: float | None = None,
+    low_inclusive: bool = True,
+    high: float | None = None,
+    high_inclusive: bool = True,
+) -> float:
     """Return ``value`` as a float if it is a real number within the bounds, else raise ValueError."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{name} must be a number, got {value!r}")

@@ -1,0 +1,76 @@
+"""fisher="mc": G from a backward with labels sampled from the model, .grad untouched."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rkfac
+from rkfac.mc_fisher import sampled_targets
+from rkfac.seeding import keyed_generator
+
+DTYPE = torch.float64
+
+
+def model_and_batch() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).to(DTYPE)
+    return model, torch.randn(10, 5, dtype=DTYPE), torch.randint(0, 3, (10,))
+
+
+def test_mc_g_factor_is_mean_outer_product_of_sampled_label_gradients() -> None:
+    model, x, y = model_and_batch()
+    pre = rkfac.KFACPreconditioner(model, fisher="mc", seed=3, factor_every=1, clip=None)
+    logits = model(x)
+    pre.sample_fisher(logits)
+    F.cross_entropy(logits, y).backward()
+    true_grads = [p.grad.clone() for p in model.parameters()]
+    pre.step()
+
+    # The same draws, by the documented generator, then per-sample gradients one at a time.
+    labels = sampled_targets(model(x), "cross_entropy", keyed_generator(torch.device("cpu"), 3, "mc-labels"))
+    deltas = []
+    for i in range(len(x)):
+        hidden = model[1](model[0](x[i : i + 1]))
+        out = model[2](hidden)
+        deltas.append(torch.autograd.grad(F.cross_entropy(out, labels[i : i + 1]), out)[0][0])
+    stacked = torch.stack(deltas)
+    torch.testing.assert_close(pre.factors()["2"][1], stacked.T @ stacked / len(x))
+
+    # The training gradient was the data-label gradient, not the sampled one.
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    for expected, p in zip(true_grads, model.parameters()):
+        torch.testing.assert_close(p.grad, expected)
+
+
+def test_sampled_labels_follow_the_softmax() -> None:
+    logits = torch.tensor([[2.0, 0.0, -1.0]]).repeat(20000, 1)
+    labels = sampled_targets(logits, "cross_entropy", torch.Generator().manual_seed(0))
+    frequencies = torch.bincount(labels, minlength=3).double() / len(labels)
+    torch.testing.assert_close(frequencies, torch.softmax(logits[0].double(), 0), atol=0.01, rtol=0)
+
+
+def test_mc_requires_sample_fisher_on_factor_steps() -> None:
+    model, x, y = model_and_batch()
+    pre = rkfac.KFACPreconditioner(model, fisher="mc", factor_every=2)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(RuntimeError, match=r"call pre.sample_fisher\(outputs\)"):
+        pre.step()
+    assert pre.steps == 0 and pre.factors() == {}
+
+
+def test_sample_fisher_is_a_no_op_off_factor_steps_and_refused_for_empirical() -> None:
+    model, x, y = model_and_batch()
+    pre = rkfac.KFACPreconditioner(model, fisher="mc", factor_every=2)
+    logits = model(x)
+    pre.sample_fisher(logits)
+    F.cross_entropy(logits, y).backward()
+    pre.step()
+    logits = model(x)  # step 1 is not a factor step: nothing captured, nothing sampled
+    pre.sample_fisher(logits)
+    assert all(not s.has_inputs and not s.has_output_grads for s in pre._capture.sums.values())
+    with pytest.raises(ValueError, match="sample_fisher is for fisher='mc'"):
+        rkfac.KFACPreconditioner(model).sample_fisher(logits)
