@@ -161,3 +161,25 @@ def test_cost_model_orders_methods() -> None:
     sre = rkfac.SymmetricRandomizedEVD(rank=220, oversample=10, power_iters=4).cost(dim)
     assert rsvd == pytest.approx(2 * sre)
     assert exact > 10 * sre
+
+
+@pytest.mark.parametrize("cls", RANDOMIZED)
+def test_factor_of_rank_below_sketch_width_gives_finite_exact_result(cls: type) -> None:
+    """An early factor of a small batch: rank 5 < k = 14. The top pairs are exact, the rest 0."""
+    generator = torch.Generator().manual_seed(0)
+    rows = torch.randn(5, 60, generator=generator, dtype=torch.float64)
+    factor = rows.T @ rows / 5
+    pairs = cls(rank=10, oversample=4, power_iters=2).decompose(factor, torch.Generator().manual_seed(1))
+    assert bool(torch.isfinite(pairs.vectors).all()) and bool(torch.isfinite(pairs.values).all())
+    torch.testing.assert_close(pairs.dense(), factor, atol=1e-10, rtol=0)
+    torch.testing.assert_close(pairs.values[5:], torch.zeros(5, dtype=torch.float64), atol=1e-10, rtol=0)
+
+
+def test_sre_describes_the_symmetric_part_of_an_asymmetric_factor() -> None:
+    """The Rayleigh–Ritz core is symmetrized: with a full-width subspace, SRE = eigh((X + Xᵀ)/2)."""
+    factor = averaged_factor(40)
+    factor[0, 1] += 1e-2
+    method = rkfac.SymmetricRandomizedEVD(rank=30, oversample=0, power_iters=2)
+    pairs = method._sketched_top(factor, 30, torch.randn(40, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    values = torch.linalg.eigvalsh((factor + factor.T) / 2).flip(0)[:30]
+    torch.testing.assert_close(pairs[0], values)
