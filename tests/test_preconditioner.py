@@ -389,3 +389,18 @@ def test_model_in_float64_keeps_float64_factors() -> None:
     backward(model, 0)
     pre.step()
     assert all(a.dtype == torch.float64 for a, _ in pre.factors().values())
+
+
+def test_phase_timer_accounts_statistics_decomposition_and_preconditioning() -> None:
+    from rkfac.timing import PhaseTimer
+
+    model = mlp()
+    timer = PhaseTimer()
+    pre = rkfac.KFACPreconditioner(model, factor_every=2, inverse_every=2, timer=timer)
+    backward(model, 0)
+    pre.step()
+    first = timer.reset()
+    assert set(first) == {"statistics", "decomposition", "precondition"} and all(v > 0 for v in first.values())
+    backward(model, 1)  # not a factor step: no statistics captured
+    pre.step()
+    assert "statistics" not in timer.reset()

@@ -25,6 +25,7 @@ from torch.utils.hooks import RemovableHandle
 
 from rkfac import layers
 from rkfac.layers import SupportedLayer
+from rkfac.timing import PhaseTimer, maybe_phase
 
 
 def statistics_dtype(module: SupportedLayer) -> torch.dtype:
@@ -85,8 +86,11 @@ class StatisticsCapture:
     preconditioner clears it in "mc" mode so that the user's own backward adds nothing to G.
     """
 
-    def __init__(self, modules: dict[str, SupportedLayer], should_capture: Callable[[], bool]) -> None:
+    def __init__(
+        self, modules: dict[str, SupportedLayer], should_capture: Callable[[], bool], timer: PhaseTimer | None = None
+    ) -> None:
         self.sums = {name: StatisticSums() for name in modules}
+        self.timer = timer
         self.should_capture = should_capture
         self.capture_output_grads = True
         self._handles: list[RemovableHandle] = [
@@ -103,7 +107,7 @@ class StatisticsCapture:
             dtype = statistics_dtype(layer)
             x = inputs[0].detach()
             samples = layers.sample_count(x)
-            with torch.no_grad():
+            with torch.no_grad(), maybe_phase(self.timer, "statistics"):
                 sums.add_inputs(layers.input_rows(layer, x).to(dtype))
             if output.requires_grad:
                 output.register_hook(self._output_grad_hook(layer, sums, samples, dtype))
@@ -115,7 +119,7 @@ class StatisticsCapture:
     ) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
             if self.capture_output_grads:
-                with torch.no_grad():
+                with torch.no_grad(), maybe_phase(self.timer, "statistics"):
                     sums.add_output_grads(layers.output_grad_rows(layer, grad.detach()).to(dtype), samples)
 
         return hook

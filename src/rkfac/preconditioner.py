@@ -47,6 +47,7 @@ from rkfac.schedules import (
     int_schedule,
 )
 from rkfac.seeding import keyed_generator
+from rkfac.timing import PhaseTimer, maybe_phase
 
 FACTORS = ("A", "G")
 FISHER_TYPES = ("empirical", "mc")
@@ -89,6 +90,8 @@ class KFACPreconditioner:
             scale of G (see :mod:`rkfac.layers`).
         skip: layers left alone: glob patterns on qualified module names, or module types.
         seed: seeds every sketch and every sampled label.
+        timer: optional :class:`rkfac.timing.PhaseTimer` that accumulates the seconds spent in
+            statistics, decomposition and preconditioning.
     """
 
     def __init__(
@@ -109,6 +112,7 @@ class KFACPreconditioner:
         loss_reduction: str = "mean",
         skip: Iterable[SkipRule] = (),
         seed: int = 0,
+        timer: PhaseTimer | None = None,
     ) -> None:
         if decomposition is None:
             decomposition = SymmetricRandomizedEVD()
@@ -131,6 +135,7 @@ class KFACPreconditioner:
             raise ValueError(f"seed must be an integer, got {seed!r}")
         self.seed = seed
         self.steps = 0
+        self.timer = timer
 
         skip_rules = _check_skip_rules(skip)
         selected: dict[str, layers.SupportedLayer] = {
@@ -144,7 +149,7 @@ class KFACPreconditioner:
                 + (f" after skip={skip_rules!r}" if skip_rules else "")
             )
         self._layers = [_Layer(name, index, module) for index, (name, module) in enumerate(selected.items())]
-        self._capture = StatisticsCapture(selected, self._is_factor_step)
+        self._capture = StatisticsCapture(selected, self._is_factor_step, timer)
         self._capture.capture_output_grads = self.fisher == "empirical"
         self._mc_generator: torch.Generator | None = None
 
@@ -160,9 +165,11 @@ class KFACPreconditioner:
         step = self.steps
         self._check_mc_statistics()
         with torch.no_grad():
-            self._update_factors()
-            self._decompose(step)
-            self._precondition(step)
+            with maybe_phase(self.timer, "decomposition"):
+                self._update_factors()
+                self._decompose(step)
+            with maybe_phase(self.timer, "precondition"):
+                self._precondition(step)
         self.steps += 1
 
     def sample_fisher(self, outputs: Tensor) -> None:
