@@ -1,0 +1,153 @@
+"""``rkfac bench``: several optimizers on one preset, the same seeds, one table.
+
+Runs are interleaved by seed (every optimizer runs seed 0, then every optimizer runs seed 1,
+…) so that slow drifts of the machine touch all optimizers alike. Reported per optimizer,
+medians over seeds: training seconds per epoch, training time and epochs to each target test
+accuracy (only when every seed reached it; otherwise how many did), final test accuracy
+(mean), the per-step time split, and each K-FAC variant's ratios to exact K-FAC.
+"""
+
+from __future__ import annotations
+
+import csv
+import statistics
+from pathlib import Path
+from typing import Any
+
+from rkfac.experiments.config import KFAC_OPTIMIZERS
+from rkfac.experiments.plot import plot_runs
+from rkfac.experiments.presets import PRESETS, resolve_config
+from rkfac.experiments.rundir import RunDirectory
+from rkfac.experiments.train import TrainingDivergedError, train
+
+PHASES = ("data", "forward_backward", "statistics", "decomposition", "precondition", "optimizer")
+
+
+def _median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None
+
+
+def summarize(preset: str, results: dict[str, list[dict[str, Any]]], targets: list[float]) -> list[dict[str, Any]]:
+    rows = []
+    for optimizer, summaries in results.items():
+        done = [s for s in summaries if s["status"] != "diverged"]
+        row: dict[str, Any] = {
+            "optimizer": optimizer,
+            "seeds": len(summaries),
+            "diverged": len(summaries) - len(done),
+            "seconds_per_epoch": _median([s["seconds_per_epoch"] for s in done if s["seconds_per_epoch"]]),
+            "final_test_acc": statistics.mean([s["final_test_acc"] for s in done]) if done else None,
+        }
+        for phase in PHASES:
+            row[f"{phase}_per_epoch"] = _median([s["phase_seconds"].get(phase, 0.0) / s["epochs"] for s in done if s["epochs"]])
+        for target in targets:
+            key = f"{target:g}"
+            hits = [s["targets"].get(key) for s in summaries]
+            reached = [hit for hit in hits if hit]
+            row[f"time_to_{key}"] = _median([hit["time"] for hit in reached]) if len(reached) == len(summaries) else None
+            row[f"epochs_to_{key}"] = _median([hit["epoch"] for hit in reached]) if len(reached) == len(summaries) else None
+            row[f"reached_{key}"] = f"{len(reached)}/{len(summaries)}"
+        rows.append(row)
+    exact = next((row for row in rows if row["optimizer"] == "kfac"), None)
+    for row in rows:
+        if exact is None or row["optimizer"] not in KFAC_OPTIMIZERS:
+            continue
+        row["exact_over_this_per_epoch"] = _ratio(exact["seconds_per_epoch"], row["seconds_per_epoch"])
+        for target in targets:
+            key = f"time_to_{target:g}"
+            row[f"exact_over_this_{key}"] = _ratio(exact[key], row[key])
+    return rows
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    return numerator / denominator if numerator and denominator else None
+
+
+def _cell(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def format_table(rows: list[dict[str, Any]], targets: list[float]) -> str:
+    header = [
+        "optimizer",
+        "s/epoch",
+        *[f"time to {t:.0%}" for t in targets],
+        *[f"epochs to {t:.0%}" for t in targets],
+        "final acc %",
+        "exact/this s/epoch",
+        *[f"exact/this time to {t:.0%}" for t in targets],
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [row["optimizer"], _cell(row["seconds_per_epoch"])]
+        cells += [
+            _cell(row[f"time_to_{t:g}"]) + ("" if row[f"time_to_{t:g}"] else f" ({row[f'reached_{t:g}']})") for t in targets
+        ]
+        cells += [_cell(row[f"epochs_to_{t:g}"], 0) for t in targets]
+        cells += [_cell(100 * row["final_test_acc"] if row["final_test_acc"] is not None else None, 2)]
+        cells += [_cell(row.get("exact_over_this_per_epoch"), 2)]
+        cells += [_cell(row.get(f"exact_over_this_time_to_{t:g}"), 2) for t in targets]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Time split, seconds per epoch (medians over seeds):",
+        "",
+        "| optimizer | " + " | ".join(PHASES) + " |",
+        "|" + "---|" * (len(PHASES) + 1),
+    ]
+    for row in rows:
+        lines.append(f"| {row['optimizer']} | " + " | ".join(_cell(row[f"{p}_per_epoch"], 2) for p in PHASES) + " |")
+    return "\n".join(lines)
+
+
+def run_bench(
+    preset: str,
+    out: Path,
+    *,
+    optimizers: list[str] | None = None,
+    seeds: list[int] | None = None,
+    overrides: dict[str, Any] | None = None,
+    quiet: bool = False,
+) -> list[dict[str, Any]]:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    chosen = optimizers or list(PRESETS[preset].optimizers)
+    for name in chosen:
+        resolve_config(name, preset, overrides)  # fail on a bad name or value before any run
+    seed_list = seeds or list(PRESETS[preset].seeds)
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in chosen}
+    run_dirs = []
+    targets: list[float] = []
+    for seed in seed_list:
+        for name in chosen:
+            config = resolve_config(name, preset, {**(overrides or {}), "seed": seed})
+            targets = config.target_acc
+            run_dir = out / f"{name}-seed{seed}"
+            run_dirs.append(run_dir)
+            try:
+                summary = train(config, run_dir, quiet=quiet)
+            except TrainingDivergedError as error:
+                print(f"{name} seed {seed}: {error}")
+                summary = RunDirectory(run_dir).read_json("summary.json")
+            results[name].append(summary)
+            speed, accuracy = summary["seconds_per_epoch"] or 0.0, 100 * summary["final_test_acc"]
+            print(f"{name} seed {seed}: {speed:.1f} s/epoch, final test acc {accuracy:.2f}%", flush=True)
+    rows = summarize(preset, results, targets)
+    table = format_table(rows, targets)
+    print(f"\n## rkfac bench --preset {preset}: seeds {seed_list}\n\n{table}")
+    out.mkdir(parents=True, exist_ok=True)
+    RunDirectory(out).write_json(
+        "bench.json", {"preset": preset, "seeds": seed_list, "rows": rows, "runs": [str(p) for p in run_dirs]}
+    )
+    with open(out / "bench.csv", "w", newline="") as stream:
+        writer = csv.DictWriter(stream, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
+        writer.writeheader()
+        writer.writerows(rows)
+    (out / "bench.md").write_text(table + "\n")
+    plot_runs(run_dirs, out / "bench.png")
+    print(f"\nwrote {out / 'bench.json'}, bench.csv, bench.md, bench.png")
+    return rows

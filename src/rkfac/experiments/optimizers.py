@@ -1,0 +1,67 @@
+"""Build the optimizer a run asks for, with schedules turned into callables of the step."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import rkfac
+from rkfac.experiments.config import KFAC_OPTIMIZERS, RunConfig, step_schedule
+from rkfac.timing import PhaseTimer
+
+
+def decomposition_for(config: RunConfig, steps_per_epoch: int) -> rkfac.Decomposition:
+    if config.optimizer == "kfac":
+        return rkfac.ExactEigh()
+    rank = step_schedule(config.rank, steps_per_epoch, cast=int)
+    if config.optimizer == "rs-kfac":
+        return rkfac.RandomizedSVD(rank=rank, oversample=config.oversample, power_iters=config.power_iters)
+    return rkfac.SymmetricRandomizedEVD(rank=rank, oversample=config.oversample, power_iters=config.power_iters)
+
+
+def build_optimizer(
+    config: RunConfig, model: nn.Module, steps_per_epoch: int, timer: PhaseTimer | None = None
+) -> torch.optim.Optimizer:
+    """The optimizer; K-FAC variants carry their preconditioner as ``.preconditioner``.
+
+    The learning rate is set by the training loop every step (``lr_at``), so the optimizer is
+    built with the first epoch's value.
+    """
+    lr = lr_at(config, 0, steps_per_epoch)
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay)
+    if config.optimizer in KFAC_OPTIMIZERS:
+        return rkfac.KFAC(
+            model,
+            lr=lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            weight_decay_start=config.weight_decay_start,
+            decomposition=decomposition_for(config, steps_per_epoch),
+            damping=step_schedule(config.damping, steps_per_epoch),
+            damping_mode=config.damping_mode,
+            factor_decay=config.factor_decay,
+            factor_every=step_schedule(config.factor_every, steps_per_epoch, cast=int),
+            inverse_every=step_schedule(config.inverse_every, steps_per_epoch, cast=int),
+            clip=config.clip,
+            clip_value=config.clip_value,
+            fisher=config.fisher,
+            skip=config.skip,
+            seed=config.seed,
+            timer=timer,
+        )
+    raise ValueError(f"unknown optimizer {config.optimizer!r}")
+
+
+def lr_at(config: RunConfig, step: int, steps_per_epoch: int) -> float:
+    schedule = step_schedule(config.lr, steps_per_epoch)
+    return float(schedule(step) if callable(schedule) else schedule)
+
+
+def damping_at(config: RunConfig, step: int, steps_per_epoch: int) -> float | None:
+    if config.optimizer not in KFAC_OPTIMIZERS:
+        return None
+    schedule = step_schedule(config.damping, steps_per_epoch)
+    return float(schedule(step) if callable(schedule) else schedule)

@@ -1,0 +1,59 @@
+"""Plots from run directories only (config.json and metrics.jsonl), never from live objects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from rkfac.experiments.rundir import RunDirectory
+
+
+def run_label(run: RunDirectory) -> str:
+    try:
+        config = run.read_json("config.json")
+        return f"{config['optimizer']} (seed {config['seed']})"
+    except (OSError, KeyError, ValueError):
+        return run.path.name
+
+
+def plot_runs(paths: list[Path], out: Path) -> None:
+    """Test accuracy and loss against training time and epochs, one line per run, to a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [RunDirectory(path) for path in paths]
+    for run in runs:
+        if not (run.path / "metrics.jsonl").exists():
+            raise FileNotFoundError(f"{run.path} has no metrics.jsonl: is it an rkfac run directory?")
+    figure, axes = plt.subplots(2, 2, figsize=(12, 8))
+    plotted = 0
+    for run in runs:
+        epochs = list(run.metrics("epoch"))
+        if not epochs:
+            continue
+        plotted += 1
+        label = run_label(run)
+        number = [record["epoch"] for record in epochs]
+        seconds = [record["train_time"] for record in epochs]
+        axes[0, 0].plot(seconds, [100 * r["test_acc"] for r in epochs], marker="o", label=label)
+        axes[0, 1].plot(number, [100 * r["test_acc"] for r in epochs], marker="o", label=label)
+        axes[1, 0].plot(seconds, [r["train_loss"] for r in epochs], marker="o", label=label)
+        axes[1, 1].plot(number, [r["test_loss"] for r in epochs], marker="o", label=label)
+    if not plotted:
+        raise ValueError(f"no completed epoch in {[str(p) for p in paths]}: nothing to plot")
+    titles = [
+        ("training time (s)", "test accuracy (%)"),
+        ("epoch", "test accuracy (%)"),
+        ("training time (s)", "train loss"),
+        ("epoch", "test loss"),
+    ]
+    for axis, (xlabel, ylabel) in zip(axes.flat, titles, strict=True):
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(ylabel)
+        axis.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    plt.close(figure)

@@ -1,0 +1,144 @@
+"""A run directory: everything a run writes, and the only thing plots read.
+
+    config.json     every setting, resolved (rkfac.experiments.config.RunConfig)
+    env.json        versions, device, CPU/GPU model, git revision if any
+    metrics.jsonl   one JSON object per line: {"kind": "step", ...} and {"kind": "epoch", ...}
+    summary.json    final numbers (written at the end of the run)
+    checkpoint.pt   model, optimizer (with the preconditioner), RNG state, counters
+
+Files are replaced atomically (written to a temporary file in the same directory, flushed,
+then renamed), so a run killed at any moment leaves the previous version intact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be read; the message says which file and why."""
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Write ``path`` through a temporary sibling file and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class RunDirectory:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def create(self) -> RunDirectory:
+        self.path.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def write_json(self, name: str, data: Any) -> None:
+        text = json.dumps(data, indent=2, default=str).encode()
+        atomic_write(self.path / name, lambda stream: stream.write(text))
+
+    def read_json(self, name: str) -> Any:
+        return json.loads((self.path / name).read_text())
+
+    def append_metrics(self, records: list[dict[str, Any]]) -> None:
+        with open(self.path / "metrics.jsonl", "a") as stream:
+            for record in records:
+                stream.write(json.dumps(record) + "\n")
+
+    def metrics(self, kind: str | None = None) -> Iterator[dict[str, Any]]:
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return
+        for line in path.read_text().splitlines():
+            if line.strip():
+                record = json.loads(line)
+                if kind is None or record.get("kind") == kind:
+                    yield record
+
+    def truncate_metrics(self, after_step: int) -> None:
+        """Drop records past ``after_step`` (a resumed run rewrites what came after its checkpoint)."""
+        path = self.path / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = [r for r in self.metrics() if r.get("step", -1) < after_step]
+        text = "".join(json.dumps(r) + "\n" for r in kept).encode()
+        atomic_write(path, lambda stream: stream.write(text))
+
+    def save_checkpoint(self, state: dict[str, Any]) -> None:
+        atomic_write(self.path / CHECKPOINT, lambda stream: torch.save(state, stream))
+
+    def load_checkpoint(self) -> dict[str, Any]:
+        path = self.path / CHECKPOINT
+        if not path.exists():
+            raise CheckpointError(
+                f"no checkpoint in {self.path}: nothing to resume (was the run started with --checkpoint-every 0?)"
+            )
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as error:  # truncated or corrupted: never restart silently
+            raise CheckpointError(
+                f"checkpoint {path} is unreadable ({type(error).__name__}: {error}); it may be truncated or corrupted"
+            ) from error
+        if not isinstance(state, dict) or "model" not in state:
+            raise CheckpointError(f"checkpoint {path} does not hold an rkfac training state")
+        return state
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """Versions and hardware, for env.json."""
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "git_revision": _git_revision(),
+    }
+    from rkfac import __version__
+
+    info["rkfac"] = __version__
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["cuda"] = torch.version.cuda
+    return info
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _git_revision() -> str | None:
+    try:
+        root = Path(__file__).resolve().parents[3]
+        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5, check=False)
+        return result.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -1,0 +1,318 @@
+"""One training run: data order, timing, evaluation, checkpoints, resume.
+
+Time accounting (``metrics.jsonl``, per step, seconds):
+
+- ``data``: indexing the batch and augmenting it;
+- ``forward_backward``: forward, loss and backward, minus the hooks' statistics;
+- ``statistics``: the K-FAC hooks' Gram products (measured inside the hooks);
+- ``decomposition``: factor averaging and eigendecompositions (``pre.step``);
+- ``precondition``: the damped solve, clipping and writing ``.grad``;
+- ``optimizer``: the rest of ``optimizer.step()`` (the SGD/Adam update).
+
+Training time is the sum of these; evaluation (once per epoch, on the test set) is never
+counted. On CUDA every boundary synchronises so that the split is real.
+
+Reproducibility: the data order of epoch e is a permutation drawn from a generator seeded by
+(seed, "order", e), the augmentation of step s from (seed, "augment", s), and the model's own
+randomness (dropout) from the global torch generator, whose state goes into each checkpoint.
+A resumed run therefore continues the uninterrupted trajectory exactly (bitwise on CPU).
+The last incomplete batch of an epoch is dropped, so every step sees ``batch_size`` samples.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from rkfac.experiments.config import KFAC_OPTIMIZERS, RunConfig
+from rkfac.experiments.datasets import ImageDataset, load_dataset
+from rkfac.experiments.models import build_model
+from rkfac.experiments.optimizers import build_optimizer, damping_at, lr_at
+from rkfac.experiments.rundir import RunDirectory, environment
+from rkfac.seeding import keyed_generator
+from rkfac.timing import PhaseTimer
+
+EVAL_BATCH = 1000
+
+
+class TrainingDivergedError(RuntimeError):
+    """The training loss became NaN or infinite; the last checkpoint is kept intact."""
+
+
+@dataclass
+class Progress:
+    """Counters saved in checkpoints. ``epoch`` and ``batch`` point at the next batch to run."""
+
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0
+    train_time: float = 0.0
+    epoch_loss_sum: float = 0.0
+    epoch_loss_count: int = 0
+    epoch_time: float = 0.0
+    reached: dict[str, dict[str, float]] = field(default_factory=dict)
+    phase_totals: dict[str, float] = field(default_factory=dict)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False")
+    return torch.device(name)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, images: Tensor, labels: Tensor) -> tuple[float, float]:
+    """(mean loss, accuracy) over a dataset, in eval mode, restoring the previous mode."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for first in range(0, len(images), EVAL_BATCH):
+        logits = model(images[first : first + EVAL_BATCH])
+        target = labels[first : first + EVAL_BATCH]
+        total_loss += float(F.cross_entropy(logits, target, reduction="sum"))
+        correct += int((logits.argmax(1) == target).sum())
+    model.train(was_training)
+    return total_loss / len(images), correct / len(images)
+
+
+class Trainer:
+    """Owns the model, optimizer and run directory of one run; :meth:`run` trains it."""
+
+    def __init__(self, config: RunConfig, out: str | Path, *, quiet: bool = False, dataset: ImageDataset | None = None) -> None:
+        self.config = config.validate()
+        self.quiet = quiet
+        self.device = resolve_device(config.device)
+        self.run_dir = RunDirectory(out).create()
+        data = dataset or load_dataset(
+            config.dataset,
+            config.data_dir,
+            synthetic_train=config.synthetic_train,
+            synthetic_test=config.synthetic_test,
+            seed=config.seed,
+        )
+        self.data = data
+        self.train_images, self.train_labels = data.train_images.to(self.device), data.train_labels.to(self.device)
+        self.test_images, self.test_labels = data.test_images.to(self.device), data.test_labels.to(self.device)
+        self.steps_per_epoch = len(self.train_images) // config.batch_size
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"batch_size {config.batch_size} is larger than the training set ({len(self.train_images)} samples)")
+        torch.manual_seed(config.seed)
+        self.model = build_model(
+            config.model, data.input_shape, data.num_classes, width_scale=config.width_scale, widths=config.widths
+        ).to(self.device)
+        self.timer = PhaseTimer(synchronize=self.device.type == "cuda") if config.optimizer in KFAC_OPTIMIZERS else None
+        self.optimizer = build_optimizer(config, self.model, self.steps_per_epoch, self.timer)
+        self.progress = Progress()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "progress": asdict(self.progress),
+            "config": self.config.to_json(),
+        }
+        if self.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.progress = Progress(**state["progress"])
+        self.run_dir.truncate_metrics(after_step=self.progress.step)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self, *, resume: bool = False) -> dict[str, Any]:
+        config = self.config
+        if resume:
+            self.restore(self.run_dir.load_checkpoint())
+        else:
+            (self.run_dir.path / "metrics.jsonl").unlink(missing_ok=True)
+        self.run_dir.write_json("config.json", config.to_json())
+        self.run_dir.write_json("env.json", environment(self.device))
+        total_steps = config.epochs * self.steps_per_epoch
+        if config.max_steps is not None:
+            total_steps = min(total_steps, config.max_steps)
+        status = "completed"
+        bar = tqdm(
+            total=total_steps,
+            initial=self.progress.step,
+            disable=self.quiet,
+            desc=config.optimizer,
+            unit="step",
+            dynamic_ncols=True,
+        )
+        try:
+            while self.progress.epoch < config.epochs and self.progress.step < total_steps:
+                self._run_epoch(total_steps, bar)
+            if self.progress.step >= total_steps and self.progress.epoch < config.epochs:
+                status = "max_steps"
+        except TrainingDivergedError:
+            status = "diverged"
+            bar.close()
+            self._write_summary(status)
+            raise
+        bar.close()
+        if config.checkpoint_every:
+            self.run_dir.save_checkpoint(self.checkpoint_state())
+        return self._write_summary(status)
+
+    def _run_epoch(self, total_steps: int, bar: tqdm) -> None:
+        config, progress = self.config, self.progress
+        order = torch.randperm(
+            len(self.train_images), generator=keyed_generator(torch.device("cpu"), config.seed, "order", progress.epoch)
+        )
+        order = order.to(self.device)
+        records = []
+        while progress.batch < self.steps_per_epoch and progress.step < total_steps:
+            index = order[progress.batch * config.batch_size : (progress.batch + 1) * config.batch_size]
+            record = self._train_step(index)
+            records.append(record)
+            bar.update(1)
+            if not math.isfinite(record["loss"]):
+                self.run_dir.append_metrics(records)
+                raise TrainingDivergedError(
+                    f"training loss is {record['loss']} at step {record['step']} (epoch {progress.epoch + 1}); "
+                    f"the last checkpoint in {self.run_dir.path} is intact. Lower --lr or raise --damping."
+                )
+            if progress.step % 20 == 0:
+                bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+        self.run_dir.append_metrics(records)
+        if progress.batch == self.steps_per_epoch:
+            self._end_epoch(bar)
+
+    def _train_step(self, index: Tensor) -> dict[str, Any]:
+        config, progress, device = self.config, self.progress, self.device
+        step = progress.step
+        lr = lr_at(config, step, self.steps_per_epoch)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        _sync(device)
+        start = time.perf_counter()
+        images, labels = self.train_images[index], self.train_labels[index]
+        if self.data.augment is not None:
+            images = self.data.augment(images, keyed_generator(device, config.seed, "augment", step))
+        _sync(device)
+        data_done = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        logits = self.model(images)
+        if config.fisher == "mc" and config.optimizer in KFAC_OPTIMIZERS:
+            self.optimizer.preconditioner.sample_fisher(logits)  # type: ignore[attr-defined]
+        loss = F.cross_entropy(logits, labels)
+        loss.backward()
+        _sync(device)
+        backward_done = time.perf_counter()
+        self.optimizer.step()
+        _sync(device)
+        step_done = time.perf_counter()
+
+        phases = self.timer.reset() if self.timer is not None else {}
+        statistics, decomposition, precondition = (phases.get(k, 0.0) for k in ("statistics", "decomposition", "precondition"))
+        times = {
+            "data": data_done - start,
+            "forward_backward": backward_done - data_done - statistics,
+            "statistics": statistics,
+            "decomposition": decomposition,
+            "precondition": precondition,
+            "optimizer": step_done - backward_done - decomposition - precondition,
+        }
+        elapsed = step_done - start
+        loss_value = float(loss.detach())
+        progress.train_time += elapsed
+        progress.epoch_time += elapsed
+        progress.epoch_loss_sum += loss_value
+        progress.epoch_loss_count += 1
+        for name, seconds in times.items():
+            progress.phase_totals[name] = progress.phase_totals.get(name, 0.0) + seconds
+        progress.step += 1
+        progress.batch += 1
+        return {
+            "kind": "step",
+            "step": step,
+            "epoch": progress.epoch + 1,
+            "loss": loss_value,
+            "lr": lr,
+            "damping": damping_at(config, step, self.steps_per_epoch),
+            "time": times,
+        }
+
+    def _end_epoch(self, bar: tqdm) -> None:
+        config, progress = self.config, self.progress
+        test_loss, test_acc = evaluate(self.model, self.test_images, self.test_labels)
+        epoch = progress.epoch + 1
+        for target in config.target_acc:
+            key = f"{target:g}"
+            if key not in progress.reached and test_acc >= target:
+                progress.reached[key] = {"time": progress.train_time, "epoch": epoch}
+        self.run_dir.append_metrics(
+            [
+                {
+                    "kind": "epoch",
+                    "epoch": epoch,
+                    "step": progress.step,
+                    "train_loss": progress.epoch_loss_sum / max(progress.epoch_loss_count, 1),
+                    "test_loss": test_loss,
+                    "test_acc": test_acc,
+                    "epoch_time": progress.epoch_time,
+                    "train_time": progress.train_time,
+                }
+            ]
+        )
+        bar.set_postfix(loss=f"{progress.epoch_loss_sum / max(progress.epoch_loss_count, 1):.3f}", acc=f"{test_acc:.4f}")
+        progress.epoch, progress.batch = epoch, 0
+        progress.epoch_loss_sum, progress.epoch_loss_count, progress.epoch_time = 0.0, 0, 0.0
+        if config.checkpoint_every and epoch % config.checkpoint_every == 0:
+            self.run_dir.save_checkpoint(self.checkpoint_state())
+
+    def _write_summary(self, status: str) -> dict[str, Any]:
+        progress = self.progress
+        epochs = list(self.run_dir.metrics("epoch"))
+        if epochs and epochs[-1]["step"] == progress.step:
+            final_loss, final_acc = epochs[-1]["test_loss"], epochs[-1]["test_acc"]
+        else:  # stopped inside an epoch (max_steps, divergence): evaluate where it stopped
+            final_loss, final_acc = evaluate(self.model, self.test_images, self.test_labels)
+        epochs_run = progress.step / self.steps_per_epoch
+        summary = {
+            "optimizer": self.config.optimizer,
+            "preset": self.config.preset,
+            "status": status,
+            "steps": progress.step,
+            "epochs": epochs_run,
+            "train_time": progress.train_time,
+            "seconds_per_epoch": progress.train_time / epochs_run if epochs_run else None,
+            "epoch_times": [record["epoch_time"] for record in epochs],
+            "final_test_loss": final_loss,
+            "final_test_acc": final_acc,
+            "best_test_acc": max([record["test_acc"] for record in epochs], default=final_acc),
+            "targets": {f"{t:g}": progress.reached.get(f"{t:g}") for t in self.config.target_acc},
+            "phase_seconds": progress.phase_totals,
+        }
+        self.run_dir.write_json("summary.json", summary)
+        return summary
+
+
+def train(config: RunConfig, out: str | Path, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Run (or resume) one training run into ``out``; returns the summary."""
+    return Trainer(config, out, quiet=quiet).run(resume=resume)

@@ -1,0 +1,186 @@
+"""The rkfac command on synthetic data: run directories, resume, plots, bench, time accounting."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from rkfac.experiments import train as train_module
+from rkfac.experiments.bench import run_bench
+from rkfac.experiments.cli import RUN_FLAGS, main
+from rkfac.experiments.config import RunConfig, parse_schedule, step_schedule, value_at_epoch
+from rkfac.experiments.presets import resolve_config
+
+SMALL = [
+    "--dataset",
+    "synthetic",
+    "--synthetic-train",
+    "256",
+    "--synthetic-test",
+    "128",
+    "--model",
+    "mlp",
+    "--widths",
+    "48",
+    "--batch-size",
+    "32",
+    "--rank",
+    "8",
+    "--oversample",
+    "2",
+    "--factor-every",
+    "2",
+    "--inverse-every",
+    "4",
+    "--quiet",
+]
+
+
+def read_metrics(run: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def test_train_writes_a_complete_run_directory(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert (
+        main(["train", "--optimizer", "sre-kfac", "--epochs", "2", "--target-acc", "0.05,0.999", "--out", str(run), *SMALL]) == 0
+    )
+    for name in ("config.json", "env.json", "metrics.jsonl", "summary.json", "checkpoint.pt"):
+        assert (run / name).exists(), name
+    config = json.loads((run / "config.json").read_text())
+    assert config["optimizer"] == "sre-kfac" and config["rank"] == 8 and config["widths"] == [48] and config["lr"] == 0.1
+    env = json.loads((run / "env.json").read_text())
+    assert env["torch"] == torch.__version__ and env["device"] == "cpu"
+    steps, epochs = read_metrics(run, "step"), read_metrics(run, "epoch")
+    assert [r["step"] for r in steps] == list(range(16))
+    assert set(steps[0]["time"]) == {"data", "forward_backward", "statistics", "decomposition", "precondition", "optimizer"}
+    assert steps[0]["damping"] == 0.1 and steps[0]["lr"] == 0.1
+    assert [r["epoch"] for r in epochs] == [1, 2] and all(0 <= r["test_acc"] <= 1 for r in epochs)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 16
+    assert summary["targets"]["0.05"] == {"time": epochs[0]["train_time"], "epoch": 1}
+    assert summary["targets"]["0.999"] is None
+    assert summary["final_test_acc"] == epochs[-1]["test_acc"]
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "kfac", "rs-kfac"])
+def test_every_optimizer_trains(tmp_path: Path, optimizer: str) -> None:
+    assert main(["train", "--optimizer", optimizer, "--max-steps", "3", "--out", str(tmp_path / optimizer), *SMALL]) == 0
+    summary = json.loads((tmp_path / optimizer / "summary.json").read_text())
+    assert summary["status"] == "max_steps" and summary["steps"] == 3
+
+
+def test_resume_continues_the_uninterrupted_run_exactly(tmp_path: Path) -> None:
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    common = ["train", "--optimizer", "sre-kfac", "--epochs", "2", "--momentum", "0.9", *SMALL]
+    assert main([*common, "--out", str(whole)]) == 0
+    assert main([*common, "--out", str(split), "--max-steps", "11"]) == 0  # stops inside epoch 2
+    assert json.loads((split / "summary.json").read_text())["status"] == "max_steps"
+    assert main(["train", "--resume", str(split), "--max-steps", "none", "--quiet"]) == 0
+    final = {
+        name: torch.load(path / "checkpoint.pt", weights_only=False)["model"]
+        for name, path in (("whole", whole), ("split", split))
+    }
+    for key, tensor in final["whole"].items():
+        assert torch.equal(tensor, final["split"][key]), key
+    assert [r["loss"] for r in read_metrics(whole, "step")] == [r["loss"] for r in read_metrics(split, "step")]
+    assert [r["test_acc"] for r in read_metrics(whole, "epoch")] == [r["test_acc"] for r in read_metrics(split, "epoch")]
+
+
+def test_corrupted_checkpoint_gives_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--optimizer", "sgd", "--max-steps", "2", "--out", str(run), *SMALL]) == 0
+    data = (run / "checkpoint.pt").read_bytes()
+    (run / "checkpoint.pt").write_bytes(data[: len(data) // 2])
+    assert main(["train", "--resume", str(run), "--quiet"]) == 2
+    assert "unreadable" in capsys.readouterr().err
+
+
+def test_plot_writes_a_png(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--optimizer", "sgd", "--epochs", "2", "--out", str(run), *SMALL]) == 0
+    assert main(["plot", str(run), "--out", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main(["plot", str(tmp_path / "missing")]) == 2
+
+
+def test_bench_runs_side_by_side_and_writes_table_json_csv_plot(tmp_path: Path) -> None:
+    overrides = dict(
+        dataset="synthetic",
+        synthetic_train=256,
+        synthetic_test=128,
+        widths=[48],
+        batch_size=32,
+        epochs=2,
+        rank=8,
+        oversample=2,
+        target_acc=[0.05],
+    )
+    rows = run_bench("quick", tmp_path, optimizers=["sgd", "kfac", "sre-kfac"], seeds=[0, 1], overrides=overrides, quiet=True)
+    assert [row["optimizer"] for row in rows] == ["sgd", "kfac", "sre-kfac"]
+    for name in ("bench.json", "bench.csv", "bench.png", "bench.md"):
+        assert (tmp_path / name).exists()
+    sre = rows[2]
+    assert sre["reached_0.05"] == "2/2"
+    summaries = [
+        json.loads((tmp_path / f"{o}-seed{s}" / "summary.json").read_text()) for o in ("kfac", "sre-kfac") for s in (0, 1)
+    ]
+    exact = sorted(s["seconds_per_epoch"] for s in summaries[:2])
+    mine = sorted(s["seconds_per_epoch"] for s in summaries[2:])
+    assert sre["exact_over_this_per_epoch"] == pytest.approx((exact[0] + exact[1]) / (mine[0] + mine[1]))
+
+
+def test_evaluation_time_is_excluded_from_training_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fake clock: every reading advances 1 s, and each evaluation advances it 1000 s."""
+    clock = itertools.count(0.0)
+    monkeypatch.setattr(train_module.time, "perf_counter", lambda: float(next(clock)))
+    real_evaluate = train_module.evaluate
+
+    def slow_evaluate(*args: object) -> tuple[float, float]:
+        for _ in range(1000):
+            next(clock)
+        return real_evaluate(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(train_module, "evaluate", slow_evaluate)
+    config = resolve_config(
+        "sgd", None, dict(dataset="synthetic", synthetic_train=128, synthetic_test=64, widths=[16], batch_size=32, epochs=2)
+    )
+    summary = train_module.train(config, tmp_path / "run", quiet=True)
+    steps = read_metrics(tmp_path / "run", "step")
+    per_step = [sum(r["time"].values()) for r in steps]
+    assert per_step == [3.0] * 8  # 4 clock readings per step: data, forward/backward, optimizer
+    assert summary["train_time"] == 24.0
+
+
+def test_every_run_setting_has_a_flag() -> None:
+    flags = {dest for _, dest, _, _ in RUN_FLAGS}
+    fields = {f.name for f in dataclasses.fields(RunConfig)} - {"optimizer", "seed", "preset"}
+    assert fields <= flags, fields - flags
+
+
+def test_schedules_and_precedence() -> None:
+    assert parse_schedule("0.5") == 0.5
+    assert parse_schedule("1:0.3,13:0.03") == {1: 0.3, 13: 0.03}
+    with pytest.raises(ValueError, match="bad schedule 'x:1'"):
+        parse_schedule("x:1")
+    assert value_at_epoch({1: 0.3, 13: 0.03}, 12) == 0.3 and value_at_epoch({1: 0.3, 13: 0.03}, 13) == 0.03
+    per_step = step_schedule({1: 220, 15: 230}, steps_per_epoch=10, cast=int)
+    assert per_step(139) == 220 and per_step(140) == 230
+    paper = resolve_config("sre-kfac", "paper-vgg16-cifar10", {"epochs": 3})
+    assert paper.epochs == 3 and paper.rank == {1: 220, 15: 230} and paper.weight_decay_start == 200
+    assert resolve_config("kfac", "paper-vgg16-cifar10").inverse_every == 30
+    assert resolve_config("sgd", "fashion-cnn").lr == 0.05
+    with pytest.raises(ValueError, match="unknown preset 'nope'"):
+        resolve_config("sgd", "nope")
+    with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):
+        resolve_config("sgd", None, {"epochs": 0})
+
+
+def test_bad_flag_value_is_reported_not_raised(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["train", "--optimizer", "sgd", "--epochs", "0", "--out", str(tmp_path), "--quiet"]) == 2
+    assert "epochs must be >= 1, got 0" in capsys.readouterr().err
