@@ -41,9 +41,11 @@ class ChecksumError(DatasetUnavailableError):
 
 
 def content_bytes(path: Path) -> bytes:
-    """The file's decompressed bytes (plain files are returned as they are)."""
+    """The file's decompressed bytes; a file without the gzip magic (1f 8b) is returned as it is."""
     data = path.read_bytes()
-    if path.suffix != ".gz":
+    if data[:2] != b"\x1f\x8b":
+        if path.name.endswith(".gz"):
+            raise ChecksumError(f"{path} is not a gzip file (it starts with {data[:4].hex()}); {HOW_TO_GET}")
         return data
     try:
         return gzip.decompress(data)
