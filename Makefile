@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: demo test install data lint bench clean
 
 demo: install data
-	$(BIN)/python examples/demo.py
+	$(BIN)/rkfac bench --preset quick
 
 test: install
 	$(BIN)/python -m pytest
@@ -30,7 +30,7 @@ data:
 	fi
 
 lint: install
-	$(BIN)/ruff check src tests benchmarks examples
+	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
 
 bench: install
