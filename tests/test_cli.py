@@ -179,6 +179,10 @@ def test_schedules_and_precedence() -> None:
         resolve_config("sgd", "nope")
     with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):
         resolve_config("sgd", None, {"epochs": 0})
+    with pytest.raises(ValueError, match=r"model must be one of .*got 'resnet'"):
+        resolve_config("sgd", None, {"model": "resnet"})
+    with pytest.raises(ValueError, match=r"clip must be one of .*got 'norm'"):
+        resolve_config("kfac", None, {"clip": "norm"})
 
 
 def test_bad_flag_value_is_reported_not_raised(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -64,6 +64,11 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Raise ValueError naming the first bad value; return self."""
         check_choice(self.optimizer, "optimizer", OPTIMIZERS)
+        check_choice(self.model, "model", ("mlp", "cnn", "vgg16_bn"))
+        check_choice(self.dataset, "dataset", ("fashion-mnist", "cifar10", "synthetic"))
+        check_choice(self.damping_mode, "damping_mode", ("relative", "pi"))
+        check_choice(self.clip, "clip", ("rms", "kl", None))
+        check_choice(self.fisher, "fisher", ("empirical", "mc"))
         check_float(self.width_scale, "width_scale", low=0.0, low_inclusive=False)
         check_int(self.epochs, "epochs", low=1)
         check_int(self.batch_size, "batch_size", low=1)
