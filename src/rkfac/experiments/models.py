@@ -1,30 +1,55 @@
 """The models the experiments train: an MLP, a small CNN and the paper's VGG16_bn.
 
-Every hidden width scales with ``width_scale`` (``scaled``), so that the same architecture
-can be widened to study how K-FAC's costs and the factors' spectra change with width.
+Every hidden width goes through :func:`scaled`, so one ``width_scale`` widens or narrows a whole
+architecture: that is how the experiments study K-FAC's O(d³) decomposition cost and the
+factors' spectra as the layers grow, without a separate model per width.
 
 - ``mlp``: Flatten → (Linear → ReLU) per hidden width → Linear. Default widths (1024, 1024).
-- ``cnn`` (the fashion-cnn model): conv3×3(32) → ReLU → maxpool → conv3×3(64) → ReLU →
-  maxpool → Linear(64·H/4·W/4, 512) → ReLU → Linear(512, classes). On 28×28 inputs the first
-  Linear sees 3136 features, so its K-FAC A factor is 3137 wide: the O(d³) cost is real.
-- ``vgg16_bn``: configuration D convolutions, each 3×3 with bias + BatchNorm + ReLU, max-pool
-  after each block, no average pool, classifier Linear(512·H/32·W/32, 512) → ReLU →
-  Dropout(0.5) → Linear(512, classes): 14,990,922 parameters on CIFAR-10 (spec section 6).
-  Initialisation: Kaiming-normal convs (fan-out, ReLU) with zero bias, BatchNorm (1, 0),
-  Linear N(0, 0.01) with zero bias, the usual VGG recipe.
+- ``cnn`` (the fashion-cnn model): Conv3×3(32) → ReLU → MaxPool(2) → Conv3×3(64) → ReLU →
+  MaxPool(2) → Flatten → Linear(64·(H//4)·(W//4), 512) → ReLU → Linear(512, classes). On 28×28
+  inputs the first Linear sees 64·7·7 = 3136 features, so its K-FAC A factor is 3137 wide: big
+  enough (d ≥ 2048) that an exact eigendecomposition is the cost the randomized ones remove.
+- ``vgg16_bn``: the paper's CIFAR-10 model. Configuration D convolutions, each 3×3 with padding 1
+  and a bias, then BatchNorm and ReLU; a 2×2 max-pool ends each block; no adaptive average pool.
+  Classifier Linear(512·(H/32)·(W/32), 512) → ReLU → Dropout(0.5) → Linear(512, classes):
+  14,990,922 parameters on 3×32×32 inputs with 10 classes.
+
+Initialisation: the MLP and the CNN keep PyTorch's defaults. VGG16_bn uses the common VGG
+recipe (as in most CIFAR VGG code): Kaiming-normal convolutions (fan-out, ReLU gain) with zero
+bias, BatchNorm weight 1 and bias 0, Linear weights N(0, 0.01²) with zero bias. Fan-out Kaiming
+keeps the activations' scale through thirteen ReLU convolutions, and the small classifier weights
+start the logits near zero; PyTorch's default (Kaiming-uniform, a = √5) aims at neither.
+
+The convolutions keep their bias even before BatchNorm (where it is redundant) because the
+paper's parameter count includes it; K-FAC then gives each convolution an A factor with the
+bias column (9·C_in + 1 wide). Every convolution has groups = 1 and every layer with weights is an
+``nn.Linear`` or ``nn.Conv2d``: exactly what :mod:`rkfac.layers` supports. ``ReLU(inplace=True)``
+is safe with rkfac's statistics capture, which hooks output tensors, not modules.
 """
 
 from __future__ import annotations
 
+import math
+import operator
 from collections.abc import Sequence
 
 from torch import nn
 
 MODELS = ("mlp", "cnn", "vgg16_bn")
+
+#: The default hidden widths of the MLP, before ``width_scale``.
+MLP_WIDTHS: tuple[int, ...] = (1024, 1024)
+
+#: VGG configuration D: output channels of each 3×3 convolution, "M" for a 2×2 max-pool.
 VGG16_CONFIG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
 
 
 def scaled(width: int, width_scale: float) -> int:
+    """``width`` times ``width_scale``, rounded, and at least 1 so that no layer vanishes.
+
+    Python's ``round`` rounds halves to even (``scaled(5, 0.5) == 2``); what matters is that the
+    same (width, scale) always gives the same size, so checkpoints and runs stay comparable.
+    """
     return max(1, round(width * width_scale))
 
 
@@ -36,39 +61,95 @@ def build_model(
     width_scale: float = 1.0,
     widths: Sequence[int] | None = None,
 ) -> nn.Module:
-    """One of :data:`MODELS` for inputs (B, *input_shape) and ``num_classes`` outputs."""
+    """One of :data:`MODELS` for inputs of shape (B, *input_shape) and ``num_classes`` logits.
+
+    Args:
+        name: "mlp", "cnn" or "vgg16_bn".
+        input_shape: (channels, height, width) of one sample. The CNN needs height and width
+            of at least 4 (two 2× poolings); VGG16_bn needs multiples of 32 (five of them).
+        num_classes: the width of the output layer.
+        width_scale: multiplies every hidden width (through :func:`scaled`); > 0.
+        widths: the MLP's hidden widths before scaling (default (1024, 1024); empty gives
+            multinomial logistic regression). The CNN and VGG16_bn have fixed shapes and take
+            only ``width_scale``, so passing ``widths`` to them is an error rather than ignored.
+
+    Raises:
+        ValueError: naming the bad value, for any argument outside the ranges above.
+    """
     if name not in MODELS:
         raise ValueError(f"model must be one of {MODELS}, got {name!r}")
-    if isinstance(width_scale, bool) or not isinstance(width_scale, (int, float)) or width_scale <= 0:
-        raise ValueError(f"width_scale must be > 0, got {width_scale!r}")
+    channels, height, width = _check_input_shape(input_shape)
+    if not _is_int(num_classes) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    _check_width_scale(width_scale)
     if name != "mlp" and widths is not None:
         raise ValueError(f"widths applies to the mlp only; {name} takes width_scale, got widths={list(widths)}")
-    channels, height, width = input_shape
+
     if name == "mlp":
-        return _mlp(channels * height * width, num_classes, widths if widths is not None else (1024, 1024), width_scale)
+        hidden = MLP_WIDTHS if widths is None else _check_widths(widths)
+        return _mlp(channels * height * width, num_classes, [scaled(w, width_scale) for w in hidden])
     if name == "cnn":
         if height < 4 or width < 4:
             raise ValueError(f"cnn needs inputs of at least 4×4 (two 2× poolings), got {height}×{width}")
-        return _cnn(input_shape, num_classes, width_scale)
+        return _cnn(channels, height, width, num_classes, width_scale)
     if height < 32 or width < 32 or height % 32 or width % 32:
         raise ValueError(f"vgg16_bn needs inputs whose sides are multiples of 32 (five 2× poolings), got {height}×{width}")
-    return _vgg16_bn(input_shape, num_classes, width_scale)
+    return _vgg16_bn(channels, height, width, num_classes, width_scale)
 
 
-def _mlp(inputs: int, num_classes: int, widths: Sequence[int], width_scale: float) -> nn.Module:
-    if not widths or any(isinstance(w, bool) or not isinstance(w, int) or w <= 0 for w in widths):
+# ---------------------------------------------------------------------- argument checks
+
+
+def _is_int(value: object) -> bool:
+    """An integer, NumPy ones included; not a bool (``True`` as a width is surely a mistake)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        operator.index(value)  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return True
+
+
+def _check_input_shape(input_shape: tuple[int, int, int]) -> tuple[int, int, int]:
+    """(C, H, W) as plain ints; a (B, C, H, W) shape or a zero size is rejected here, early."""
+    if not isinstance(input_shape, Sequence) or len(input_shape) != 3 or not all(_is_int(s) and s > 0 for s in input_shape):
+        raise ValueError(f"input_shape must be (channels, height, width) of positive integers, got {input_shape!r}")
+    channels, height, width = (operator.index(s) for s in input_shape)
+    return channels, height, width
+
+
+def _check_width_scale(width_scale: float) -> None:
+    if isinstance(width_scale, bool) or not isinstance(width_scale, (int, float)) or width_scale <= 0:
+        raise ValueError(f"width_scale must be > 0, got {width_scale!r}")
+    if not math.isfinite(width_scale):
+        raise ValueError(f"width_scale must be finite, got {width_scale!r}")
+
+
+def _check_widths(widths: Sequence[int]) -> list[int]:
+    if isinstance(widths, (str, bytes)) or not isinstance(widths, Sequence):
+        raise ValueError(f"widths must be a sequence of positive integers, got {widths!r}")
+    if not all(_is_int(w) and w > 0 for w in widths):
         raise ValueError(f"widths must be positive integers, got {list(widths)}")
+    return [operator.index(w) for w in widths]
+
+
+# ---------------------------------------------------------------------- architectures
+
+
+def _mlp(inputs: int, num_classes: int, hidden: Sequence[int]) -> nn.Sequential:
+    """Flatten, then (Linear → ReLU) for each width in ``hidden`` (already scaled), then the head."""
     layers: list[nn.Module] = [nn.Flatten()]
     previous = inputs
-    for hidden in widths:
-        layers += [nn.Linear(previous, scaled(hidden, width_scale)), nn.ReLU()]
-        previous = scaled(hidden, width_scale)
+    for width in hidden:
+        layers += [nn.Linear(previous, width), nn.ReLU()]
+        previous = width
     layers.append(nn.Linear(previous, num_classes))
     return nn.Sequential(*layers)
 
 
-def _cnn(input_shape: tuple[int, int, int], num_classes: int, width_scale: float) -> nn.Module:
-    channels, height, width = input_shape
+def _cnn(channels: int, height: int, width: int, num_classes: int, width_scale: float) -> nn.Sequential:
+    """Two conv blocks and a two-layer head; each 2× max-pool floors, so the map is (H//4, W//4)."""
     first, second, hidden = scaled(32, width_scale), scaled(64, width_scale), scaled(512, width_scale)
     return nn.Sequential(
         nn.Conv2d(channels, first, 3, padding=1),
@@ -84,17 +165,17 @@ def _cnn(input_shape: tuple[int, int, int], num_classes: int, width_scale: float
     )
 
 
-def _vgg16_bn(input_shape: tuple[int, int, int], num_classes: int, width_scale: float) -> nn.Module:
-    channels, height, width = input_shape
+def _vgg16_bn(channels: int, height: int, width: int, num_classes: int, width_scale: float) -> nn.Sequential:
+    """VGG configuration D with BatchNorm, sized for ``width_scale``, initialised as documented above."""
     layers: list[nn.Module] = []
     previous = channels
     for item in VGG16_CONFIG:
         if item == "M":
             layers.append(nn.MaxPool2d(2, 2))
-        else:
-            out = scaled(int(item), width_scale)
-            layers += [nn.Conv2d(previous, out, 3, padding=1), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
-            previous = out
+            continue
+        out = scaled(int(item), width_scale)
+        layers += [nn.Conv2d(previous, out, 3, padding=1, bias=True), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+        previous = out
     hidden = scaled(512, width_scale)
     model = nn.Sequential(
         *layers,
@@ -104,14 +185,18 @@ def _vgg16_bn(input_shape: tuple[int, int, int], num_classes: int, width_scale: 
         nn.Dropout(0.5),
         nn.Linear(hidden, num_classes),
     )
+    _init_vgg(model)
+    return model
+
+
+def _init_vgg(model: nn.Module) -> None:
+    """The common VGG initialisation (see the module docstring for why not PyTorch's default)."""
     for module in model.modules():
         if isinstance(module, nn.Conv2d):
             nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(module.bias)  # type: ignore[arg-type]  # every VGG conv has a bias
         elif isinstance(module, nn.BatchNorm2d):
             nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
         elif isinstance(module, nn.Linear):
             nn.init.normal_(module.weight, 0.0, 0.01)
+        if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)) and module.bias is not None:
             nn.init.zeros_(module.bias)
-    return model
