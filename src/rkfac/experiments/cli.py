@@ -101,6 +101,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--out", default=None, help="bench directory (default runs/bench-<preset>)")
     _add_run_flags(bench, with_seed=False)
 
+    spectrum = commands.add_parser("spectrum", help="record the factors' spectra while training (or from a run's checkpoint)")
+    spectrum.add_argument("--optimizer", default=None, choices=("kfac", "rs-kfac", "sre-kfac"), help="default: sre-kfac")
+    spectrum.add_argument("--out", default=None, help="output directory (default runs/spectrum-<preset or model>)")
+    spectrum.add_argument("--from", dest="from_run", default=None, metavar="RUN_DIR", help="use the factors saved in RUN_DIR")
+    spectrum.add_argument("--record-every", type=int, default=50, help="steps between recordings")
+    spectrum.add_argument("--ranks", type=_ints, default=[50, 100, 220], help="ranks for the truncation errors")
+    spectrum.add_argument("--threshold", type=float, default=10**-1.5, help="count modes above this fraction of λ_max")
+    spectrum.add_argument("--width-scales", type=_floats, default=None, help="repeat for these width scales, e.g. 1,1.5,2")
+    _add_run_flags(spectrum)
+
     plot = commands.add_parser("plot", help="accuracy and loss against time and epochs, from run directories")
     plot.add_argument("runs", nargs="+", help="run directories")
     plot.add_argument("--out", default=None, help="PNG file (default: plot.png in the first run directory)")
@@ -114,6 +124,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "spectrum":
+            return _spectrum(args)
         return _plot(args)
     except (ValueError, RuntimeError, FileNotFoundError) as error:
         print(f"rkfac {args.command}: error: {error}", file=sys.stderr)
@@ -146,6 +158,36 @@ def _bench(args: argparse.Namespace) -> int:
     preset = args.preset or "quick"
     out = Path(args.out or f"runs/bench-{preset}")
     run_bench(preset, out, optimizers=args.optimizers, seeds=args.seeds, overrides=_overrides(args), quiet=args.quiet)
+    return 0
+
+
+def _spectrum(args: argparse.Namespace) -> int:
+    from rkfac.experiments import spectra
+
+    if args.from_run:
+        result = spectra.from_run(Path(args.from_run), ranks=args.ranks, threshold=args.threshold)
+        out = Path(args.out or Path(args.from_run) / "spectrum")
+        summary = spectra.write_summary([result], out)
+    else:
+        config = resolve_config(args.optimizer or "sre-kfac", args.preset, _overrides(args))
+        out = Path(args.out or f"runs/spectrum-{config.preset or config.model}")
+        scales = args.width_scales or [config.width_scale]
+        summary = spectra.run_spectrum(
+            config,
+            out,
+            width_scales=scales,
+            record_every=args.record_every,
+            ranks=args.ranks,
+            threshold=args.threshold,
+            quiet=args.quiet,
+        )
+    for width, entry in summary["widths"].items():
+        counts = ", ".join(
+            f"{name}: A {layer['A']['modes_above']}/{layer['A']['dim']}, G {layer['G']['modes_above']}/{layer['G']['dim']}"
+            for name, layer in entry["layers"].items()
+        )
+        print(f"width {width}, step {entry['step']}: modes above threshold {counts}")
+    print(f"wrote {out / 'spectrum.json'}")
     return 0
 
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,9 @@ class Trainer:
         self.timer = PhaseTimer(synchronize=self.device.type == "cuda") if config.optimizer in KFAC_OPTIMIZERS else None
         self.optimizer = build_optimizer(config, self.model, self.steps_per_epoch, self.timer)
         self.progress = Progress()
+        # Called with the step number after the backward, before optimizer.step(): the raw
+        # gradients are in .grad. Its time is excluded from training time (analysis, not training).
+        self.after_backward: Callable[[int], None] | None = None
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -223,7 +227,10 @@ class Trainer:
         loss = F.cross_entropy(logits, labels)
         loss.backward()
         _sync(device)
-        backward_done = time.perf_counter()
+        backward_done = optimizer_start = time.perf_counter()
+        if self.after_backward is not None:
+            self.after_backward(step)
+            optimizer_start = time.perf_counter()
         self.optimizer.step()
         _sync(device)
         step_done = time.perf_counter()
@@ -236,9 +243,9 @@ class Trainer:
             "statistics": statistics,
             "decomposition": decomposition,
             "precondition": precondition,
-            "optimizer": step_done - backward_done - decomposition - precondition,
+            "optimizer": step_done - optimizer_start - decomposition - precondition,
         }
-        elapsed = step_done - start
+        elapsed = (backward_done - start) + (step_done - optimizer_start)
         loss_value = float(loss.detach())
         progress.train_time += elapsed
         progress.epoch_time += elapsed
