@@ -57,13 +57,20 @@ def _exact_pairs(factor: Tensor, rank: int | None = None) -> Eigenpairs:
 
 def factor_spectrum(factor: Tensor, ranks: Sequence[int] = (), threshold: float = DEFAULT_THRESHOLD) -> FactorSpectrum:
     """Normalised spectrum, modes above ``threshold``·λ_max, and rank-r truncation errors."""
-    values = _exact_pairs(factor).values
+    return _spectrum_of(_exact_pairs(factor).values, ranks, threshold)
+
+
+def _spectrum_of(values: Tensor, ranks: Sequence[int], threshold: float) -> FactorSpectrum:
     top = float(values[0])
     normalized = values / top if top > 0 else values
     squares = values.pow(2)
     total = float(squares.sum())
     errors = {r: (float(squares[r:].sum()) / total) ** 0.5 if total > 0 else 0.0 for r in ranks}
     return FactorSpectrum(len(values), normalized, int((normalized > threshold).sum()), errors)
+
+
+def _truncated(pairs: Eigenpairs, rank: int) -> Eigenpairs:
+    return Eigenpairs(pairs.vectors[:, :rank], pairs.values[:rank], pairs.trace, pairs.top)
 
 
 def layer_spectra(
@@ -73,22 +80,25 @@ def layer_spectra(
 
     The gradient is the layer's current ``.grad`` (call it after a backward, before ``pre.step()``
     rewrites it); layers without a gradient get an empty ``gradient_error``. ``damping`` is δ,
-    applied with the preconditioner's damping mode.
+    applied with the preconditioner's damping mode. Each factor is decomposed once (float64
+    ``eigh``, the dominant cost: about a minute at d = 6000 on 2 cores) and truncated by slicing.
     """
     report = {}
     modules = {layer.name: layer.module for layer in pre._layers}
     for name, (a, g) in pre.factors().items():
+        a_full, g_full = _exact_pairs(a), _exact_pairs(g)
         grad = layers.grad_matrix(modules[name])
         errors: dict[int, float] = {}
         if grad is not None:
             grad = grad.double()
-            a_full, g_full = _exact_pairs(a), _exact_pairs(g)
             a_damping, g_damping = factor_dampings(pre.damping_mode, damping, a_full, g_full)
             exact = kronecker_solve(grad, g_full, g_damping, a_full, a_damping)
             for r in ranks:
-                truncated = kronecker_solve(grad, _exact_pairs(g, r), g_damping, _exact_pairs(a, r), a_damping)
+                truncated = kronecker_solve(grad, _truncated(g_full, r), g_damping, _truncated(a_full, r), a_damping)
                 errors[r] = float((truncated - exact).norm() / exact.norm())
-        report[name] = LayerSpectrum(factor_spectrum(a, ranks, threshold), factor_spectrum(g, ranks, threshold), errors)
+        report[name] = LayerSpectrum(
+            _spectrum_of(a_full.values, ranks, threshold), _spectrum_of(g_full.values, ranks, threshold), errors
+        )
     return report
 
 
