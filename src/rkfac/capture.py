@@ -42,11 +42,13 @@ def _gram(rows: Tensor) -> Tensor:
 class StatisticSums:
     """Running sums of one layer's statistics since the last factor update."""
 
+    input_sum: Tensor | None
+    input_rows: int
+    grad_sum: Tensor | None
+    grad_samples: int
+
     def __init__(self) -> None:
-        self.input_sum: Tensor | None = None
-        self.input_rows = 0
-        self.grad_sum: Tensor | None = None
-        self.grad_samples = 0
+        self.clear()
 
     def add_inputs(self, rows: Tensor) -> None:
         gram = _gram(rows)
@@ -75,7 +77,8 @@ class StatisticSums:
         return s_a, s_g
 
     def clear(self) -> None:
-        self.__init__()  # type: ignore[misc]
+        self.input_sum, self.input_rows = None, 0
+        self.grad_sum, self.grad_samples = None, 0
 
 
 class StatisticsCapture:

@@ -15,6 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeAlias
 
+from rkfac.clipping import CLIP_MODES
+from rkfac.damping import DAMPING_MODES
+from rkfac.experiments.datasets import DATASETS
+from rkfac.experiments.models import MODELS
+from rkfac.preconditioner import FISHER_TYPES
 from rkfac.schedules import check_choice, check_float, check_int
 
 EpochSchedule: TypeAlias = float | dict[int, float]
@@ -64,11 +69,11 @@ class RunConfig:
     def validate(self) -> RunConfig:
         """Raise ValueError naming the first bad value; return self."""
         check_choice(self.optimizer, "optimizer", OPTIMIZERS)
-        check_choice(self.model, "model", ("mlp", "cnn", "vgg16_bn"))
-        check_choice(self.dataset, "dataset", ("fashion-mnist", "cifar10", "synthetic"))
-        check_choice(self.damping_mode, "damping_mode", ("relative", "pi"))
-        check_choice(self.clip, "clip", ("rms", "kl", None))
-        check_choice(self.fisher, "fisher", ("empirical", "mc"))
+        check_choice(self.model, "model", MODELS)
+        check_choice(self.dataset, "dataset", DATASETS)
+        check_choice(self.damping_mode, "damping_mode", DAMPING_MODES)
+        check_choice(self.clip, "clip", CLIP_MODES)
+        check_choice(self.fisher, "fisher", FISHER_TYPES)
         check_float(self.width_scale, "width_scale", low=0.0, low_inclusive=False)
         check_int(self.epochs, "epochs", low=1)
         check_int(self.batch_size, "batch_size", low=1)

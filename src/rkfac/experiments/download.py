@@ -49,9 +49,6 @@ class DatasetUnavailableError(RuntimeError):
     """No usable copy of a dataset could be found or fetched; the message says how to get one."""
 
 
-DatasetUnavailable = DatasetUnavailableError  # the shorter name, for callers that prefer it
-
-
 class ChecksumError(DatasetUnavailableError):
     """A dataset file is readable but its content is not the expected one (or it is not readable at all)."""
 

@@ -33,10 +33,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from rkfac.experiments.config import KFAC_OPTIMIZERS, RunConfig
+from rkfac.experiments.config import KFAC_OPTIMIZERS, EpochSchedule, RunConfig, step_schedule
 from rkfac.experiments.datasets import ImageDataset, load_dataset
 from rkfac.experiments.models import build_model
-from rkfac.experiments.optimizers import build_optimizer, damping_at, lr_at
+from rkfac.experiments.optimizers import build_optimizer
 from rkfac.experiments.rundir import RunDirectory, environment
 from rkfac.seeding import keyed_generator
 from rkfac.timing import PhaseTimer
@@ -119,6 +119,9 @@ class Trainer:
         self.timer = PhaseTimer(synchronize=self.device.type == "cuda") if config.optimizer in KFAC_OPTIMIZERS else None
         self.optimizer = build_optimizer(config, self.model, self.steps_per_epoch, self.timer)
         self.progress = Progress()
+        # Schedules as callables of the step, built once (the loop reads them every step).
+        self._lr = step_schedule(config.lr, self.steps_per_epoch)
+        self._damping = step_schedule(config.damping, self.steps_per_epoch) if config.optimizer in KFAC_OPTIMIZERS else None
         # Called with the step number after the backward, before optimizer.step(): the raw
         # gradients are in .grad. Its time is excluded from training time (analysis, not training).
         self.after_backward: Callable[[int], None] | None = None
@@ -210,7 +213,7 @@ class Trainer:
     def _train_step(self, index: Tensor) -> dict[str, Any]:
         config, progress, device = self.config, self.progress, self.device
         step = progress.step
-        lr = lr_at(config, step, self.steps_per_epoch)
+        lr = _at(self._lr, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         _sync(device)
@@ -261,7 +264,7 @@ class Trainer:
             "epoch": progress.epoch + 1,
             "loss": loss_value,
             "lr": lr,
-            "damping": damping_at(config, step, self.steps_per_epoch),
+            "damping": None if self._damping is None else _at(self._damping, step),
             "time": times,
         }
 
@@ -318,6 +321,10 @@ class Trainer:
         }
         self.run_dir.write_json("summary.json", summary)
         return summary
+
+
+def _at(schedule: EpochSchedule | Callable[[int], float], step: int) -> float:
+    return float(schedule(step) if callable(schedule) else schedule)  # type: ignore[arg-type]
 
 
 def train(config: RunConfig, out: str | Path, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
