@@ -68,7 +68,7 @@ def test_train_writes_a_complete_run_directory(tmp_path: Path) -> None:
     assert summary["final_test_acc"] == epochs[-1]["test_acc"]
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam", "kfac", "rs-kfac"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "kfac", "rs-kfac", "seng"])
 def test_every_optimizer_trains(tmp_path: Path, optimizer: str) -> None:
     assert main(["train", "--optimizer", optimizer, "--max-steps", "3", "--out", str(tmp_path / optimizer), *SMALL]) == 0
     summary = json.loads((tmp_path / optimizer / "summary.json").read_text())
@@ -175,6 +175,9 @@ def test_schedules_and_precedence() -> None:
     assert paper.epochs == 3 and paper.rank == {1: 220, 15: 230} and paper.weight_decay_start == 200
     assert resolve_config("kfac", "paper-vgg16-cifar10").inverse_every == 30
     assert resolve_config("sgd", "fashion-cnn").lr == 0.05
+    seng = resolve_config("seng", "paper-vgg16-cifar10")
+    assert (seng.damping, seng.update_freq, seng.momentum, seng.weight_decay) == (2.0, 200, 0.9, 1e-2)
+    assert seng.lr[1] == 0.05 and seng.lr[31] == pytest.approx(0.05 * (1 - 30 / 75) ** 6)  # type: ignore[index]
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         resolve_config("sgd", "nope")
     with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):

@@ -63,8 +63,8 @@ def _append_ones(rows: Tensor) -> Tensor:
     return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
 
 
-def conv_patches(module: nn.Conv2d, inputs: Tensor) -> Tensor:
-    """Unfolded input patches, (n·T, c_in·kh·kw), padded exactly as the layer pads.
+def conv_unfold(module: nn.Conv2d, inputs: Tensor) -> Tensor:
+    """Unfolded input patches per sample, (n, c_in·kh·kw, T), padded exactly as the layer pads.
 
     Padding goes through ``F.pad`` with the layer's own padding amounts so that
     ``padding='same'`` and non-zero padding modes ('reflect', 'replicate', 'circular') give
@@ -76,7 +76,12 @@ def conv_patches(module: nn.Conv2d, inputs: Tensor) -> Tensor:
     if any(pad):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         inputs = F.pad(inputs, pad, mode=mode)
-    patches = F.unfold(inputs, module.kernel_size, dilation=module.dilation, stride=module.stride)
+    return F.unfold(inputs, module.kernel_size, dilation=module.dilation, stride=module.stride)
+
+
+def conv_patches(module: nn.Conv2d, inputs: Tensor) -> Tensor:
+    """Unfolded input patches as rows, (n·T, c_in·kh·kw): one row per (sample, position)."""
+    patches = conv_unfold(module, inputs)
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
 

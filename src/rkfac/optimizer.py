@@ -23,6 +23,7 @@ from torch import nn
 
 from rkfac.preconditioner import KFACPreconditioner
 from rkfac.schedules import check_float, check_int
+from rkfac.sgd import sgd_update
 
 
 class KFAC(torch.optim.Optimizer):
@@ -62,22 +63,7 @@ class KFAC(torch.optim.Optimizer):
                 loss = closure()
         decay_on = self.preconditioner.steps >= self.weight_decay_start
         self.preconditioner.step()
-        for group in self.param_groups:
-            lr, momentum, weight_decay = group["lr"], group["momentum"], group["weight_decay"]
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
-                direction = param.grad
-                if weight_decay and decay_on:
-                    direction = direction.add(param, alpha=weight_decay)
-                if momentum:
-                    state = self.state[param]
-                    if "momentum_buffer" not in state:
-                        state["momentum_buffer"] = direction.clone()
-                    else:
-                        state["momentum_buffer"].mul_(momentum).add_(direction)
-                    direction = state["momentum_buffer"]
-                param.add_(direction, alpha=-lr)
+        sgd_update(self.param_groups, self.state, decay_on)
         return loss
 
     def state_dict(self) -> dict[str, Any]:

@@ -24,8 +24,9 @@ from rkfac.schedules import check_choice, check_float, check_int
 
 EpochSchedule: TypeAlias = float | dict[int, float]
 
-OPTIMIZERS = ("sgd", "adam", "kfac", "rs-kfac", "sre-kfac")
+OPTIMIZERS = ("sgd", "adam", "kfac", "rs-kfac", "sre-kfac", "seng")
 KFAC_OPTIMIZERS = ("kfac", "rs-kfac", "sre-kfac")
+PRECONDITIONED = (*KFAC_OPTIMIZERS, "seng")  # optimizers with a preconditioner (and a phase timer)
 SCHEDULED = ("lr", "damping", "rank", "factor_every", "inverse_every")
 
 
@@ -59,6 +60,10 @@ class RunConfig:
     clip: str | None = "rms"
     clip_value: float = 0.07
     fisher: str = "empirical"
+    update_freq: int = 200
+    col_sample_size: int = 128
+    sketch_threshold: float = 7e5
+    sketch_rank: int = 16
     skip: list[str] = field(default_factory=list)
     seed: int = 0
     device: str = "auto"
@@ -80,6 +85,10 @@ class RunConfig:
         if self.max_steps is not None:
             check_int(self.max_steps, "max_steps", low=1)
         check_int(self.checkpoint_every, "checkpoint_every", low=0)
+        check_int(self.update_freq, "update_freq", low=1)
+        check_int(self.col_sample_size, "col_sample_size", low=1)
+        check_float(self.sketch_threshold, "sketch_threshold", low=0.0)
+        check_int(self.sketch_rank, "sketch_rank", low=1)
         check_choice(self.device, "device", ("auto", "cpu", "cuda"))
         for target in self.target_acc:
             check_float(target, "target_acc", low=0.0, high=1.0)

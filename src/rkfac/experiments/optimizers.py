@@ -52,6 +52,20 @@ def build_optimizer(
             seed=config.seed,
             timer=timer,
         )
+    if config.optimizer == "seng":
+        return rkfac.SENG(
+            model,
+            lr=lr,
+            momentum=config.momentum,
+            weight_decay=config.weight_decay,
+            damping=step_schedule(config.damping, steps_per_epoch),
+            update_freq=config.update_freq,
+            col_sample_size=config.col_sample_size,
+            sketch_threshold=config.sketch_threshold,
+            sketch_rank=config.sketch_rank,
+            seed=config.seed,
+            timer=timer,
+        )
     raise ValueError(f"unknown optimizer {config.optimizer!r}")
 
 

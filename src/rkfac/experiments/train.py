@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from rkfac.experiments.config import KFAC_OPTIMIZERS, EpochSchedule, RunConfig, step_schedule
+from rkfac.experiments.config import KFAC_OPTIMIZERS, PRECONDITIONED, EpochSchedule, RunConfig, step_schedule
 from rkfac.experiments.datasets import ImageDataset, load_dataset
 from rkfac.experiments.models import build_model
 from rkfac.experiments.optimizers import build_optimizer
@@ -116,12 +116,12 @@ class Trainer:
         self.model = build_model(
             config.model, data.input_shape, data.num_classes, width_scale=config.width_scale, widths=config.widths
         ).to(self.device)
-        self.timer = PhaseTimer(synchronize=self.device.type == "cuda") if config.optimizer in KFAC_OPTIMIZERS else None
+        self.timer = PhaseTimer(synchronize=self.device.type == "cuda") if config.optimizer in PRECONDITIONED else None
         self.optimizer = build_optimizer(config, self.model, self.steps_per_epoch, self.timer)
         self.progress = Progress()
         # Schedules as callables of the step, built once (the loop reads them every step).
         self._lr = step_schedule(config.lr, self.steps_per_epoch)
-        self._damping = step_schedule(config.damping, self.steps_per_epoch) if config.optimizer in KFAC_OPTIMIZERS else None
+        self._damping = step_schedule(config.damping, self.steps_per_epoch) if config.optimizer in PRECONDITIONED else None
         # Called with the step number after the backward, before optimizer.step(): the raw
         # gradients are in .grad. Its time is excluded from training time (analysis, not training).
         self.after_backward: Callable[[int], None] | None = None

@@ -1,0 +1,277 @@
+"""SENG (Yang et al. 2021), the comparison method: empirical natural gradient by Woodbury.
+
+Per Linear/Conv2d layer, with U the n × D matrix of per-sample gradients of the true-label
+loss divided by √n (D = d_G·d_A, bias as the last column), the direction for the layer's
+gradient g is
+
+    (λI + UᵀU)⁻¹ g = (g − Uᵀ (λI + UUᵀ)⁻¹ U g) / λ
+
+an n × n solve instead of D × D. U and the inverse K⁻¹ = (λI + UUᵀ)⁻¹ are rebuilt every
+``update_freq`` steps from that step's batch and reused in between: only U g, a batched
+n × n product and Uᵀ w are paid per step. Every other parameter gets g / (1 + λ).
+
+How U is held (:mod:`rkfac.seng_gradients`):
+
+- layers with d_G·d_A ≤ ``sketch_threshold``: exactly — factored (g aᵀ per sample) for
+  Linear layers on matrix inputs, explicit rows for convolutions;
+- larger layers: sketched — each convolution's per-sample output-gradient map compressed to
+  its top ``sketch_rank`` singular directions, and ``col_sample_size`` of the output rows and
+  of the input rows sampled (col_sample_size² coordinates) for UUᵀ and U g.
+
+Per-sample gradients come from hooks (the layer input in a forward hook, the output gradient
+in a hook on the output tensor, so in-place activations after the layer work), only on the
+steps that rebuild, and are compressed as soon as the output gradient arrives so the unfolded
+convolution inputs are never all alive at once.
+
+Decisions (the issue is silent on them):
+
+- A rebuild uses whatever batch that step saw: a smaller last batch gives a smaller n (the
+  reference code skips such batches). Several forward/backward passes before one ``step()``
+  are concatenated into one U.
+- λ is read at each rebuild and used until the next one, for K⁻¹ and for the division.
+- With ``loss_reduction="mean"`` the per-sample gradient is n_pass × (the sample's share of the
+  batch gradient), n_pass = that forward's batch size; with "sum" it is the share itself.
+- The n × n systems are stacked over layers and factorised together (Cholesky, float64), and
+  the per-step product with K⁻¹ is one batched matmul.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from rkfac import layers, per_sample
+from rkfac.capture import statistics_dtype
+from rkfac.layers import SupportedLayer
+from rkfac.schedules import FloatSchedule, at_step_float, check_choice, check_float, check_int, float_schedule
+from rkfac.seeding import keyed_generator
+from rkfac.seng_gradients import ExplicitGradients, FactoredGradients, PerSampleGradients, from_tensors, sample_rows
+from rkfac.timing import PhaseTimer, maybe_phase
+
+LOSS_REDUCTIONS = ("mean", "sum")
+
+
+@dataclass
+class _Piece:
+    """Per-sample gradients of one forward/backward pass: explicit rows or a factored pair."""
+
+    rows: Tensor | None = None
+    grad_columns: Tensor | None = None
+    input_columns: Tensor | None = None
+
+    def explicit_rows(self) -> Tensor:
+        if self.rows is not None:
+            return self.rows
+        assert self.grad_columns is not None and self.input_columns is not None
+        return per_sample.explicit(self.grad_columns, self.input_columns)
+
+
+@dataclass
+class _SENGLayer:
+    name: str
+    index: int
+    module: SupportedLayer
+    sketched: bool
+    pieces: list[_Piece] = field(default_factory=list)
+    gradients: PerSampleGradients | None = None
+
+
+class SENGPreconditioner:
+    """Rewrites ``.grad`` of ``model``'s parameters into SENG directions on ``step()``.
+
+    Call ``step()`` after ``loss.backward()`` and before the optimizer step; the model's
+    forward on a rebuild step must run in training mode with grad enabled.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        damping: FloatSchedule = 2.0,
+        update_freq: int = 200,
+        col_sample_size: int = 128,
+        sketch_threshold: float = 7e5,
+        sketch_rank: int = 16,
+        loss_reduction: str = "mean",
+        seed: int = 0,
+        timer: PhaseTimer | None = None,
+    ) -> None:
+        self.damping = float_schedule(damping, "damping", low=0.0, low_inclusive=False)
+        self.update_freq = check_int(update_freq, "update_freq", low=1)
+        self.col_sample_size = check_int(col_sample_size, "col_sample_size", low=1)
+        self.sketch_threshold = check_float(sketch_threshold, "sketch_threshold", low=0.0)
+        self.sketch_rank = check_int(sketch_rank, "sketch_rank", low=1)
+        self.loss_reduction = str(check_choice(loss_reduction, "loss_reduction", LOSS_REDUCTIONS))
+        self.seed = check_int(seed, "seed", low=0)
+        self.timer = timer
+        self.steps = 0
+        self._built_damping: float | None = None
+        self._inverses: Tensor | None = None  # (L, n, n): K⁻¹ for the layers in self._built
+        self._built: list[_SENGLayer] = []
+        self._layers: list[_SENGLayer] = []
+        for index, (name, module) in enumerate(model.named_modules()):
+            if layers.is_supported(module) and module.weight.requires_grad:
+                layer: SupportedLayer = module
+                d_a, d_g = layers.factor_dims(layer)
+                self._layers.append(_SENGLayer(name, index, layer, sketched=d_a * d_g > self.sketch_threshold))
+        if not self._layers:
+            raise ValueError("model has no Linear or Conv2d layer with trainable weights for SENG to precondition")
+        covered = {id(p) for layer in self._layers for p in layer.module.parameters(recurse=False)}
+        self._other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
+        self._handles: list[RemovableHandle] = [
+            layer.module.register_forward_hook(self._forward_hook(layer)) for layer in self._layers
+        ]
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self._layers]
+
+    @property
+    def rebuilds_now(self) -> bool:
+        """Whether the coming ``step()`` rebuilds U and K⁻¹ (and so the hooks capture)."""
+        return self.steps % self.update_freq == 0
+
+    # -- capture ------------------------------------------------------------------------
+
+    def _forward_hook(self, layer: _SENGLayer) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
+        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+            if module.training and torch.is_grad_enabled() and self.rebuilds_now and output.requires_grad:
+                saved_input = inputs[0].detach()
+                output.register_hook(lambda grad: self._add_piece(layer, saved_input, grad.detach()))
+
+        return hook
+
+    def _add_piece(self, layer: _SENGLayer, inputs: Tensor, grad_output: Tensor) -> None:
+        dtype = statistics_dtype(layer.module)
+        n = layers.sample_count(inputs)
+        scale = float(n) if self.loss_reduction == "mean" else 1.0
+        with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False), maybe_phase(self.timer, "statistics"):
+            grad_columns, input_columns = per_sample.per_sample_factors(
+                layer.module, inputs.to(dtype), grad_output.to(dtype), scale
+            )
+            if layer.sketched:
+                grad_columns, input_columns = per_sample.truncate(grad_columns, input_columns, self.sketch_rank)
+                layer.pieces.append(_Piece(grad_columns=grad_columns, input_columns=input_columns))
+            elif grad_columns.shape[2] == 1:
+                layer.pieces.append(_Piece(grad_columns=grad_columns, input_columns=input_columns))
+            else:
+                layer.pieces.append(_Piece(rows=per_sample.explicit(grad_columns, input_columns)))
+
+    # -- rebuild --------------------------------------------------------------------------
+
+    def _gradients_of(self, layer: _SENGLayer) -> PerSampleGradients:
+        """U for one layer from its captured pieces, rows scaled by 1/√n."""
+        d_a, d_g = layers.factor_dims(layer.module)
+        pieces = layer.pieces
+        if any(piece.rows is not None for piece in pieces):
+            all_rows = torch.cat([piece.explicit_rows() for piece in pieces])
+            return ExplicitGradients(all_rows / math.sqrt(all_rows.shape[0]), (d_g, d_a))
+        grad_columns = torch.cat([piece.grad_columns for piece in pieces])  # type: ignore[misc]
+        input_columns = torch.cat([piece.input_columns for piece in pieces])  # type: ignore[misc]
+        grad_columns /= math.sqrt(grad_columns.shape[0])
+        if not layer.sketched:
+            return FactoredGradients(grad_columns, input_columns)
+        generator = keyed_generator(torch.device("cpu"), self.seed, "seng-columns", layer.index, self.steps)
+        device = grad_columns.device
+        grad_index = sample_rows(d_g, self.col_sample_size, generator, device)
+        input_index = sample_rows(d_a, self.col_sample_size, generator, device)
+        return FactoredGradients(grad_columns, input_columns, grad_index, input_index)
+
+    def _rebuild(self) -> None:
+        captured = [layer for layer in self._layers if layer.pieces]
+        if not captured:
+            raise RuntimeError(
+                f"SENG step {self.steps} rebuilds the curvature but no layer captured per-sample gradients: "
+                "run the forward in training mode with grad enabled, then backward, before step()"
+            )
+        damping = at_step_float(self.damping, self.steps, "damping", low=0.0, low_inclusive=False)
+        with maybe_phase(self.timer, "decomposition"):
+            for layer in self._layers:
+                layer.gradients = self._gradients_of(layer) if layer.pieces else None
+                layer.pieces = []
+            built = [layer for layer in self._layers if layer.gradients is not None]
+            sizes = {layer.gradients.samples for layer in built}  # type: ignore[union-attr]
+            if len(sizes) != 1:
+                raise RuntimeError(f"SENG layers captured different numbers of samples {sorted(sizes)} in one step")
+            grams = [layer.gradients.gram() for layer in built]  # type: ignore[union-attr]
+            systems = torch.stack(grams).double()
+            systems.diagonal(dim1=1, dim2=2).add_(damping)
+            self._inverses = torch.cholesky_inverse(torch.linalg.cholesky(systems)).to(grams[0].dtype)
+        self._built, self._built_damping = built, damping
+
+    # -- step -----------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """Replace every gradient by its SENG direction (rebuilding U and K⁻¹ when due)."""
+        if self.rebuilds_now:
+            self._rebuild()
+        assert self._inverses is not None and self._built_damping is not None
+        damping = self._built_damping
+        with maybe_phase(self.timer, "precondition"):
+            active = [(slot, layer) for slot, layer in enumerate(self._built) if layers.grad_matrix(layer.module) is not None]
+            grads = {layer.name: layers.grad_matrix(layer.module) for _, layer in active}
+            if active:
+                projections = torch.zeros(self._inverses.shape[:2], dtype=self._inverses.dtype, device=self._inverses.device)
+                for slot, layer in active:
+                    projections[slot] = layer.gradients.project(grads[layer.name].to(projections.dtype))  # type: ignore[union-attr]
+                weights = torch.bmm(self._inverses, projections.unsqueeze(2)).squeeze(2)
+                for slot, layer in active:
+                    grad = grads[layer.name]
+                    assert grad is not None and layer.gradients is not None
+                    correction = layer.gradients.combine(weights[slot]).to(grad.dtype)
+                    layers.set_grad_matrix(layer.module, (grad - correction) / damping)
+            built_names = {layer.name for layer in self._built}
+            for layer in self._layers:
+                if layer.name not in built_names:
+                    self._divide(layer.module.parameters(recurse=False), damping)
+            self._divide(self._other_params, damping)
+        self.steps += 1
+
+    @staticmethod
+    def _divide(params: Any, damping: float) -> None:
+        for param in params:
+            if param.grad is not None:
+                param.grad.div_(1.0 + damping)
+
+    # -- state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "built_damping": self._built_damping,
+            "inverses": self._inverses,
+            "built": [layer.name for layer in self._built],
+            "gradients": {layer.name: layer.gradients.tensors() for layer in self._built if layer.gradients is not None},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state saved by :meth:`state_dict`, tensors moved to each layer's device."""
+        by_name = {layer.name: layer for layer in self._layers}
+        unknown = [name for name in state["built"] if name not in by_name]
+        if unknown:
+            raise ValueError(f"SENG state has layers {unknown} that this model does not have")
+        self.steps = int(state["steps"])
+        self._built_damping = state["built_damping"]
+        self._built = [by_name[name] for name in state["built"]]
+        for layer in self._layers:
+            layer.gradients, layer.pieces = None, []
+        for layer in self._built:
+            device = layer.module.weight.device
+            tensors = {key: None if value is None else value.to(device) for key, value in state["gradients"][layer.name].items()}
+            d_a, d_g = layers.factor_dims(layer.module)
+            layer.gradients = from_tensors(tensors, (d_g, d_a))
+        inverses = state["inverses"]
+        self._inverses = None if inverses is None else inverses.to(self._layers[0].module.weight.device)
+
+    def remove(self) -> None:
+        """Remove the hooks; the model is left as it was before construction."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
