@@ -1,0 +1,80 @@
+"""Time per optimizer step on a preset's model, every optimizer side by side, over whole cycles.
+
+Every optimizer does periodic work (K-FAC: factors every 10 steps, decompositions every 50;
+SENG: curvature rebuild every 200), so the honest per-step cost is the mean over a whole
+cycle. Each optimizer runs ``--steps`` steps (default 200, one SENG cycle, four K-FAC ones)
+on real Fashion-MNIST batches of the preset's size, in chunks of ``--chunk`` steps
+interleaved round-robin across optimizers so that machine drift touches all alike.
+Reported: mean seconds per step (forward, backward and optimizer step; data indexing
+excluded) and the ratio to SGD in the same run, for each width scale asked for.
+
+    python benchmarks/step_time.py --preset fashion-cnn --optimizers sgd,sre-kfac,seng --width-scales 1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from rkfac.experiments.datasets import load_dataset
+from rkfac.experiments.models import build_model
+from rkfac.experiments.optimizers import build_optimizer
+from rkfac.experiments.presets import resolve_config
+
+
+def measure(preset: str, optimizers: list[str], width_scale: float, steps: int, chunk: int) -> dict[str, float]:
+    data = load_dataset("fashion-mnist")
+    runs = {}
+    for name in optimizers:
+        config = resolve_config(name, preset, {"width_scale": width_scale})
+        torch.manual_seed(0)
+        model = build_model(config.model, data.input_shape, data.num_classes, width_scale=width_scale, widths=config.widths)
+        steps_per_epoch = len(data.train_images) // config.batch_size
+        runs[name] = {"model": model, "optimizer": build_optimizer(config, model, steps_per_epoch), "seconds": 0.0, "done": 0}
+    batch = resolve_config(optimizers[0], preset).batch_size
+    while any(run["done"] < steps for run in runs.values()):
+        for run in runs.values():
+            for _ in range(min(chunk, steps - run["done"])):
+                first = run["done"] * batch % (len(data.train_images) - batch)
+                images, labels = data.train_images[first : first + batch], data.train_labels[first : first + batch]
+                start = time.perf_counter()
+                run["optimizer"].zero_grad(set_to_none=True)
+                F.cross_entropy(run["model"](images), labels).backward()
+                run["optimizer"].step()
+                run["seconds"] += time.perf_counter() - start
+                run["done"] += 1
+    return {name: run["seconds"] / run["done"] for name, run in runs.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="fashion-cnn")
+    parser.add_argument("--optimizers", default="sgd,adam,kfac,rs-kfac,sre-kfac,seng")
+    parser.add_argument("--width-scales", default="1")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--chunk", type=int, default=25)
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    optimizers = args.optimizers.split(",")
+    results = {}
+    print(f"{args.preset}, {args.steps} steps per optimizer, chunks of {args.chunk} interleaved, torch threads {torch.get_num_threads()}")
+    print("| width scale | optimizer | ms/step | × SGD |")
+    print("|---|---|---|---|")
+    for scale in [float(s) for s in args.width_scales.split(",")]:
+        seconds = measure(args.preset, optimizers, scale, args.steps, args.chunk)
+        results[scale] = seconds
+        base = seconds.get("sgd")
+        for name, value in seconds.items():
+            ratio = f"{value / base:.2f}" if base else "—"
+            print(f"| {scale:g} | {name} | {1000 * value:.1f} | {ratio} |", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
