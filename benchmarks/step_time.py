@@ -62,7 +62,8 @@ def main() -> None:
     args = parser.parse_args()
     optimizers = args.optimizers.split(",")
     results = {}
-    print(f"{args.preset}, {args.steps} steps per optimizer, chunks of {args.chunk} interleaved, torch threads {torch.get_num_threads()}")
+    threads = torch.get_num_threads()
+    print(f"{args.preset}, {args.steps} steps per optimizer, chunks of {args.chunk} interleaved, torch threads {threads}")
     print("| width scale | optimizer | ms/step | × SGD |")
     print("|---|---|---|---|")
     for scale in [float(s) for s in args.width_scales.split(",")]:
