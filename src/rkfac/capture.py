@@ -3,8 +3,25 @@
 A forward hook on each preconditioned layer adds ``aᵀa`` of the layer input to a running sum
 and registers a hook on the output tensor that adds ``gᵀg`` of its gradient when the backward
 pass reaches it. Sums (not averages) are kept so that several forward/backward passes before
-one optimizer step (gradient accumulation, or a layer called twice) combine into the
-statistics of the concatenated batch.
+one optimizer step (gradient accumulation) combine into the statistics of the concatenated
+batch.
+
+A layer called several times in one forward (weight sharing, e.g. ``y = fc(fc(x))``) adds
+the rows of every call to both sums, and its samples n count once: the calls are treated
+like the positions of a convolution (KFC), or the time steps of K-FAC for RNNs (Martens,
+Ba & Ando 2018, uses assumed independent), which is "K-FAC-expand" of Eschenhagen et al.
+(2023). With the scaling of :mod:`rkfac.layers`, for T calls on n samples (N rows a call),
+
+    S_A = Σ_{calls, rows} a aᵀ / (T N),    S_G = n Σ_{calls, rows} g gᵀ   (mean loss),
+
+exactly the statistics of one call on the n samples with the T uses as extra positions.
+Counting the n samples once per call instead (as for micro-batches) would make S_G T times
+larger with a mean loss and T times smaller with a sum loss, so the two reductions would no
+longer agree. Calls "in one forward" are the layer calls made while the model given as
+``root`` runs its forward: a forward pre-hook on the model starts a new sample group, and
+every layer call inside it belongs to that group. Each micro-batch of gradient accumulation
+is its own model call, so its samples add up as before; a layer called directly, outside
+the model (or with no ``root``), is a group of its own.
 
 Why a hook on the output tensor rather than ``register_full_backward_hook``: the full backward
 hook wraps the output in a custom autograd function, which breaks a following in-place
@@ -45,7 +62,7 @@ class StatisticSums:
     input_sum: Tensor | None
     input_rows: int
     grad_sum: Tensor | None
-    grad_samples: int
+    _samples_by_group: dict[int, int]
 
     def __init__(self) -> None:
         self.clear()
@@ -55,10 +72,16 @@ class StatisticSums:
         self.input_sum = gram if self.input_sum is None else self.input_sum.add_(gram)
         self.input_rows += rows.shape[0]
 
-    def add_output_grads(self, rows: Tensor, samples: int) -> None:
+    def add_output_grads(self, rows: Tensor, samples: int, group: int) -> None:
+        """Add the rows of one call; ``samples`` count once per sample ``group`` (one model call)."""
         gram = _gram(rows)
         self.grad_sum = gram if self.grad_sum is None else self.grad_sum.add_(gram)
-        self.grad_samples += samples
+        self._samples_by_group[group] = samples
+
+    @property
+    def grad_samples(self) -> int:
+        """n of the G scaling: the samples of every model call whose gradients were added."""
+        return sum(self._samples_by_group.values())
 
     @property
     def has_inputs(self) -> bool:
@@ -78,7 +101,7 @@ class StatisticSums:
 
     def clear(self) -> None:
         self.input_sum, self.input_rows = None, 0
-        self.grad_sum, self.grad_samples = None, 0
+        self.grad_sum, self._samples_by_group = None, {}
 
 
 class StatisticsCapture:
@@ -87,18 +110,45 @@ class StatisticsCapture:
     ``should_capture()`` is asked at every forward of a layer in training mode with grad
     enabled. ``capture_output_grads`` is read when the backward reaches a layer: the
     preconditioner clears it in "mc" mode so that the user's own backward adds nothing to G.
+    ``root``, the model that holds the layers, delimits the sample groups of weight sharing
+    (see the module docstring).
     """
 
     def __init__(
-        self, modules: dict[str, SupportedLayer], should_capture: Callable[[], bool], timer: PhaseTimer | None = None
+        self,
+        modules: dict[str, SupportedLayer],
+        should_capture: Callable[[], bool],
+        timer: PhaseTimer | None = None,
+        root: nn.Module | None = None,
     ) -> None:
         self.sums = {name: StatisticSums() for name in modules}
         self.timer = timer
         self.should_capture = should_capture
         self.capture_output_grads = True
+        self._group = 0  # the current sample group
+        self._model_depth = 0  # > 0 while the root model's forward runs
         self._handles: list[RemovableHandle] = [
             module.register_forward_hook(self._forward_hook(name)) for name, module in modules.items()
         ]
+        if root is not None:
+            self._handles += [
+                root.register_forward_pre_hook(self._enter_model),
+                root.register_forward_hook(self._leave_model, always_call=True),
+            ]
+
+    def _enter_model(self, module: nn.Module, inputs: tuple[Tensor, ...]) -> None:
+        if self._model_depth == 0:
+            self._group += 1
+        self._model_depth += 1
+
+    def _leave_model(self, module: nn.Module, inputs: tuple[Tensor, ...], output: object) -> None:
+        self._model_depth -= 1
+
+    def _sample_group(self) -> int:
+        """The group of a layer call: the running model call, or a new group outside one."""
+        if self._model_depth == 0:
+            self._group += 1
+        return self._group
 
     def _forward_hook(self, name: str) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
         sums = self.sums[name]
@@ -113,17 +163,17 @@ class StatisticsCapture:
             with torch.no_grad(), maybe_phase(self.timer, "statistics"):
                 sums.add_inputs(layers.input_rows(layer, x).to(dtype))
             if output.requires_grad:
-                output.register_hook(self._output_grad_hook(layer, sums, samples, dtype))
+                output.register_hook(self._output_grad_hook(layer, sums, samples, self._sample_group(), dtype))
 
         return hook
 
     def _output_grad_hook(
-        self, layer: SupportedLayer, sums: StatisticSums, samples: int, dtype: torch.dtype
+        self, layer: SupportedLayer, sums: StatisticSums, samples: int, group: int, dtype: torch.dtype
     ) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
             if self.capture_output_grads:
                 with torch.no_grad(), maybe_phase(self.timer, "statistics"):
-                    sums.add_output_grads(layers.output_grad_rows(layer, grad.detach()).to(dtype), samples)
+                    sums.add_output_grads(layers.output_grad_rows(layer, grad.detach()).to(dtype), samples, group)
 
         return hook
 

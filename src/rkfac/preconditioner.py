@@ -17,13 +17,31 @@ their plain gradient; so does a preconditioned layer before its first statistics
 
 Statistics are captured only on factor steps, in training mode, with grad enabled (see
 :mod:`rkfac.capture` and, for the scaling, :mod:`rkfac.layers`).
+
+Non-finite numbers (see :mod:`rkfac.health`). A NaN or Inf would stay in the running factors
+for good, so each step checks, with one host sync, every captured statistic and every
+gradient of a preconditioned layer:
+
+- a layer whose S_A or S_G is not finite skips that factor update (F_A and F_G keep their
+  previous values, as if the step had not been a factor step for that layer);
+- a layer whose gradient is not finite is not preconditioned: its ``.grad`` is left as the
+  backward wrote it, so the caller's own divergence check sees the NaN, and it takes no part
+  in the "kl" clip of the other layers;
+- a decomposition that raises ``torch.linalg.LinAlgError`` or returns a non-finite value is
+  retried once in float64; if that fails too, the last good decomposition stays in use (a
+  layer with none yet keeps its plain gradient and is decomposed again on the next step).
+
+Each case is counted in :attr:`KFACPreconditioner.health`; the first one also issues a
+``RuntimeWarning`` (once per preconditioner, so that a long run does not flood the log).
 """
 
 from __future__ import annotations
 
 import fnmatch
+import functools
+import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -34,6 +52,7 @@ from rkfac.capture import StatisticsCapture, StatisticSums
 from rkfac.clipping import CLIP_MODES, clip_directions
 from rkfac.damping import DAMPING_MODES, factor_dampings
 from rkfac.decompositions import Decomposition, SymmetricRandomizedEVD
+from rkfac.health import Health, all_finite, decompose_with_retry
 from rkfac.lowrank import Eigenpairs, kronecker_solve
 from rkfac.mc_fisher import MC_LOSSES, sampled_loss
 from rkfac.schedules import (
@@ -149,9 +168,11 @@ class KFACPreconditioner:
                 + (f" after skip={skip_rules!r}" if skip_rules else "")
             )
         self._layers = [_Layer(name, index, module) for index, (name, module) in enumerate(selected.items())]
-        self._capture = StatisticsCapture(selected, self._is_factor_step, timer)
+        self._capture = StatisticsCapture(selected, self._is_factor_step, timer, root=model)
         self._capture.capture_output_grads = self.fisher == "empirical"
         self._mc_generator: torch.Generator | None = None
+        self._health = Health()
+        self._warned = False
 
     # ------------------------------------------------------------------ public API
 
@@ -160,16 +181,23 @@ class KFACPreconditioner:
         """Qualified names of the preconditioned layers, in model order."""
         return [layer.name for layer in self._layers]
 
+    @property
+    def health(self) -> Health:
+        """A snapshot of the counts of skipped statistics, gradients and decompositions."""
+        return replace(self._health)
+
     def step(self) -> None:
         """Precondition the current gradients in place (see the module docstring)."""
         step = self.steps
         self._check_mc_statistics()
         with torch.no_grad():
             with maybe_phase(self.timer, "decomposition"):
-                self._update_factors()
+                statistics = self._take_statistics()
+                faults = self._find_non_finite(statistics, step)
+                self._update_factors(statistics, faults)
                 self._decompose(step)
             with maybe_phase(self.timer, "precondition"):
-                self._precondition(step)
+                self._precondition(step, faults)
         self.steps += 1
 
     def sample_fisher(self, outputs: Tensor) -> None:
@@ -206,10 +234,10 @@ class KFACPreconditioner:
 
     def eigenpairs(self) -> dict[str, tuple[Eigenpairs, Eigenpairs]]:
         """The decompositions in use, ``{layer_name: (A pairs, G pairs)}``."""
-        return {layer.name: (layer.eigen["A"], layer.eigen["G"]) for layer in self._layers if layer.eigen}
+        return {layer.name: (layer.eigen["A"], layer.eigen["G"]) for layer in self._layers if _complete(layer.eigen)}
 
     def state_dict(self) -> dict[str, Any]:
-        """The step, the factors and the current decompositions (and the label sampler)."""
+        """The step, the factors, the current decompositions, the health counts (and the label sampler)."""
         return {
             "steps": self.steps,
             "layers": {
@@ -220,6 +248,7 @@ class KFACPreconditioner:
                 for layer in self._layers
             },
             "mc_generator": None if self._mc_generator is None else self._mc_generator.get_state(),
+            "health": self._health.as_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -240,6 +269,7 @@ class KFACPreconditioner:
             layer.factors = factors
             layer.eigen = {key: _pairs_from_dict(pairs).to(device) for key, pairs in saved["eigen"].items()}
         self.steps = int(state["steps"])
+        self._health = Health.from_dict(state.get("health"))  # absent from older state dicts
         self._capture.clear()
         generator_state = state.get("mc_generator")
         if generator_state is not None:
@@ -267,37 +297,92 @@ class KFACPreconditioner:
                 "call pre.sample_fisher(outputs) after the forward and before loss.backward()"
             )
 
-    def _update_factors(self) -> None:
-        """Fold the captured statistics into the exponential averages; clear the sums."""
-        decay = self.factor_decay
+    def _take_statistics(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """This step's (S_A, S_G) of every layer that captured both; clears the sums."""
+        statistics = {}
         for layer in self._layers:
             sums: StatisticSums = self._capture.sums[layer.name]
-            if not (sums.has_inputs and sums.has_output_grads):
+            if sums.has_inputs and sums.has_output_grads:
+                statistics[layer.name] = sums.averages(self.loss_reduction)
+        self._capture.clear()
+        return statistics
+
+    def _find_non_finite(self, statistics: dict[str, tuple[Tensor, Tensor]], step: int) -> dict[str, list[str]]:
+        """``{layer name: [what was not finite]}`` over this step's statistics and gradients.
+
+        One ``isfinite(t).all()`` per tensor, all read back together: one host sync per step.
+        """
+        checks: list[tuple[str, str, Tensor]] = []
+        for name, (s_a, s_g) in statistics.items():
+            checks += [(name, "A statistic", s_a), (name, "G statistic", s_g)]
+        for layer in self._layers:
+            for param in (layer.module.weight, layer.module.bias):
+                if param is not None and param.grad is not None:
+                    checks.append((layer.name, "gradient", param.grad))
+        faults: dict[str, list[str]] = {}
+        for (name, what, _), finite in zip(checks, all_finite([tensor for _, _, tensor in checks]), strict=True):
+            if not finite and what not in faults.get(name, []):
+                faults.setdefault(name, []).append(what)
+        for whats in faults.values():
+            self._health.skipped_statistics += int(_has_bad_statistic(whats))
+            self._health.skipped_gradients += int("gradient" in whats)
+        if faults:
+            name, whats = next(iter(faults.items()))
+            others = f" (and in {len(faults) - 1} more layers)" if len(faults) > 1 else ""
+            consequences = ["its factor update is skipped"] if _has_bad_statistic(whats) else []
+            consequences += ["its gradient is left unpreconditioned"] if "gradient" in whats else []
+            what = " and ".join(whats)
+            self._warn_once(f"non-finite {what} in layer {name!r} at step {step}{others}: {', '.join(consequences)}")
+        return faults
+
+    def _update_factors(self, statistics: dict[str, tuple[Tensor, Tensor]], faults: dict[str, list[str]]) -> None:
+        """Fold the finite statistics into the exponential averages."""
+        decay = self.factor_decay
+        for layer in self._layers:
+            if layer.name not in statistics or _has_bad_statistic(faults.get(layer.name, [])):
                 continue
-            for key, statistic in zip(FACTORS, sums.averages(self.loss_reduction), strict=True):
+            for key, statistic in zip(FACTORS, statistics[layer.name], strict=True):
                 if key in layer.factors:
                     layer.factors[key].mul_(decay).add_(statistic, alpha=1.0 - decay)
                 else:
                     layer.factors[key] = statistic
-        self._capture.clear()
 
     def _decompose(self, step: int) -> None:
+        """Decompose on scheduled steps, and any factor that has no decomposition yet."""
         scheduled = step % at_step_int(self.inverse_every, step, "inverse_every", low=1) == 0
         for layer in self._layers:
-            if not layer.factors or (layer.eigen and not scheduled):
-                continue
             for factor_index, key in enumerate(FACTORS):
+                if key not in layer.factors or (key in layer.eigen and not scheduled):
+                    continue
                 factor = layer.factors[key]
-                generator = keyed_generator(factor.device, self.seed, "sketch", layer.index, factor_index, step)
-                layer.eigen[key] = self.decomposition.decompose(factor, generator, step)
+                generator = functools.partial(
+                    keyed_generator, factor.device, self.seed, "sketch", layer.index, factor_index, step
+                )
+                pairs, retried = decompose_with_retry(self.decomposition, factor, generator, step)
+                self._health.float64_retries += int(retried)
+                if pairs is not None:
+                    layer.eigen[key] = pairs
+                    continue
+                self._health.failed_decompositions += 1
+                kept = "the last good one stays in use" if key in layer.eigen else "the layer keeps its plain gradient"
+                self._warn_once(f"decomposition of factor {key} of layer {layer.name!r} failed at step {step}: {kept}")
 
-    def _precondition(self, step: int) -> None:
+    def _warn_once(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(
+                f"{message}. Later faults are only counted, in KFACPreconditioner.health.", RuntimeWarning, stacklevel=4
+            )
+
+    def _precondition(self, step: int, faults: dict[str, list[str]]) -> None:
         damping = at_step_float(self.damping, step, "damping", low=0.0, low_inclusive=False)
         updated: list[tuple[_Layer, Tensor]] = []
         grads: list[Tensor] = []
         for layer in self._layers:
+            if not _complete(layer.eigen) or "gradient" in faults.get(layer.name, []):
+                continue
             grad = layers.grad_matrix(layer.module)
-            if grad is None or not layer.eigen:
+            if grad is None:
                 continue
             a_pairs, g_pairs = layer.eigen["A"], layer.eigen["G"]
             grad = grad.to(a_pairs.values.dtype)
@@ -334,6 +419,14 @@ def _skipped(name: str, module: nn.Module, rules: list[SkipRule]) -> bool:
         if isinstance(rule, type) and isinstance(module, rule):
             return True
     return False
+
+
+def _complete(eigen: dict[str, Eigenpairs]) -> bool:
+    return all(key in eigen for key in FACTORS)
+
+
+def _has_bad_statistic(whats: list[str]) -> bool:
+    return any(what != "gradient" for what in whats)
 
 
 def _pairs_to_dict(pairs: Eigenpairs) -> dict[str, Any]:

@@ -1,0 +1,269 @@
+"""Faults the preconditioner must survive: non-finite statistics and gradients, failing
+decompositions, and a layer used twice in one forward. Each test plants the fault."""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import rkfac
+from rkfac.decompositions import ExactEigh
+from rkfac.health import Health
+
+DTYPE = torch.float64
+LAYERS = ["0", "2", "4"]
+
+
+def mlp(dtype: torch.dtype = DTYPE) -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 4)).to(dtype)
+
+
+def batch(seed: int, dtype: torch.dtype = DTYPE, n: int = 16) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=generator, dtype=dtype), torch.randint(0, 4, (n,), generator=generator)
+
+
+def backward(model: nn.Module, x: Tensor, y: Tensor) -> None:
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+
+
+def grad_matrices(model: nn.Module) -> dict[str, Tensor]:
+    return {
+        name: torch.cat([m.weight.grad, m.bias.grad[:, None]], dim=1).clone()
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear)
+    }
+
+
+def preconditioner(model: nn.Module, **options) -> rkfac.KFACPreconditioner:
+    settings = {"decomposition": ExactEigh(), "factor_every": 1, "inverse_every": 1, "clip": None} | options
+    return rkfac.KFACPreconditioner(model, **settings)
+
+
+def runtime_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
+    return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+
+def dense_direction(a: Tensor, g: Tensor, grad: Tensor, damping: float) -> Tensor:
+    """(G + λ_G I)⁻¹ ∇W (A + λ_A I)⁻¹ with relative damping, by dense float64 solves."""
+    a, g, grad = a.double(), g.double(), grad.double()
+    lam_a, lam_g = damping * float(torch.linalg.eigvalsh(a)[-1]), damping * float(torch.linalg.eigvalsh(g)[-1])
+    left = torch.linalg.solve(g + lam_g * torch.eye(g.shape[0], dtype=DTYPE), grad)
+    return torch.linalg.solve(a + lam_a * torch.eye(a.shape[0], dtype=DTYPE), left.T).T
+
+
+def test_nan_in_an_input_skips_the_factor_update_and_warns_once() -> None:
+    model, reference = mlp(), mlp()
+    pre, pre_reference = preconditioner(model), preconditioner(reference)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for seed in range(5):
+            x, y = batch(seed)
+            if seed in (1, 3):
+                x[2, 1] = float("nan")  # one entry of one sample
+            backward(model, x, y)
+            pre.step()
+            if seed in (1, 3):
+                assert all(torch.isnan(grad).any() for grad in grad_matrices(model).values())  # left for the user to see
+            else:
+                backward(reference, x, y)
+                pre_reference.step()
+
+    messages = runtime_warnings(caught)
+    assert len(messages) == 1, messages
+    assert "non-finite A statistic" in messages[0] and "layer '0'" in messages[0] and "step 1" in messages[0]
+    assert pre.health == Health(skipped_statistics=6, skipped_gradients=6)
+    for name, (a, g) in pre_reference.factors().items():
+        torch.testing.assert_close(pre.factors()[name][0], a, rtol=0, atol=0)
+        torch.testing.assert_close(pre.factors()[name][1], g, rtol=0, atol=0)
+        assert all(torch.isfinite(pairs.vectors).all() for pairs in pre.eigenpairs()[name])
+
+
+def test_nan_in_a_gradient_leaves_that_layer_unpreconditioned() -> None:
+    model, reference = mlp(), mlp()
+    pre, pre_reference = preconditioner(model, clip="rms"), preconditioner(reference, clip="rms")
+    x, y = batch(0)
+    backward(reference, x, y)
+    pre_reference.step()
+    backward(model, x, y)
+    model[2].weight.grad[3, 4] = float("inf")
+    planted = grad_matrices(model)["2"]
+    with pytest.warns(RuntimeWarning, match=r"non-finite gradient in layer '2' at step 0"):
+        pre.step()
+
+    after, expected = grad_matrices(model), grad_matrices(reference)
+    torch.testing.assert_close(after["2"], planted, rtol=0, atol=0)
+    for name in ("0", "4"):
+        torch.testing.assert_close(after[name], expected[name], rtol=0, atol=0)
+    for name, (a, g) in pre_reference.factors().items():  # the statistics were finite: factors updated
+        torch.testing.assert_close(pre.factors()[name][0], a, rtol=0, atol=0)
+        torch.testing.assert_close(pre.factors()[name][1], g, rtol=0, atol=0)
+    assert pre.health == Health(skipped_gradients=1)
+
+
+def planted_failure(monkeypatch: pytest.MonkeyPatch, fails: str, kind: str) -> list[torch.dtype]:
+    """Make ExactEigh fail on float32 factors (``fails="float32"``) or on all (``"all"``).
+
+    ``kind`` is "raise" (LinAlgError) or "nan" (a NaN eigenvalue). Returns the list of the
+    dtypes of the factors the patched method was asked to decompose.
+    """
+    original = ExactEigh._top
+    calls: list[torch.dtype] = []
+
+    def top(self: ExactEigh, factor: Tensor, keep: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        calls.append(factor.dtype)
+        values, vectors = original(self, factor, keep, generator)
+        if fails == "all" or factor.dtype == torch.float32:
+            if kind == "raise":
+                raise torch.linalg.LinAlgError("planted failure")
+            values = values.clone()
+            values[-1] = float("nan")
+        return values, vectors
+
+    monkeypatch.setattr(ExactEigh, "_top", top)
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["raise", "nan"])
+def test_failed_float32_decomposition_is_retried_in_float64(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
+    model, reference = mlp(torch.float32), mlp(torch.float32)
+    pre, pre_reference = preconditioner(model), preconditioner(reference)
+    x, y = batch(0, torch.float32)
+    backward(reference, x, y)
+    pre_reference.step()
+
+    calls = planted_failure(monkeypatch, "float32", kind)
+    backward(model, x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a recovered failure is counted, not warned about
+        pre.step()
+
+    assert calls == [torch.float32, torch.float64] * 6
+    assert pre.health == Health(float64_retries=6)
+    for name, (a_pairs, g_pairs) in pre_reference.eigenpairs().items():
+        for pairs, expected in zip(pre.eigenpairs()[name], (a_pairs, g_pairs)):
+            assert pairs.values.dtype == pairs.vectors.dtype == torch.float32
+            torch.testing.assert_close(pairs.values, expected.values, rtol=1e-4, atol=1e-6)
+    for name, grad in grad_matrices(reference).items():
+        torch.testing.assert_close(grad_matrices(model)[name], grad, rtol=1e-3, atol=1e-5)
+
+
+def test_failed_decomposition_keeps_the_last_good_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = mlp(torch.float32)
+    pre = preconditioner(model)
+    backward(model, *batch(0, torch.float32))
+    pre.step()
+    good = pre.eigenpairs()
+    factors_before = {name: a.clone() for name, (a, _) in pre.factors().items()}
+
+    planted_failure(monkeypatch, "all", "raise")
+    backward(model, *batch(1, torch.float32))
+    grads = grad_matrices(model)
+    with pytest.warns(RuntimeWarning, match=r"decomposition of factor A of layer '0' failed at step 1: the last good one"):
+        pre.step()
+
+    assert pre.health == Health(float64_retries=6, failed_decompositions=6)
+    after = grad_matrices(model)
+    for name, (a_pairs, g_pairs) in good.items():
+        assert pre.eigenpairs()[name][0] is a_pairs and pre.eigenpairs()[name][1] is g_pairs
+        assert not torch.equal(pre.factors()[name][0], factors_before[name])  # the factors moved on
+        expected = dense_direction(a_pairs.dense(), g_pairs.dense(), grads[name], damping=0.1)
+        torch.testing.assert_close(after[name].double(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
+        a, g = pre.factors()[name]
+        from_new_factors = dense_direction(a, g, grads[name], damping=0.1)
+        assert (from_new_factors - expected).abs().max() > 1e-2 * expected.abs().max()
+
+
+def test_layer_without_any_good_decomposition_keeps_its_plain_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = mlp()
+    pre = preconditioner(model, inverse_every=50)
+    planted_failure(monkeypatch, "all", "raise")
+    backward(model, *batch(0))
+    plain = grad_matrices(model)
+    with pytest.warns(RuntimeWarning, match="the layer keeps its plain gradient"):
+        pre.step()
+    for name, grad in grad_matrices(model).items():
+        torch.testing.assert_close(grad, plain[name], rtol=0, atol=0)
+    assert pre.eigenpairs() == {}
+    assert pre.health == Health(failed_decompositions=6)  # float64 factors: no retry
+
+    monkeypatch.undo()
+    backward(model, *batch(1))
+    pre.step()  # step 1 is no inverse step, but factors without a decomposition are decomposed
+    assert sorted(pre.eigenpairs()) == LAYERS
+
+
+def test_health_counts_round_trip_through_state_dict() -> None:
+    model = mlp()
+    pre = preconditioner(model)
+    x, y = batch(0)
+    x[0, 0] = float("nan")
+    backward(model, x, y)
+    with pytest.warns(RuntimeWarning):
+        pre.step()
+    backward(model, *batch(1))
+    pre.step()
+    assert pre.health.skipped_statistics == 3
+
+    buffer = io.BytesIO()
+    torch.save(pre.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    fresh = preconditioner(mlp())
+    fresh.load_state_dict(state)
+    assert fresh.health == pre.health
+    assert fresh.health is not pre.health
+
+    del state["health"]  # a state dict from before the counters existed
+    older = preconditioner(mlp())
+    older.load_state_dict(state)
+    assert older.health == Health()
+    assert older.steps == 2
+
+
+class SharedLayer(nn.Module):
+    """``out(tanh(fc(tanh(fc(x)))))``: ``fc`` is called twice in one forward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(3)
+        self.fc = nn.Linear(5, 5).to(DTYPE)
+        self.out = nn.Linear(5, 3).to(DTYPE)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(torch.tanh(self.fc(torch.tanh(self.fc(x)))))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_layer_used_twice_sums_both_calls_as_rows_of_the_same_samples(reduction: str) -> None:
+    model = SharedLayer()
+    pre = preconditioner(model, loss_reduction=reduction)
+    calls: list[tuple[Tensor, Tensor]] = []
+
+    def record(_module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        output.retain_grad()
+        calls.append((inputs[0].detach(), output))
+
+    handle = model.fc.register_forward_hook(record)
+    n = 7
+    x, y = torch.randn(n, 5, dtype=DTYPE), torch.randint(0, 3, (n,))
+    F.cross_entropy(model(x), y, reduction=reduction).backward()
+    handle.remove()
+    pre.step()
+
+    assert len(calls) == 2
+    rows_a = torch.cat([torch.cat([inputs, torch.ones(n, 1, dtype=DTYPE)], dim=1) for inputs, _ in calls])
+    rows_g = torch.cat([output.grad for _, output in calls])
+    expected_a = rows_a.T @ rows_a / (2 * n)
+    scale = n if reduction == "mean" else 1.0 / n  # n counts the samples once, not once per call
+    expected_g = scale * rows_g.T @ rows_g
+    a, g = pre.factors()["fc"]
+    torch.testing.assert_close(a, expected_a)
+    torch.testing.assert_close(g, expected_g)
