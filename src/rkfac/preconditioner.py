@@ -33,6 +33,17 @@ gradient of a preconditioned layer:
 
 Each case is counted in :attr:`KFACPreconditioner.health`; the first one also issues a
 ``RuntimeWarning`` (once per preconditioner, so that a long run does not flood the log).
+
+Data parallel (torch.distributed initialised before construction, any world size; the model
+may be wrapped in DistributedDataParallel, which averages the gradients). On factor steps the
+batch statistics of every layer are averaged across ranks in one all-reduce, so every rank
+holds the global-batch factors. On inverse steps the decompositions are split across ranks
+by :func:`rkfac.assignment.assign_longest_first` over the decomposition's cost model; each
+owner decomposes (sketch keyed by seed, layer, factor and step, as in one process) and
+broadcasts the low-rank pair, d·k + k numbers (:mod:`rkfac.communication`). Every rank then
+preconditions every layer with the same numbers, so parameters stay identical. Without a
+process group (or with one of size 1) none of this runs. Health counts of decompositions are
+kept by the owning rank.
 """
 
 from __future__ import annotations
@@ -48,8 +59,10 @@ import torch
 from torch import Tensor, nn
 
 from rkfac import layers
+from rkfac.assignment import assign_longest_first
 from rkfac.capture import StatisticsCapture, StatisticSums
 from rkfac.clipping import CLIP_MODES, clip_directions
+from rkfac.communication import Communicator, TrafficCounter
 from rkfac.damping import DAMPING_MODES, factor_dampings
 from rkfac.decompositions import Decomposition, SymmetricRandomizedEVD
 from rkfac.health import Health, all_finite, decompose_with_retry
@@ -109,6 +122,9 @@ class KFACPreconditioner:
             scale of G (see :mod:`rkfac.layers`).
         skip: layers left alone: glob patterns on qualified module names, or module types.
         seed: seeds every sketch and every sampled label.
+        process_group: the torch.distributed group to average statistics and share
+            decompositions over (default: the world group when torch.distributed is
+            initialised; nothing is communicated otherwise).
         timer: optional :class:`rkfac.timing.PhaseTimer` that accumulates the seconds spent in
             statistics, decomposition and preconditioning.
     """
@@ -131,6 +147,7 @@ class KFACPreconditioner:
         loss_reduction: str = "mean",
         skip: Iterable[SkipRule] = (),
         seed: int = 0,
+        process_group: torch.distributed.ProcessGroup | None = None,
         timer: PhaseTimer | None = None,
     ) -> None:
         if decomposition is None:
@@ -156,6 +173,9 @@ class KFACPreconditioner:
         self.steps = 0
         self.timer = timer
 
+        self._comm = Communicator(process_group)
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module  # layer names as in the unwrapped model, so checkpoints match
         skip_rules = _check_skip_rules(skip)
         selected: dict[str, layers.SupportedLayer] = {
             name: module
@@ -180,6 +200,11 @@ class KFACPreconditioner:
     def layer_names(self) -> list[str]:
         """Qualified names of the preconditioned layers, in model order."""
         return [layer.name for layer in self._layers]
+
+    @property
+    def traffic(self) -> TrafficCounter:
+        """Bytes this rank has put into collectives (zero in a single process)."""
+        return self._comm.traffic
 
     @property
     def health(self) -> Health:
@@ -305,6 +330,9 @@ class KFACPreconditioner:
             if sums.has_inputs and sums.has_output_grads:
                 statistics[layer.name] = sums.averages(self.loss_reduction)
         self._capture.clear()
+        if self._comm.active:
+            averaged = iter(self._comm.average_symmetric([s for pair in statistics.values() for s in pair]))
+            statistics = {name: (next(averaged), next(averaged)) for name in statistics}
         return statistics
 
     def _find_non_finite(self, statistics: dict[str, tuple[Tensor, Tensor]], step: int) -> dict[str, list[str]]:
@@ -348,24 +376,53 @@ class KFACPreconditioner:
                     layer.factors[key] = statistic
 
     def _decompose(self, step: int) -> None:
-        """Decompose on scheduled steps, and any factor that has no decomposition yet."""
+        """Decompose on scheduled steps, and any factor that has no decomposition yet.
+
+        In a process group each factor is decomposed by its owner only and shared.
+        """
         scheduled = step % at_step_int(self.inverse_every, step, "inverse_every", low=1) == 0
-        for layer in self._layers:
-            for factor_index, key in enumerate(FACTORS):
-                if key not in layer.factors or (key in layer.eigen and not scheduled):
-                    continue
-                factor = layer.factors[key]
-                generator = functools.partial(
-                    keyed_generator, factor.device, self.seed, "sketch", layer.index, factor_index, step
-                )
-                pairs, retried = decompose_with_retry(self.decomposition, factor, generator, step)
-                self._health.float64_retries += int(retried)
-                if pairs is not None:
-                    layer.eigen[key] = pairs
-                    continue
-                self._health.failed_decompositions += 1
-                kept = "the last good one stays in use" if key in layer.eigen else "the layer keeps its plain gradient"
-                self._warn_once(f"decomposition of factor {key} of layer {layer.name!r} failed at step {step}: {kept}")
+        jobs = [
+            (layer, factor_index, key)
+            for layer in self._layers
+            for factor_index, key in enumerate(FACTORS)
+            if key in layer.factors and (key not in layer.eigen or scheduled)
+        ]
+        if not jobs:
+            return
+        dims = [layer.factors[key].shape[0] for layer, _, key in jobs]
+        owners = [0] * len(jobs)
+        if self._comm.active:
+            costs = [self.decomposition.cost(dim, step) for dim in dims]
+            owners = assign_longest_first(costs, self._comm.world_size)
+        owned = {
+            job: self._decompose_factor(layer, factor_index, key, step)
+            for job, (layer, factor_index, key) in enumerate(jobs)
+            if owners[job] == self._comm.rank
+        }
+        if self._comm.active:
+            # An owner whose decomposition failed sends the last good pair, or an empty one.
+            for job, (layer, _, key) in enumerate(jobs):
+                if job in owned and owned[job] is None:
+                    owned[job] = layer.eigen.get(key, _empty_pairs(layer.factors[key]))
+            factor = jobs[0][0].factors[jobs[0][2]]
+            shared = self._comm.share_eigenpairs(owned, owners, dims, factor.dtype, factor.device)  # type: ignore[arg-type]
+            owned = {job: pairs if pairs.rank > 0 else None for job, pairs in enumerate(shared)}
+        for job, (layer, _, key) in enumerate(jobs):
+            pairs = owned[job]
+            if pairs is not None:
+                layer.eigen[key] = pairs
+
+    def _decompose_factor(self, layer: _Layer, factor_index: int, key: str, step: int) -> Eigenpairs | None:
+        """One factor's decomposition (retried in float64 if it fails), or None, counted."""
+        factor = layer.factors[key]
+        generator = functools.partial(keyed_generator, factor.device, self.seed, "sketch", layer.index, factor_index, step)
+        pairs, retried = decompose_with_retry(self.decomposition, factor, generator, step)
+        self._health.float64_retries += int(retried)
+        if pairs is None:
+            self._health.failed_decompositions += 1
+            kept = "the last good one stays in use" if key in layer.eigen else "the layer keeps its plain gradient"
+            self._warn_once(f"decomposition of factor {key} of layer {layer.name!r} failed at step {step}: {kept}")
+        return pairs
 
     def _warn_once(self, message: str) -> None:
         if not self._warned:
@@ -419,6 +476,12 @@ def _skipped(name: str, module: nn.Module, rules: list[SkipRule]) -> bool:
         if isinstance(rule, type) and isinstance(module, rule):
             return True
     return False
+
+
+def _empty_pairs(factor: Tensor) -> Eigenpairs:
+    """No eigenpairs: what an owner shares when a decomposition failed and none was good yet."""
+    nan = float("nan")
+    return Eigenpairs(factor.new_zeros(factor.shape[0], 0), factor.new_zeros(0), nan, nan)
 
 
 def _complete(eigen: dict[str, Eigenpairs]) -> bool:

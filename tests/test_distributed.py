@@ -1,0 +1,110 @@
+"""Data-parallel K-FAC on 2 gloo processes against one process over the concatenated batch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+import rkfac
+
+GLOBAL_BATCH = 12
+STEPS = 5
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 25, 16), nn.Tanh(), nn.Linear(16, 3)
+    ).double()
+
+
+DECOMPOSED: list[int] = []  # factor widths decomposed in this process
+
+
+class CountingEigh(rkfac.ExactEigh):
+    def decompose(self, factor, generator, step):  # type: ignore[no-untyped-def]
+        DECOMPOSED.append(factor.shape[0])
+        return super().decompose(factor, generator, step)
+
+
+class CountingSRE(rkfac.SymmetricRandomizedEVD):
+    def decompose(self, factor, generator, step):  # type: ignore[no-untyped-def]
+        DECOMPOSED.append(factor.shape[0])
+        return super().decompose(factor, generator, step)
+
+
+def make_decomposition(name: str) -> rkfac.Decomposition:
+    if name == "exact":
+        return CountingEigh()
+    return CountingSRE(rank=6, oversample=2, power_iters=2)
+
+
+def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
+    generator = torch.Generator().manual_seed(1)
+    return [
+        (
+            torch.randn(GLOBAL_BATCH, 2, 5, 5, generator=generator, dtype=torch.float64),
+            torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator),
+        )
+        for _ in range(STEPS)
+    ]
+
+
+def train(model: nn.Module, decomposition: str, rank: int, world_size: int) -> rkfac.KFAC:
+    optimizer = rkfac.KFAC(
+        model, lr=0.1, momentum=0.5, decomposition=make_decomposition(decomposition), factor_every=1, inverse_every=2
+    )
+    share = GLOBAL_BATCH // world_size
+    for x, y in batches():
+        optimizer.zero_grad()
+        part = slice(rank * share, (rank + 1) * share)
+        F.cross_entropy(model(x[part]), y[part]).backward()
+        optimizer.step()
+    return optimizer
+
+
+def _worker(rank: int, world_size: int, store: str, out: str, decomposition: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        model = nn.parallel.DistributedDataParallel(make_model())
+        optimizer = train(model, decomposition, rank, world_size)
+        params = [p.detach().clone() for p in model.module.parameters()]
+        result = {"params": params, "traffic": optimizer.preconditioner.traffic, "decomposed": DECOMPOSED}
+        torch.save(result, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("decomposition", ["exact", "sre"])
+def test_two_ranks_match_one_process_over_the_global_batch(tmp_path: Path, decomposition: str):
+    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path), decomposition), nprocs=2)
+    ranks = [torch.load(tmp_path / f"{rank}.pt", weights_only=False) for rank in range(2)]
+    for mine, theirs in zip(ranks[0]["params"], ranks[1]["params"], strict=True):
+        assert torch.equal(mine, theirs)  # identical on both ranks, bit for bit
+
+    # the work was split: each factor decomposed by one rank per round, the big one alone
+    decomposed = [sorted(result["decomposed"]) for result in ranks]
+    assert sorted(decomposed[0] + decomposed[1]) == sorted(3 * [19, 4, 101, 16, 17, 3])
+    assert all(decomposed) and (101 in decomposed[0]) != (101 in decomposed[1])
+
+    single = make_model()
+    single_optimizer = train(single, decomposition, rank=0, world_size=1)
+    for distributed, alone in zip(ranks[0]["params"], single.parameters(), strict=True):
+        torch.testing.assert_close(distributed, alone.detach(), rtol=1e-9, atol=1e-11)
+    assert single_optimizer.preconditioner.traffic.statistics_bytes == 0
+
+    # statistics: every factor's upper triangle, float64, on each of the 5 factor steps
+    dims = [2 * 9 + 1, 4, 100 + 1, 16, 16 + 1, 3]
+    assert ranks[0]["traffic"].statistics_bytes == STEPS * 8 * sum(d * (d + 1) // 2 for d in dims)
+    # decompositions: each pair (d·k + k + 2 float64 numbers, and its k as an int64) once per
+    # inverse round (steps 0, 2, 4), whoever owns it
+    keep = [d if decomposition == "exact" else min(6, d) for d in dims]
+    per_round = sum(8 * (d * k + k + 2) + 8 for d, k in zip(dims, keep, strict=True))
+    assert ranks[0]["traffic"].decomposition_bytes == ranks[1]["traffic"].decomposition_bytes == 3 * per_round
