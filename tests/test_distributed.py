@@ -56,10 +56,14 @@ def batches() -> list[tuple[torch.Tensor, torch.Tensor]]:
     ]
 
 
-def train(model: nn.Module, decomposition: str, rank: int, world_size: int) -> rkfac.KFAC:
-    optimizer = rkfac.KFAC(
-        model, lr=0.1, momentum=0.5, decomposition=make_decomposition(decomposition), factor_every=1, inverse_every=2
-    )
+def train(model: nn.Module, decomposition: str, rank: int, world_size: int) -> torch.optim.Optimizer:
+    optimizer: torch.optim.Optimizer
+    if decomposition == "seng":  # sketched (16·101 > 50): sampled columns and rank-2 conv maps
+        optimizer = rkfac.SENG(model, lr=0.1, update_freq=2, sketch_threshold=50, col_sample_size=5, sketch_rank=2)
+    else:
+        optimizer = rkfac.KFAC(
+            model, lr=0.1, momentum=0.5, decomposition=make_decomposition(decomposition), factor_every=1, inverse_every=2
+        )
     share = GLOBAL_BATCH // world_size
     for x, y in batches():
         optimizer.zero_grad()
@@ -76,19 +80,26 @@ def _worker(rank: int, world_size: int, store: str, out: str, decomposition: str
         model = nn.parallel.DistributedDataParallel(make_model())
         optimizer = train(model, decomposition, rank, world_size)
         params = [p.detach().clone() for p in model.module.parameters()]
-        result = {"params": params, "traffic": optimizer.preconditioner.traffic, "decomposed": DECOMPOSED}
+        result = {"params": params, "traffic": optimizer.preconditioner.traffic, "decomposed": DECOMPOSED}  # type: ignore[attr-defined]
         torch.save(result, f"{out}/{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("decomposition", ["exact", "sre"])
+@pytest.mark.parametrize("decomposition", ["exact", "sre", "seng"])
 def test_two_ranks_match_one_process_over_the_global_batch(tmp_path: Path, decomposition: str):
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path), decomposition), nprocs=2)
     ranks = [torch.load(tmp_path / f"{rank}.pt", weights_only=False) for rank in range(2)]
     for mine, theirs in zip(ranks[0]["params"], ranks[1]["params"], strict=True):
         assert torch.equal(mine, theirs)  # identical on both ranks, bit for bit
 
+    if decomposition == "seng":
+        single = make_model()
+        train(single, decomposition, rank=0, world_size=1)
+        for distributed, alone in zip(ranks[0]["params"], single.parameters(), strict=True):
+            torch.testing.assert_close(distributed, alone.detach(), rtol=1e-9, atol=1e-11)
+        assert ranks[0]["traffic"].statistics_bytes > 0
+        return
     # the work was split: each factor decomposed by one rank per round, the big one alone
     decomposed = [sorted(result["decomposed"]) for result in ranks]
     assert sorted(decomposed[0] + decomposed[1]) == sorted(3 * [19, 4, 101, 16, 17, 3])
@@ -98,7 +109,7 @@ def test_two_ranks_match_one_process_over_the_global_batch(tmp_path: Path, decom
     single_optimizer = train(single, decomposition, rank=0, world_size=1)
     for distributed, alone in zip(ranks[0]["params"], single.parameters(), strict=True):
         torch.testing.assert_close(distributed, alone.detach(), rtol=1e-9, atol=1e-11)
-    assert single_optimizer.preconditioner.traffic.statistics_bytes == 0
+    assert single_optimizer.preconditioner.traffic.statistics_bytes == 0  # type: ignore[attr-defined]
 
     # statistics: every factor's upper triangle, float64, on each of the 5 factor steps
     dims = [2 * 9 + 1, 4, 100 + 1, 16, 16 + 1, 3]

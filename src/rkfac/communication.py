@@ -11,6 +11,8 @@ Two collectives, both counted in bytes so that runs can report them:
   the pair is 17.8× smaller. Every rank, the owner included, then reads the pair back from
   the same buffer, so all ranks precondition with bitwise identical numbers.
 
+SENG instead gathers its per-sample gradients (:meth:`Communicator.gather_rows`) on rebuilds.
+
 Without an initialised process group (or with a group of size 1) every method is a local
 no-op: single-process code needs no change.
 """
@@ -74,6 +76,19 @@ class Communicator:
             out.append(unpack_upper(packed[start : start + size], matrix.shape[0]))
             start += size
         return out
+
+    def gather_rows(self, tensor: Tensor) -> Tensor:
+        """Every rank's ``tensor`` concatenated along dim 0, in rank order (equal shapes).
+
+        SENG gathers its per-sample gradients with this on curvature rebuilds, so that every
+        rank builds the same U from the global batch.
+        """
+        if not self.active:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
+        dist.all_gather(parts, tensor.contiguous(), group=self.group)
+        self.traffic.statistics_bytes += tensor.numel() * tensor.element_size()
+        return torch.cat(parts)
 
     def share_eigenpairs(
         self, owned: dict[int, Eigenpairs], owners: Sequence[int], dims: Sequence[int], dtype: torch.dtype, device: torch.device

@@ -31,6 +31,10 @@ Decisions (the issue is silent on them):
 - λ is read at each rebuild and used until the next one, for K⁻¹ and for the division.
 - With ``loss_reduction="mean"`` the per-sample gradient is n_pass × (the sample's share of the
   batch gradient), n_pass = that forward's batch size; with "sum" it is the share itself.
+- Data parallel (torch.distributed initialised; the model may be wrapped in
+  DistributedDataParallel, which averages the gradients): on rebuilds every rank gathers the
+  per-sample gradients of all ranks, so U, the column samples (keyed by seed, layer, step)
+  and K⁻¹ are those of the global batch and identical everywhere.
 - The n × n systems are stacked over layers and factorised together (Cholesky, float64), and
   the per-step product with K⁻¹ is one batched matmul.
 """
@@ -48,6 +52,7 @@ from torch.utils.hooks import RemovableHandle
 
 from rkfac import layers, per_sample
 from rkfac.capture import statistics_dtype
+from rkfac.communication import Communicator, TrafficCounter
 from rkfac.layers import SupportedLayer
 from rkfac.schedules import FloatSchedule, at_step_float, check_choice, check_float, check_int, float_schedule
 from rkfac.seeding import keyed_generator
@@ -100,6 +105,7 @@ class SENGPreconditioner:
         sketch_rank: int = 16,
         loss_reduction: str = "mean",
         seed: int = 0,
+        process_group: torch.distributed.ProcessGroup | None = None,
         timer: PhaseTimer | None = None,
     ) -> None:
         self.damping = float_schedule(damping, "damping", low=0.0, low_inclusive=False)
@@ -115,6 +121,9 @@ class SENGPreconditioner:
         self._inverses: Tensor | None = None  # (L, n, n): K⁻¹ for the layers in self._built
         self._built: list[_SENGLayer] = []
         self._layers: list[_SENGLayer] = []
+        self._comm = Communicator(process_group)
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module  # layer names as in the unwrapped model
         for index, (name, module) in enumerate(model.named_modules()):
             if layers.is_supported(module) and module.weight.requires_grad:
                 layer: SupportedLayer = module
@@ -131,6 +140,11 @@ class SENGPreconditioner:
     @property
     def layer_names(self) -> list[str]:
         return [layer.name for layer in self._layers]
+
+    @property
+    def traffic(self) -> TrafficCounter:
+        """Bytes this rank has put into collectives (zero in a single process)."""
+        return self._comm.traffic
 
     @property
     def rebuilds_now(self) -> bool:
@@ -170,10 +184,10 @@ class SENGPreconditioner:
         d_a, d_g = layers.factor_dims(layer.module)
         pieces = layer.pieces
         if any(piece.rows is not None for piece in pieces):
-            all_rows = torch.cat([piece.explicit_rows() for piece in pieces])
+            all_rows = self._comm.gather_rows(torch.cat([piece.explicit_rows() for piece in pieces]))
             return ExplicitGradients(all_rows / math.sqrt(all_rows.shape[0]), (d_g, d_a))
-        grad_columns = torch.cat([piece.grad_columns for piece in pieces])  # type: ignore[misc]
-        input_columns = torch.cat([piece.input_columns for piece in pieces])  # type: ignore[misc]
+        grad_columns = self._comm.gather_rows(torch.cat([piece.grad_columns for piece in pieces]))  # type: ignore[misc]
+        input_columns = self._comm.gather_rows(torch.cat([piece.input_columns for piece in pieces]))  # type: ignore[misc]
         grad_columns /= math.sqrt(grad_columns.shape[0])
         if not layer.sketched:
             return FactoredGradients(grad_columns, input_columns)

@@ -47,6 +47,7 @@ class SENG(torch.optim.Optimizer):
         seed: int = 0,
         *,
         loss_reduction: str = "mean",
+        process_group: torch.distributed.ProcessGroup | None = None,
         timer: PhaseTimer | None = None,
     ) -> None:
         given = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay}
@@ -63,6 +64,7 @@ class SENG(torch.optim.Optimizer):
             sketch_rank=sketch_rank,
             loss_reduction=loss_reduction,
             seed=seed,
+            process_group=process_group,
             timer=timer,
         )
 
