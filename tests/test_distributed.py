@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import rkfac
+from rkfac.experiments.cli import main
 
 GLOBAL_BATCH = 12
 STEPS = 5
@@ -119,3 +124,27 @@ def test_two_ranks_match_one_process_over_the_global_batch(tmp_path: Path, decom
     keep = [d if decomposition == "exact" else min(6, d) for d in dims]
     per_round = sum(8 * (d * k + k + 2) + 8 for d, k in zip(dims, keep, strict=True))
     assert ranks[0]["traffic"].decomposition_bytes == ranks[1]["traffic"].decomposition_bytes == 3 * per_round
+
+
+def test_the_command_under_torchrun_matches_one_process(tmp_path: Path):
+    common = [
+        "train", "--optimizer", "sre-kfac", "--dataset", "synthetic", "--synthetic-train", "64", "--synthetic-test", "32",
+        "--model", "mlp", "--widths", "24", "--batch-size", "16", "--epochs", "2", "--rank", "8", "--oversample", "2",
+        "--factor-every", "1", "--inverse-every", "2", "--quiet",
+    ]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "rkfac"]
+    subprocess.run([*run, *common, "--out", str(tmp_path / "two")], check=True, env=environment, timeout=300)
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+
+    two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["model"]
+    one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
+    for key, tensor in one.items():
+        torch.testing.assert_close(two[key], tensor, rtol=1e-4, atol=1e-5)
+    steps = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    steps = [record for record in steps if record["kind"] == "step"]
+    assert len(steps) == 8  # rank 0 alone wrote: one record per step
+    assert all(record["bytes"]["statistics"] > 0 and record["bytes"]["gradients"] > 0 for record in steps)
+    assert [record["bytes"]["decomposition"] > 0 for record in steps] == [step % 2 == 0 for step in range(8)]
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["bytes_per_inverse_step"] > 0

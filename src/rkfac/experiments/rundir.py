@@ -46,14 +46,21 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], object]) -> None:
 
 
 class RunDirectory:
-    def __init__(self, path: str | Path) -> None:
+    """A run's files. With ``writer=False`` (ranks other than 0 of a distributed run) every
+    write is skipped and only reads happen."""
+
+    def __init__(self, path: str | Path, *, writer: bool = True) -> None:
         self.path = Path(path)
+        self.writer = writer
 
     def create(self) -> RunDirectory:
-        self.path.mkdir(parents=True, exist_ok=True)
+        if self.writer:
+            self.path.mkdir(parents=True, exist_ok=True)
         return self
 
     def write_json(self, name: str, data: Any) -> None:
+        if not self.writer:
+            return
         text = json.dumps(data, indent=2, default=str).encode()
         atomic_write(self.path / name, lambda stream: stream.write(text))
 
@@ -61,6 +68,8 @@ class RunDirectory:
         return json.loads((self.path / name).read_text())
 
     def append_metrics(self, records: list[dict[str, Any]]) -> None:
+        if not self.writer:
+            return
         with open(self.path / "metrics.jsonl", "a") as stream:
             for record in records:
                 stream.write(json.dumps(record) + "\n")
@@ -78,13 +87,15 @@ class RunDirectory:
     def truncate_metrics(self, after_step: int) -> None:
         """Drop records past ``after_step`` (a resumed run rewrites what came after its checkpoint)."""
         path = self.path / "metrics.jsonl"
-        if not path.exists():
+        if not self.writer or not path.exists():
             return
         kept = [r for r in self.metrics() if r.get("step", -1) < after_step]
         text = "".join(json.dumps(r) + "\n" for r in kept).encode()
         atomic_write(path, lambda stream: stream.write(text))
 
     def save_checkpoint(self, state: dict[str, Any]) -> None:
+        if not self.writer:
+            return
         atomic_write(self.path / CHECKPOINT, lambda stream: torch.save(state, stream))
 
     def load_checkpoint(self) -> dict[str, Any]:

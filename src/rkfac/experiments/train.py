@@ -17,6 +17,11 @@ Reproducibility: the data order of epoch e is a permutation drawn from a generat
 randomness (dropout) from the global torch generator, whose state goes into each checkpoint.
 A resumed run therefore continues the uninterrupted trajectory exactly (bitwise on CPU).
 The last incomplete batch of an epoch is dropped, so every step sees ``batch_size`` samples.
+
+Under ``torchrun`` (see :mod:`rkfac.experiments.distributed`) each rank trains on its share of
+every global batch, the logged loss is the global batch's, rank 0 alone evaluates and writes,
+and each step records the bytes its collectives carried: factor statistics, decompositions
+(both from the preconditioner's counter) and the gradients DDP all-reduces.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from tqdm import tqdm
 
 from rkfac.experiments.config import KFAC_OPTIMIZERS, PRECONDITIONED, EpochSchedule, RunConfig, step_schedule
 from rkfac.experiments.datasets import ImageDataset, load_dataset
+from rkfac.experiments.distributed import mean_over_ranks, placement_from_environment, start
 from rkfac.experiments.models import build_model
 from rkfac.experiments.optimizers import build_optimizer
 from rkfac.experiments.rundir import RunDirectory, environment
@@ -61,6 +67,8 @@ class Progress:
     epoch_time: float = 0.0
     reached: dict[str, dict[str, float]] = field(default_factory=dict)
     phase_totals: dict[str, float] = field(default_factory=dict)
+    # bytes through collectives: statistics / decomposition totals and the steps that sent any
+    traffic: dict[str, int] = field(default_factory=dict)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -97,8 +105,10 @@ class Trainer:
     def __init__(self, config: RunConfig, out: str | Path, *, quiet: bool = False, dataset: ImageDataset | None = None) -> None:
         self.config = config.validate()
         self.quiet = quiet
-        self.device = resolve_device(config.device)
-        self.run_dir = RunDirectory(out).create()
+        self.placement = placement_from_environment()
+        self._shard = self.placement.shard(config.batch_size)
+        self.device = start(self.placement, resolve_device(config.device))
+        self.run_dir = RunDirectory(out, writer=self.placement.is_main).create()
         data = dataset or load_dataset(
             config.dataset,
             config.data_dir,
@@ -113,9 +123,14 @@ class Trainer:
         if self.steps_per_epoch == 0:
             raise ValueError(f"batch_size {config.batch_size} is larger than the training set ({len(self.train_images)} samples)")
         torch.manual_seed(config.seed)
-        self.model = build_model(
+        self.net = build_model(
             config.model, data.input_shape, data.num_classes, width_scale=config.width_scale, widths=config.widths
         ).to(self.device)
+        self.model: nn.Module = self.net
+        if self.placement.active:
+            device_ids = [self.device] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.net, device_ids=device_ids)
+        self._gradient_bytes = sum(p.numel() * p.element_size() for p in self.net.parameters() if p.requires_grad)
         self.timer = PhaseTimer(synchronize=self.device.type == "cuda") if config.optimizer in PRECONDITIONED else None
         self.optimizer = build_optimizer(config, self.model, self.steps_per_epoch, self.timer)
         self.progress = Progress()
@@ -130,7 +145,7 @@ class Trainer:
 
     def checkpoint_state(self) -> dict[str, Any]:
         state = {
-            "model": self.model.state_dict(),
+            "model": self.net.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "torch_rng": torch.get_rng_state(),
             "progress": asdict(self.progress),
@@ -141,7 +156,7 @@ class Trainer:
         return state
 
     def restore(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
+        self.net.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and self.device.type == "cuda":
@@ -158,7 +173,7 @@ class Trainer:
         else:
             (self.run_dir.path / "metrics.jsonl").unlink(missing_ok=True)
         self.run_dir.write_json("config.json", config.to_json())
-        self.run_dir.write_json("env.json", environment(self.device))
+        self.run_dir.write_json("env.json", {**environment(self.device), "world_size": self.placement.world_size})
         total_steps = config.epochs * self.steps_per_epoch
         if config.max_steps is not None:
             total_steps = min(total_steps, config.max_steps)
@@ -166,7 +181,7 @@ class Trainer:
         bar = tqdm(
             total=total_steps,
             initial=self.progress.step,
-            disable=self.quiet,
+            disable=self.quiet or not self.placement.is_main,
             desc=config.optimizer,
             unit="step",
             dynamic_ncols=True,
@@ -194,7 +209,7 @@ class Trainer:
         order = order.to(self.device)
         records = []
         while progress.batch < self.steps_per_epoch and progress.step < total_steps:
-            index = order[progress.batch * config.batch_size : (progress.batch + 1) * config.batch_size]
+            index = order[progress.batch * config.batch_size : (progress.batch + 1) * config.batch_size][self._shard]
             record = self._train_step(index)
             records.append(record)
             bar.update(1)
@@ -223,6 +238,7 @@ class Trainer:
             images = self.data.augment(images, keyed_generator(device, config.seed, "augment", step))
         _sync(device)
         data_done = time.perf_counter()
+        traffic_before = self._traffic()
         self.optimizer.zero_grad(set_to_none=True)
         logits = self.model(images)
         if config.fisher == "mc" and config.optimizer in KFAC_OPTIMIZERS:
@@ -238,6 +254,7 @@ class Trainer:
         _sync(device)
         step_done = time.perf_counter()
 
+        traffic = self._traffic_since(traffic_before)
         phases = self.timer.reset() if self.timer is not None else {}
         statistics, decomposition, precondition = (phases.get(k, 0.0) for k in ("statistics", "decomposition", "precondition"))
         times = {
@@ -249,7 +266,7 @@ class Trainer:
             "optimizer": step_done - optimizer_start - decomposition - precondition,
         }
         elapsed = (backward_done - start) + (step_done - optimizer_start)
-        loss_value = float(loss.detach())
+        loss_value = mean_over_ranks(float(loss.detach()), self.placement, device)
         progress.train_time += elapsed
         progress.epoch_time += elapsed
         progress.epoch_loss_sum += loss_value
@@ -266,11 +283,37 @@ class Trainer:
             "lr": lr,
             "damping": None if self._damping is None else _at(self._damping, step),
             "time": times,
+            "bytes": traffic,
         }
+
+    def _traffic(self) -> tuple[int, int]:
+        counter = getattr(getattr(self.optimizer, "preconditioner", None), "traffic", None)
+        return (0, 0) if counter is None else (counter.statistics_bytes, counter.decomposition_bytes)
+
+    def _traffic_since(self, before: tuple[int, int]) -> dict[str, int]:
+        """This step's bytes per collective; also added to the run's totals."""
+        now = self._traffic()
+        step_bytes = {
+            "statistics": now[0] - before[0],
+            "decomposition": now[1] - before[1],
+            "gradients": self._gradient_bytes if self.placement.active else 0,
+        }
+        totals = self.progress.traffic
+        for kind in ("statistics", "decomposition"):
+            if step_bytes[kind]:
+                totals[kind] = totals.get(kind, 0) + step_bytes[kind]
+                totals[f"{kind}_steps"] = totals.get(f"{kind}_steps", 0) + 1
+        return step_bytes
+
+    def _evaluate(self) -> tuple[float, float]:
+        """Test loss and accuracy; rank 0 alone evaluates in a distributed run (others get NaN)."""
+        if not self.placement.is_main:
+            return math.nan, math.nan
+        return evaluate(self.net, self.test_images, self.test_labels)
 
     def _end_epoch(self, bar: tqdm) -> None:
         config, progress = self.config, self.progress
-        test_loss, test_acc = evaluate(self.model, self.test_images, self.test_labels)
+        test_loss, test_acc = self._evaluate()
         epoch = progress.epoch + 1
         for target in config.target_acc:
             key = f"{target:g}"
@@ -302,7 +345,7 @@ class Trainer:
         if epochs and epochs[-1]["step"] == progress.step:
             final_loss, final_acc = epochs[-1]["test_loss"], epochs[-1]["test_acc"]
         else:  # stopped inside an epoch (max_steps, divergence): evaluate where it stopped
-            final_loss, final_acc = evaluate(self.model, self.test_images, self.test_labels)
+            final_loss, final_acc = self._evaluate()
         epochs_run = progress.step / self.steps_per_epoch
         summary = {
             "optimizer": self.config.optimizer,
@@ -318,9 +361,17 @@ class Trainer:
             "best_test_acc": max([record["test_acc"] for record in epochs], default=final_acc),
             "targets": {f"{t:g}": progress.reached.get(f"{t:g}") for t in self.config.target_acc},
             "phase_seconds": progress.phase_totals,
+            "world_size": self.placement.world_size,
+            "bytes_per_factor_step": _per_step(progress.traffic, "statistics"),
+            "bytes_per_inverse_step": _per_step(progress.traffic, "decomposition"),
         }
         self.run_dir.write_json("summary.json", summary)
         return summary
+
+
+def _per_step(totals: dict[str, int], kind: str) -> float | None:
+    steps = totals.get(f"{kind}_steps", 0)
+    return totals[kind] / steps if steps else None
 
 
 def _at(schedule: EpochSchedule | Callable[[int], float], step: int) -> float:
