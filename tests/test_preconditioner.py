@@ -340,9 +340,16 @@ def test_other_parameters_keep_their_plain_gradient_and_skip_works() -> None:
         nn.Linear(4 * 3 * 3, 5),
         nn.Linear(5, 2),
     ).double()
-    pre = rkfac.KFACPreconditioner(model, skip=["6"])
-    assert pre.layer_names == ["0", "5"]
-    assert rkfac.KFACPreconditioner(model, skip=[nn.Conv2d]).layer_names == ["5", "6"]
+    with pytest.warns(UserWarning, match=r"plain gradient: 3 \(Conv2d groups=2\)") as caught:
+        pre = rkfac.KFACPreconditioner(model, skip=["6"])
+    assert len(caught) == 1  # reported once, BatchNorm not counted as unsupported
+    assert pre.layer_names == ["0", "5"] and pre.unsupported == [("3", "Conv2d groups=2")]
+    assert pre.describe().splitlines() == [
+        "0: Conv2d, A 28 × 28, G 4 × 4",
+        "5: Linear, A 37 × 37, G 5 × 5",
+        "not preconditioned: 3 (Conv2d groups=2)",
+    ]
+    assert rkfac.KFACPreconditioner(model, skip=[nn.Conv2d]).layer_names == ["5", "6"]  # skipped on purpose: no warning
     x = torch.randn(8, 3, 7, 7, dtype=DTYPE)
     F.cross_entropy(model(x), torch.randint(0, 2, (8,))).backward()
     plain = {name: p.grad.clone() for name, p in model.named_parameters()}

@@ -267,3 +267,62 @@ def test_layer_used_twice_sums_both_calls_as_rows_of_the_same_samples(reduction:
     a, g = pre.factors()["fc"]
     torch.testing.assert_close(a, expected_a)
     torch.testing.assert_close(g, expected_g)
+
+
+# ---------------------------------------------------------------- mixed precision and loss scaling
+
+
+def _scaled_run(autocast: bool, scale: float | None, steps: int = 3) -> tuple[nn.Module, rkfac.KFACPreconditioner]:
+    """A float32 CNN trained a few steps with bf16 autocast and/or a GradScaler."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(inplace=True), nn.Flatten(), nn.Linear(4 * 36, 5))
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
+    pre = rkfac.KFACPreconditioner(model, decomposition=rkfac.ExactEigh(), factor_every=1, inverse_every=1, grad_scaler=scaler)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.05)
+    generator = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x, y = torch.randn(16, 1, 8, 8, generator=generator), torch.randint(0, 5, (16,), generator=generator)
+        sgd.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            loss = F.cross_entropy(model(x), y)
+        if scaler is None:
+            loss.backward()
+            pre.step()
+            sgd.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(sgd)
+            pre.step()
+            scaler.step(sgd)
+            scaler.update()
+    return model, pre
+
+
+def test_grad_scaler_statistics_are_unscaled():
+    plain_model, plain = _scaled_run(autocast=False, scale=None)
+    scaled_model, scaled = _scaled_run(autocast=False, scale=2.0**12)
+    for name, (a, g) in plain.factors().items():
+        scaled_a, scaled_g = scaled.factors()[name]
+        assert scaled_a.dtype == scaled_g.dtype == torch.float32
+        torch.testing.assert_close(scaled_a, a, rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(scaled_g, g, rtol=1e-5, atol=1e-7)
+    for p, q in zip(plain_model.parameters(), scaled_model.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_autocast_with_a_scaler_matches_float32_within_bf16_precision():
+    """Stated tolerance: factors and parameters within 1% (relative Frobenius) of the float32 run's.
+
+    bf16 keeps 8 bits of mantissa (relative rounding 2^-9 ≈ 0.2%) in every activation and
+    product of the forward and backward; the statistics themselves are accumulated in float32.
+    Measured: factors 0.05–0.25% off, parameters 0.12–0.17% after 3 steps.
+    """
+    plain_model, plain = _scaled_run(autocast=False, scale=None)
+    mixed_model, mixed = _scaled_run(autocast=True, scale=2.0**10)
+    for name, (a, g) in plain.factors().items():
+        mixed_a, mixed_g = mixed.factors()[name]
+        assert mixed_a.dtype == mixed_g.dtype == torch.float32
+        assert (mixed_a - a).norm() / a.norm() < 0.01
+        assert (mixed_g - g).norm() / g.norm() < 0.01
+    for p, q in zip(plain_model.parameters(), mixed_model.parameters(), strict=True):
+        assert (q - p).norm() / p.norm() < 0.01

@@ -122,6 +122,11 @@ class KFACPreconditioner:
             scale of G (see :mod:`rkfac.layers`).
         skip: layers left alone: glob patterns on qualified module names, or module types.
         seed: seeds every sketch and every sampled label.
+        grad_scaler: the ``torch.amp.GradScaler`` that scales the loss of the user's
+            backward, if any: the G statistics are divided by its scale² so that factors are
+            those of the unscaled loss (overflowed steps are skipped as non-finite). Call
+            ``scaler.unscale_(optimizer)`` before ``pre.step()`` (``scaler.step`` does it for
+            :class:`rkfac.KFAC`).
         process_group: the torch.distributed group to average statistics and share
             decompositions over (default: the world group when torch.distributed is
             initialised; nothing is communicated otherwise).
@@ -147,6 +152,7 @@ class KFACPreconditioner:
         loss_reduction: str = "mean",
         skip: Iterable[SkipRule] = (),
         seed: int = 0,
+        grad_scaler: torch.amp.GradScaler | None = None,
         process_group: torch.distributed.ProcessGroup | None = None,
         timer: PhaseTimer | None = None,
     ) -> None:
@@ -173,6 +179,9 @@ class KFACPreconditioner:
         self.steps = 0
         self.timer = timer
 
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {grad_scaler!r}")
+        self.grad_scaler = grad_scaler
         self._comm = Communicator(process_group)
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module  # layer names as in the unwrapped model, so checkpoints match
@@ -188,6 +197,15 @@ class KFACPreconditioner:
                 + (f" after skip={skip_rules!r}" if skip_rules else "")
             )
         self._layers = [_Layer(name, index, module) for index, (name, module) in enumerate(selected.items())]
+        self.unsupported = _unsupported_layers(model, selected, skip_rules)
+        if self.unsupported:
+            listed = ", ".join(f"{name} ({kind})" for name, kind in self.unsupported)
+            warnings.warn(
+                f"rkfac preconditions nn.Linear and nn.Conv2d (groups=1) only; these layers keep their plain gradient: "
+                f"{listed}. Pass them in skip= to silence this.",
+                UserWarning,
+                stacklevel=2,
+            )
         self._capture = StatisticsCapture(selected, self._is_factor_step, timer, root=model)
         self._capture.capture_output_grads = self.fisher == "empirical"
         self._mc_generator: torch.Generator | None = None
@@ -330,6 +348,9 @@ class KFACPreconditioner:
             if sums.has_inputs and sums.has_output_grads:
                 statistics[layer.name] = sums.averages(self.loss_reduction)
         self._capture.clear()
+        scale = self._loss_scale()
+        if scale != 1.0:
+            statistics = {name: (s_a, s_g / scale**2) for name, (s_a, s_g) in statistics.items()}
         if self._comm.active:
             averaged = iter(self._comm.average_symmetric([s for pair in statistics.values() for s in pair]))
             statistics = {name: (next(averaged), next(averaged)) for name in statistics}
@@ -374,6 +395,21 @@ class KFACPreconditioner:
                     layer.factors[key].mul_(decay).add_(statistic, alpha=1.0 - decay)
                 else:
                     layer.factors[key] = statistic
+
+    def _loss_scale(self) -> float:
+        """The GradScaler's scale in the user's backward (1 without one, or with the MC Fisher)."""
+        if self.grad_scaler is None or not self.grad_scaler.is_enabled() or self.fisher != "empirical":
+            return 1.0
+        return float(self.grad_scaler.get_scale())
+
+    def describe(self) -> str:
+        """The preconditioned layers, one line each: name, type, d_A × d_G."""
+        lines = []
+        for layer in self._layers:
+            d_a, d_g = layers.factor_dims(layer.module)
+            lines.append(f"{layer.name or '(model)'}: {type(layer.module).__name__}, A {d_a} × {d_a}, G {d_g} × {d_g}")
+        skipped = [f"{name} ({kind})" for name, kind in self.unsupported]
+        return "\n".join(lines + ([f"not preconditioned: {', '.join(skipped)}"] if skipped else []))
 
     def _decompose(self, step: int) -> None:
         """Decompose on scheduled steps, and any factor that has no decomposition yet.
@@ -476,6 +512,29 @@ def _skipped(name: str, module: nn.Module, rules: list[SkipRule]) -> bool:
         if isinstance(rule, type) and isinstance(module, rule):
             return True
     return False
+
+
+_NORMALIZATION = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+
+
+def _unsupported_layers(
+    model: nn.Module, selected: dict[str, layers.SupportedLayer], skip_rules: list[SkipRule]
+) -> list[tuple[str, str]]:
+    """(name, type) of layers with trainable weights that K-FAC cannot precondition.
+
+    Normalisation layers are left out (their plain gradient is the standard choice), as are
+    layers the user skipped on purpose.
+    """
+    found = []
+    for name, module in model.named_modules():
+        if name in selected or isinstance(module, _NORMALIZATION) or _skipped(name, module, skip_rules):
+            continue
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            kind = type(module).__name__
+            if isinstance(module, nn.Conv2d):
+                kind += f" groups={module.groups}"
+            found.append((name, kind))
+    return found
 
 
 def _empty_pairs(factor: Tensor) -> Eigenpairs:

@@ -28,6 +28,8 @@ Decisions (the issue is silent on them):
 - A rebuild uses whatever batch that step saw: a smaller last batch gives a smaller n (the
   reference code skips such batches). Several forward/backward passes before one ``step()``
   are concatenated into one U.
+- With a ``grad_scaler`` (torch.amp.GradScaler) the captured output gradients are divided by
+  its scale, so U holds per-sample gradients of the unscaled loss.
 - λ is read at each rebuild and used until the next one, for K⁻¹ and for the division.
 - With ``loss_reduction="mean"`` the per-sample gradient is n_pass × (the sample's share of the
   batch gradient), n_pass = that forward's batch size; with "sum" it is the share itself.
@@ -105,9 +107,13 @@ class SENGPreconditioner:
         sketch_rank: int = 16,
         loss_reduction: str = "mean",
         seed: int = 0,
+        grad_scaler: torch.amp.GradScaler | None = None,
         process_group: torch.distributed.ProcessGroup | None = None,
         timer: PhaseTimer | None = None,
     ) -> None:
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {grad_scaler!r}")
+        self.grad_scaler = grad_scaler
         self.damping = float_schedule(damping, "damping", low=0.0, low_inclusive=False)
         self.update_freq = check_int(update_freq, "update_freq", low=1)
         self.col_sample_size = check_int(col_sample_size, "col_sample_size", low=1)
@@ -165,6 +171,8 @@ class SENGPreconditioner:
         dtype = statistics_dtype(layer.module)
         n = layers.sample_count(inputs)
         scale = float(n) if self.loss_reduction == "mean" else 1.0
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            scale /= float(self.grad_scaler.get_scale())  # per-sample gradients of the unscaled loss
         with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False), maybe_phase(self.timer, "statistics"):
             grad_columns, input_columns = per_sample.per_sample_factors(
                 layer.module, inputs.to(dtype), grad_output.to(dtype), scale

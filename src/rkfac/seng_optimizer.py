@@ -47,6 +47,7 @@ class SENG(torch.optim.Optimizer):
         seed: int = 0,
         *,
         loss_reduction: str = "mean",
+        grad_scaler: torch.amp.GradScaler | None = None,
         process_group: torch.distributed.ProcessGroup | None = None,
         timer: PhaseTimer | None = None,
     ) -> None:
@@ -63,6 +64,7 @@ class SENG(torch.optim.Optimizer):
             sketch_threshold=sketch_threshold,
             sketch_rank=sketch_rank,
             loss_reduction=loss_reduction,
+            grad_scaler=grad_scaler,
             seed=seed,
             process_group=process_group,
             timer=timer,
