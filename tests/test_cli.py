@@ -5,6 +5,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,7 @@ from rkfac.experiments.bench import run_bench
 from rkfac.experiments.cli import RUN_FLAGS, main
 from rkfac.experiments.config import RunConfig, parse_schedule, step_schedule, value_at_epoch
 from rkfac.experiments.presets import resolve_config
+from rkfac.experiments.rundir import RunDirectory
 
 SMALL = [
     "--dataset",
@@ -63,6 +69,13 @@ def test_train_writes_a_complete_run_directory(tmp_path: Path) -> None:
     assert [r["epoch"] for r in epochs] == [1, 2] and all(0 <= r["test_acc"] <= 1 for r in epochs)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 16
+    assert summary["health"] == {
+        "skipped_statistics": 0,
+        "skipped_gradients": 0,
+        "failed_decompositions": 0,
+        "float64_retries": 0,
+    }
+    assert epochs[-1]["health"] == summary["health"]
     assert summary["targets"]["0.05"] == {"time": epochs[0]["train_time"], "epoch": 1}
     assert summary["targets"]["0.999"] is None
     assert summary["final_test_acc"] == epochs[-1]["test_acc"]
@@ -82,23 +95,28 @@ def test_resume_continues_the_uninterrupted_run_exactly(tmp_path: Path) -> None:
     assert main([*common, "--out", str(split), "--max-steps", "11"]) == 0  # stops inside epoch 2
     assert json.loads((split / "summary.json").read_text())["status"] == "max_steps"
     assert main(["train", "--resume", str(split), "--max-steps", "none", "--quiet"]) == 0
-    final = {
-        name: torch.load(path / "checkpoint.pt", weights_only=False)["model"]
-        for name, path in (("whole", whole), ("split", split))
-    }
+    final = {name: RunDirectory(path).load_checkpoint()["model"] for name, path in (("whole", whole), ("split", split))}
     for key, tensor in final["whole"].items():
         assert torch.equal(tensor, final["split"][key]), key
     assert [r["loss"] for r in read_metrics(whole, "step")] == [r["loss"] for r in read_metrics(split, "step")]
     assert [r["test_acc"] for r in read_metrics(whole, "epoch")] == [r["test_acc"] for r in read_metrics(split, "epoch")]
 
 
-def test_corrupted_checkpoint_gives_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_truncated_or_corrupted_checkpoint_gives_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     run = tmp_path / "run"
-    assert main(["train", "--optimizer", "sgd", "--max-steps", "2", "--out", str(run), *SMALL]) == 0
+    assert main(["train", "--optimizer", "sre-kfac", "--max-steps", "2", "--out", str(run), *SMALL]) == 0
     data = (run / "checkpoint.pt").read_bytes()
-    (run / "checkpoint.pt").write_bytes(data[: len(data) // 2])
-    assert main(["train", "--resume", str(run), "--quiet"]) == 2
-    assert "unreadable" in capsys.readouterr().err
+    rng = random.Random(0)
+    damaged = [data[:cut] for cut in sorted(rng.sample(range(len(data)), 8))]  # truncated at random offsets
+    for offset in rng.sample(range(len(data)), 8):  # one byte flipped anywhere, tensor data included
+        damaged.append(data[:offset] + bytes([data[offset] ^ 0x40]) + data[offset + 1 :])
+    for content in damaged:
+        (run / "checkpoint.pt").write_bytes(content)
+        assert main(["train", "--resume", str(run), "--quiet"]) == 2
+        error = capsys.readouterr().err
+        assert "checkpoint" in error and ("corrupted" in error or "truncated" in error), error
+    (run / "checkpoint.pt").write_bytes(data)
+    assert RunDirectory(run).load_checkpoint()["progress"]["step"] == 2  # the intact file still loads
 
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:
@@ -191,3 +209,30 @@ def test_schedules_and_precedence() -> None:
 def test_bad_flag_value_is_reported_not_raised(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["train", "--optimizer", "sgd", "--epochs", "0", "--out", str(tmp_path), "--quiet"]) == 2
     assert "epochs must be >= 1, got 0" in capsys.readouterr().err
+
+
+def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
+    common = [
+        "train", "--optimizer", "sre-kfac", "--dataset", "synthetic", "--synthetic-train", "2048",
+        "--synthetic-test", "64", "--model", "mlp", "--widths", "48", "--batch-size", "32", "--epochs", "10",
+        "--rank", "8", "--momentum", "0.9", "--quiet",
+    ]  # fmt: skip
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "rkfac", *common, "--out", str(killed)])
+    deadline = time.monotonic() + 120
+    while not (killed / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)  # mid-run, right after the first epoch's checkpoint
+    assert process.wait() == -signal.SIGKILL
+    assert not (killed / "summary.json").exists()
+    assert main(["train", "--resume", str(killed), "--quiet"]) == 0
+
+    whole = tmp_path / "whole"
+    assert main([*common, "--out", str(whole)]) == 0
+    final = [RunDirectory(path).load_checkpoint()["model"] for path in (killed, whole)]
+    for key, tensor in final[1].items():
+        assert torch.equal(final[0][key], tensor), key
+    assert (
+        json.loads((killed / "summary.json").read_text())["final_test_acc"]
+        == json.loads((whole / "summary.json").read_text())["final_test_acc"]
+    )

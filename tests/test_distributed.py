@@ -17,6 +17,7 @@ from torch import nn
 
 import rkfac
 from rkfac.experiments.cli import main
+from rkfac.experiments.rundir import RunDirectory
 
 GLOBAL_BATCH = 12
 STEPS = 5
@@ -137,8 +138,8 @@ def test_the_command_under_torchrun_matches_one_process(tmp_path: Path):
     subprocess.run([*run, *common, "--out", str(tmp_path / "two")], check=True, env=environment, timeout=300)
     assert main([*common, "--out", str(tmp_path / "one")]) == 0
 
-    two = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=False)["model"]
-    one = torch.load(tmp_path / "one" / "checkpoint.pt", weights_only=False)["model"]
+    two = RunDirectory(tmp_path / "two").load_checkpoint()["model"]
+    one = RunDirectory(tmp_path / "one").load_checkpoint()["model"]
     for key, tensor in one.items():
         torch.testing.assert_close(two[key], tensor, rtol=1e-4, atol=1e-5)
     steps = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]

@@ -305,3 +305,26 @@ def test_a_rebuild_without_captured_samples_is_a_clear_error():
         p.grad = torch.zeros_like(p)
     with pytest.raises(RuntimeError, match="no layer captured"):
         pre.step()
+
+
+def test_grad_scaler_gives_the_unscaled_direction():
+    results = []
+    for scale in (None, 2.0**12):
+        torch.manual_seed(0)
+        model = conv_model().float()
+        scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
+        optimizer = rkfac.SENG(model, lr=0.05, update_freq=2, grad_scaler=scaler)
+        for step in range(3):
+            x, y = batch(model, 8, seed=step)
+            optimizer.zero_grad()
+            loss = F.cross_entropy(model(x.float()), y)
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+        results.append([p.detach().clone() for p in model.parameters()])
+    for plain, scaled in zip(*results, strict=True):
+        torch.testing.assert_close(scaled, plain, rtol=1e-5, atol=1e-6)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
-
 from rkfac.experiments.cli import main
+from rkfac.experiments.rundir import RunDirectory
 from rkfac.spectrum import factor_spectrum
 
 SMALL = [
@@ -56,7 +55,7 @@ def test_spectrum_from_a_saved_run_uses_its_factors(tmp_path: Path) -> None:
     assert main(["train", "--optimizer", "kfac", *SMALL, "--out", str(run)]) == 0
     assert main(["spectrum", "--from", str(run), "--ranks", "5", "--out", str(tmp_path / "s")]) == 0
     summary = json.loads((tmp_path / "s" / "spectrum.json").read_text())
-    factors = torch.load(run / "checkpoint.pt", weights_only=False)["optimizer"]["preconditioner"]["layers"]["3"]["factors"]
+    factors = RunDirectory(run).load_checkpoint()["optimizer"]["preconditioner"]["layers"]["3"]["factors"]
     expected = factor_spectrum(factors["A"].double(), (5,))
     assert summary["widths"]["1"]["layers"]["3"]["A"] == {"dim": expected.dim, "modes_above": expected.modes_above}
     assert (tmp_path / "s" / "spectrum.png").exists()

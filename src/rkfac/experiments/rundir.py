@@ -4,14 +4,21 @@
     env.json        versions, device, CPU/GPU model, git revision if any
     metrics.jsonl   one JSON object per line: {"kind": "step", ...} and {"kind": "epoch", ...}
     summary.json    final numbers (written at the end of the run)
-    checkpoint.pt   model, optimizer (with the preconditioner), RNG state, counters
+    checkpoint.pt   model, optimizer (with the preconditioner), RNG state, counters, behind a
+                    header with the SHA-256 of the torch.save payload (read with
+                    :meth:`RunDirectory.load_checkpoint`)
 
 Files are replaced atomically (written to a temporary file in the same directory, flushed,
-then renamed), so a run killed at any moment leaves the previous version intact.
+then renamed), so a run killed at any moment leaves the previous version intact. A checkpoint
+that was truncated or altered afterwards (a copy cut short, a flipped byte in tensor data that
+``torch.load`` would read without complaint) fails its checksum and is refused with a clear
+error, never resumed from silently.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 import platform
@@ -24,6 +31,7 @@ from typing import IO, Any
 import torch
 
 CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_MAGIC = b"rkfac-checkpoint-v1 sha256="
 
 
 class CheckpointError(RuntimeError):
@@ -96,7 +104,11 @@ class RunDirectory:
     def save_checkpoint(self, state: dict[str, Any]) -> None:
         if not self.writer:
             return
-        atomic_write(self.path / CHECKPOINT, lambda stream: torch.save(state, stream))
+        buffer = io.BytesIO()
+        torch.save(state, buffer)
+        payload = buffer.getvalue()
+        header = CHECKPOINT_MAGIC + hashlib.sha256(payload).hexdigest().encode() + b"\n"
+        atomic_write(self.path / CHECKPOINT, lambda stream: (stream.write(header), stream.write(payload)))
 
     def load_checkpoint(self) -> dict[str, Any]:
         path = self.path / CHECKPOINT
@@ -104,8 +116,9 @@ class RunDirectory:
             raise CheckpointError(
                 f"no checkpoint in {self.path}: nothing to resume (was the run started with --checkpoint-every 0?)"
             )
+        payload = _verified_payload(path, path.read_bytes())
         try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
+            state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
         except Exception as error:  # truncated or corrupted: never restart silently
             raise CheckpointError(
                 f"checkpoint {path} is unreadable ({type(error).__name__}: {error}); it may be truncated or corrupted"
@@ -113,6 +126,26 @@ class RunDirectory:
         if not isinstance(state, dict) or "model" not in state:
             raise CheckpointError(f"checkpoint {path} does not hold an rkfac training state")
         return state
+
+
+def _verified_payload(path: Path, data: bytes) -> bytes:
+    """The torch.save bytes after the header, if their SHA-256 matches it.
+
+    A file without the header (written before checksums existed) is passed on unverified:
+    ``torch.load`` then reports a truncated one.
+    """
+    newline = data.find(b"\n")
+    if not data.startswith(CHECKPOINT_MAGIC) or newline < 0:
+        return data
+    expected = data[len(CHECKPOINT_MAGIC) : newline].decode(errors="replace")
+    payload = data[newline + 1 :]
+    actual = hashlib.sha256(payload).hexdigest()
+    if actual != expected:
+        raise CheckpointError(
+            f"checkpoint {path} fails its checksum ({len(payload)} payload bytes, SHA-256 {actual[:12]}… instead of "
+            f"{expected[:12]}…): it is truncated or corrupted; resume from a good copy or start the run again"
+        )
+    return payload
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -305,6 +305,11 @@ class Trainer:
                 totals[f"{kind}_steps"] = totals.get(f"{kind}_steps", 0) + 1
         return step_bytes
 
+    def _health(self) -> dict[str, int] | None:
+        """The K-FAC preconditioner's fault counts (skipped statistics, failed decompositions, …)."""
+        health = getattr(getattr(self.optimizer, "preconditioner", None), "health", None)
+        return None if health is None else health.as_dict()
+
     def _evaluate(self) -> tuple[float, float]:
         """Test loss and accuracy; rank 0 alone evaluates in a distributed run (others get NaN)."""
         if not self.placement.is_main:
@@ -330,6 +335,7 @@ class Trainer:
                     "test_acc": test_acc,
                     "epoch_time": progress.epoch_time,
                     "train_time": progress.train_time,
+                    "health": self._health(),
                 }
             ]
         )
@@ -362,6 +368,7 @@ class Trainer:
             "targets": {f"{t:g}": progress.reached.get(f"{t:g}") for t in self.config.target_acc},
             "phase_seconds": progress.phase_totals,
             "world_size": self.placement.world_size,
+            "health": self._health(),
             "bytes_per_factor_step": _per_step(progress.traffic, "statistics"),
             "bytes_per_inverse_step": _per_step(progress.traffic, "decomposition"),
         }
