@@ -329,6 +329,30 @@ def test_inplace_activations_give_the_same_statistics() -> None:
         torch.testing.assert_close(pre_inplace.factors()[name][1], g)
 
 
+def test_inplace_relu_cnn_gives_the_same_statistics_and_direction() -> None:
+    def cnn(inplace: bool) -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(
+            nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(inplace=inplace), nn.Conv2d(4, 4, 3), nn.ReLU(inplace=inplace),
+            nn.Flatten(), nn.Linear(4 * 9, 3),
+        ).to(DTYPE)  # fmt: skip
+
+    x, y = torch.randn(6, 2, 5, 5, dtype=DTYPE), torch.randint(0, 3, (6,))
+    grads = []
+    for inplace in (False, True):
+        model = cnn(inplace)
+        pre = rkfac.KFACPreconditioner(model, factor_every=1, inverse_every=1)
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        grads.append(([p.grad for p in model.parameters()], pre.factors()))
+    (plain_grads, plain_factors), (inplace_grads, inplace_factors) = grads
+    for name, (a, g) in plain_factors.items():
+        torch.testing.assert_close(inplace_factors[name][0], a)
+        torch.testing.assert_close(inplace_factors[name][1], g)
+    for plain, inplace in zip(plain_grads, inplace_grads, strict=True):
+        torch.testing.assert_close(inplace, plain)
+
+
 def test_other_parameters_keep_their_plain_gradient_and_skip_works() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -163,6 +165,14 @@ def test_accumulated_micro_batches_equal_one_concatenated_batch() -> None:
     for name, (a, g) in pre.factors().items():
         torch.testing.assert_close(a, whole[name][0])
         torch.testing.assert_close(g, whole[name][1])
+    # and the same preconditioned gradient as one pass over the concatenated batch
+    twin = copy.deepcopy(model)
+    twin_pre = rkfac.KFACPreconditioner(twin, decomposition=rkfac.ExactEigh(), factor_every=1, inverse_every=1, clip=None)
+    twin.zero_grad()
+    F.cross_entropy(twin(x), y).backward()
+    twin_pre.step()
+    for mine, theirs in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(mine.grad, theirs.grad)
 
 
 def test_factors_are_float32_for_low_precision_activations() -> None:
