@@ -139,8 +139,10 @@ def test_bench_runs_side_by_side_and_writes_table_json_csv_plot(tmp_path: Path) 
         oversample=2,
         target_acc=[0.05],
     )
-    rows = run_bench("quick", tmp_path, optimizers=["sgd", "kfac", "sre-kfac"], seeds=[0, 1], overrides=overrides, quiet=True)
-    assert [row["optimizer"] for row in rows] == ["sgd", "kfac", "sre-kfac"]
+    optimizers = ["sgd", "kfac", "sre-kfac", "seng"]
+    rows = run_bench("quick", tmp_path, optimizers=optimizers, seeds=[0, 1], overrides=overrides, quiet=True)
+    assert [row["optimizer"] for row in rows] == optimizers
+    assert "| seng |" in (tmp_path / "bench.md").read_text()
     for name in ("bench.json", "bench.csv", "bench.png", "bench.md"):
         assert (tmp_path / name).exists()
     sre = rows[2]
