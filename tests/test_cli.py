@@ -238,3 +238,15 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path:
         json.loads((killed / "summary.json").read_text())["final_test_acc"]
         == json.loads((whole / "summary.json").read_text())["final_test_acc"]
     )
+
+
+def test_divergence_stops_with_a_clear_message_and_keeps_the_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    args = ["train", "--optimizer", "sgd", "--epochs", "2", "--lr", "1:0.05,2:1e30", "--out", str(run), *SMALL]
+    assert main(args) == 2
+    error = capsys.readouterr().err
+    assert "training loss is" in error and "last checkpoint" in error and "intact" in error
+    assert json.loads((run / "summary.json").read_text())["status"] == "diverged"
+    assert RunDirectory(run).load_checkpoint()["progress"]["epoch"] == 1  # the epoch-1 checkpoint survived
