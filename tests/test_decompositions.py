@@ -180,6 +180,96 @@ def test_sre_describes_the_symmetric_part_of_an_asymmetric_factor() -> None:
     factor = averaged_factor(40)
     factor[0, 1] += 1e-2
     method = rkfac.SymmetricRandomizedEVD(rank=30, oversample=0, power_iters=2)
-    pairs = method._sketched_top(factor, 30, torch.randn(40, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    sketch = torch.randn(40, 40, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    pairs = method._sketched_top(factor, 30, sketch, method.power_iters)
     values = torch.linalg.eigvalsh((factor + factor.T) / 2).flip(0)[:30]
     torch.testing.assert_close(pairs[0], values)
+
+
+# ---------------------------------------------------------------- warm start and adaptive rank (issue 8)
+
+
+def slowly_changing_factors(d: int = 600) -> tuple[torch.Tensor, torch.Tensor]:
+    """F₁ with eigenvalues 0.9^i, and F₂ = 0.95 F₁ + 0.05 S, S from 64 samples of N(0, F₁)."""
+    g = torch.Generator().manual_seed(1)
+    q = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64)).Q
+    lam = 0.9 ** torch.arange(d, dtype=torch.float64)
+    first = (q * lam) @ q.T
+    c = q @ (lam.sqrt()[:, None] * torch.randn(d, 64, generator=g, dtype=torch.float64))
+    return first, 0.95 * first + 0.05 * c @ c.T / 64
+
+
+@pytest.mark.parametrize("cls", [rkfac.SymmetricRandomizedEVD, rkfac.RandomizedSVD])
+def test_warm_start_reaches_the_optimal_error_in_fewer_power_iterations(cls: type) -> None:
+    first, second = slowly_changing_factors()
+    r = 60
+    optimal = float(torch.linalg.eigvalsh(second).flip(0)[r])  # λ_{r+1}: the best rank-r error
+
+    def error(pairs: rkfac.Eigenpairs) -> float:
+        return float(torch.linalg.matrix_norm(second - pairs.dense(), ord=2)) / optimal
+
+    previous = cls(rank=r, power_iters=4).decompose(first, torch.Generator().manual_seed(5))
+
+    def iterations_to(tolerance: float, warm: bool) -> int:
+        for q in range(6):
+            method = cls(rank=r, warm_start=True, warm_power_iters=q) if warm else cls(rank=r, power_iters=q)
+            pairs = method.decompose(second, torch.Generator().manual_seed(3), previous=previous)
+            if error(pairs) <= tolerance:
+                return q
+        return 6
+
+    assert iterations_to(1.01, warm=True) < iterations_to(1.01, warm=False)
+    if cls is rkfac.SymmetricRandomizedEVD:  # with no power at all SRE is a bare Rayleigh–Ritz on the sketch
+        assert iterations_to(1.5, warm=True) == 0 < iterations_to(1.5, warm=False)
+
+
+def test_a_cold_method_ignores_previous() -> None:
+    first, second = slowly_changing_factors(200)
+    previous = rkfac.ExactEigh(rank=20).decompose(first)
+    method = rkfac.SymmetricRandomizedEVD(rank=20, power_iters=2)
+    with_previous = method.decompose(second, torch.Generator().manual_seed(0), previous=previous)
+    without = method.decompose(second, torch.Generator().manual_seed(0))
+    assert torch.equal(with_previous.vectors, without.vectors) and not method.uses_previous
+
+
+def planted_spectrum(d: int, above: int) -> torch.Tensor:
+    """A PSD matrix with exactly ``above`` eigenvalues ≥ 10^-1.5 (of λ_max = 1), geometric decay."""
+    values = torch.cat([torch.logspace(0, -1.4, above), torch.logspace(-1.6, -6, d - above)]).double()
+    q = torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(2), dtype=torch.float64)).Q
+    return (q * values) @ q.T
+
+
+def test_adaptive_rank_shrinks_to_the_planted_count_and_grows_when_cut_short() -> None:
+    method = rkfac.SymmetricRandomizedEVD(rank=200, adaptive_rank=True, min_rank=16)
+    factor = planted_spectrum(500, above=40)
+    first = method.decompose(factor, torch.Generator().manual_seed(0))
+    assert first.rank == 200  # no previous spectrum: the configured rank
+    second = method.decompose(factor, torch.Generator().manual_seed(1), previous=first)
+    assert second.rank == int(1.1 * 40) + 1  # smallest kept value just below 10^-1.5 λ_max
+    assert second.values[39] >= 10**-1.5 * second.top > second.values[-1]
+    assert method.decompose(factor, torch.Generator().manual_seed(2), previous=second).rank == second.rank  # stable
+
+    wide = planted_spectrum(500, above=150)
+    ranks = [16]
+    previous = rkfac.ExactEigh(rank=16).decompose(wide)
+    for seed in range(4):  # every kept value above the cut: grow by half each time, up to the count
+        previous = method.decompose(wide, torch.Generator().manual_seed(seed), previous=previous)
+        ranks.append(previous.rank)
+    assert ranks == [16, 24, 36, 54, 81]
+    small = planted_spectrum(500, above=3)
+    previous = rkfac.ExactEigh(rank=200).decompose(small)
+    assert method.decompose(small, torch.Generator().manual_seed(0), previous=previous).rank == 16  # floor: min_rank
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"warm_power_iters": -1}, "warm_power_iters must be >= 0"),
+        ({"min_rank": 0}, "min_rank must be >= 1"),
+        ({"threshold": 1.5}, "threshold must be < 1.0"),
+        ({"warm_start": "yes"}, "warm_start must be True or False"),
+    ],
+)
+def test_bad_options_beyond_the_paper_are_named(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        rkfac.SymmetricRandomizedEVD(**options)

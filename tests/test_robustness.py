@@ -117,9 +117,9 @@ def planted_failure(monkeypatch: pytest.MonkeyPatch, fails: str, kind: str) -> l
     original = ExactEigh._top
     calls: list[torch.dtype] = []
 
-    def top(self: ExactEigh, factor: Tensor, keep: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def top(self: ExactEigh, factor: Tensor, keep: int, generator: torch.Generator, previous: object) -> tuple[Tensor, Tensor]:
         calls.append(factor.dtype)
-        values, vectors = original(self, factor, keep, generator)
+        values, vectors = original(self, factor, keep, generator, previous)  # type: ignore[arg-type]
         if fails == "all" or factor.dtype == torch.float32:
             if kind == "raise":
                 raise torch.linalg.LinAlgError("planted failure")

@@ -14,7 +14,12 @@ which fixes the contract for all of them:
   with orthonormal eigenvectors, and the trace of the whole factor;
 - when ``rank + oversample ≥ d`` the sketch could not be smaller than the matrix, so the
   exact ``eigh`` is used (truncated to ``rank``): rank ≥ d reproduces :class:`ExactEigh`;
-- randomness comes only from the ``torch.Generator`` passed in.
+- randomness comes only from the ``torch.Generator`` passed in;
+- ``previous``, the factor's last decomposition, is used only by the randomized methods'
+  options beyond the paper: ``warm_start`` (the range finder starts from the previous
+  eigenvectors plus ``oversample`` fresh Gaussian columns, with ``warm_power_iters`` power
+  iterations instead of ``power_iters``) and ``adaptive_rank`` (the number of pairs kept is
+  chosen from the previous spectrum, see :meth:`_Randomized.keep_for`).
 
 Costs for a d × d factor, k = rank + oversample, q = power_iters (counting d² k products):
 ExactEigh O(d³); RandomizedSVD 2(q + 1) products; SymmetricRandomizedEVD q + 1 products.
@@ -29,33 +34,46 @@ import torch
 from torch import Tensor
 
 from rkfac.lowrank import Eigenpairs
-from rkfac.schedules import IntSchedule, at_step_int, check_int, int_schedule
+from rkfac.schedules import IntSchedule, at_step_int, check_float, check_int, int_schedule
 
 
 class Decomposition(ABC):
     """Strategy object: how the preconditioner turns a factor into :class:`Eigenpairs`."""
 
-    def decompose(self, factor: Tensor, generator: torch.Generator | None = None, step: int = 0) -> Eigenpairs:
+    def decompose(
+        self, factor: Tensor, generator: torch.Generator | None = None, step: int = 0, previous: Eigenpairs | None = None
+    ) -> Eigenpairs:
         """Top eigenpairs of the symmetric PSD ``factor`` (d × d). See the module docstring."""
         if factor.dim() != 2 or factor.shape[0] != factor.shape[1]:
             raise ValueError(f"factor must be a square matrix, got shape {tuple(factor.shape)}")
         trace = float(factor.diagonal().sum())
         dim = factor.shape[0]
-        keep = min(self.rank_at(step), dim)
+        if previous is not None and previous.dim != dim:
+            previous = None  # a different factor (e.g. a resized layer): start cold
+        keep = min(self.keep_for(step, previous), dim)
         if generator is None:
             generator = torch.Generator(device=factor.device)
             generator.manual_seed(0)
-        values, vectors = self._top(factor, keep, generator)
+        values, vectors = self._top(factor, keep, generator, previous)
         values = values.clamp_min(0).contiguous()
         top = float(values[0]) if values.numel() else 0.0
         return Eigenpairs(vectors.contiguous(), values, trace, top)
 
     @abstractmethod
     def rank_at(self, step: int) -> int:
-        """How many eigenpairs to keep at ``step``."""
+        """How many eigenpairs to keep at ``step`` (the most, with an adaptive rank)."""
+
+    @property
+    def uses_previous(self) -> bool:
+        """Whether :meth:`decompose` reads the factor's previous decomposition."""
+        return False
+
+    def keep_for(self, step: int, previous: Eigenpairs | None) -> int:
+        """How many eigenpairs this decomposition keeps (before capping at d)."""
+        return self.rank_at(step)
 
     @abstractmethod
-    def _top(self, factor: Tensor, keep: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def _top(self, factor: Tensor, keep: int, generator: torch.Generator, previous: Eigenpairs | None) -> tuple[Tensor, Tensor]:
         """(values descending, vectors) of the ``keep`` largest eigenpairs of the factor's symmetric part."""
 
     @abstractmethod
@@ -86,7 +104,7 @@ class ExactEigh(Decomposition):
     def rank_at(self, step: int) -> int:
         return self.rank if self.rank is not None else 2**62
 
-    def _top(self, factor: Tensor, keep: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def _top(self, factor: Tensor, keep: int, generator: torch.Generator, previous: Eigenpairs | None) -> tuple[Tensor, Tensor]:
         return _exact_top(factor, keep)
 
     def cost(self, dim: int, step: int = 0) -> float:
@@ -95,29 +113,72 @@ class ExactEigh(Decomposition):
 
 @dataclass(frozen=True)
 class _Randomized(Decomposition):
+    """Shared by RS and SRE: rank r (a number or a schedule), oversampling p, power iterations q.
+
+    Beyond the paper (off by default):
+
+    - ``warm_start``: when the factor has a previous decomposition, the sketch is its
+      eigenvectors (up to ``keep`` of them) plus ``oversample`` fresh Gaussian columns, and
+      ``warm_power_iters`` power iterations are done instead of ``power_iters``. A slowly
+      changing factor (an exponential average with ρ = 0.95) has nearly the same dominant
+      subspace from one inversion to the next, so the range finder starts close to it.
+    - ``adaptive_rank``: the rank follows the previous spectrum so that the smallest kept
+      eigenvalue sits near ``threshold`` · λ_max: it shrinks to 1.1 × (the number of previous
+      eigenvalues above the threshold) + 1, or grows by half when every kept value was above
+      it, within [``min_rank``, ``rank``]. The first decomposition uses ``rank``.
+    """
+
     rank: IntSchedule = 220
     oversample: int = 10
     power_iters: int = 4
+    warm_start: bool = False
+    warm_power_iters: int = 1
+    adaptive_rank: bool = False
+    min_rank: int = 32
+    threshold: float = 10**-1.5
 
     def __post_init__(self) -> None:
         int_schedule(self.rank, "rank", low=1)
         check_int(self.oversample, "oversample", low=0)
         check_int(self.power_iters, "power_iters", low=0)
+        check_int(self.warm_power_iters, "warm_power_iters", low=0)
+        check_int(self.min_rank, "min_rank", low=1)
+        check_float(self.threshold, "threshold", low=0.0, low_inclusive=False, high=1.0, high_inclusive=False)
+        for name in ("warm_start", "adaptive_rank"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
 
     def rank_at(self, step: int) -> int:
         return at_step_int(self.rank, step, "rank", low=1)
 
-    def _top(self, factor: Tensor, keep: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    @property
+    def uses_previous(self) -> bool:
+        return self.warm_start or self.adaptive_rank
+
+    def keep_for(self, step: int, previous: Eigenpairs | None) -> int:
+        most = self.rank_at(step)
+        if not self.adaptive_rank or previous is None or previous.rank == 0 or previous.top <= 0:
+            return most
+        above = int((previous.values >= self.threshold * previous.top).sum())
+        wanted = previous.rank * 3 // 2 if above >= previous.rank else int(1.1 * above) + 1
+        return max(min(wanted, most), min(self.min_rank, most))
+
+    def _top(self, factor: Tensor, keep: int, generator: torch.Generator, previous: Eigenpairs | None) -> tuple[Tensor, Tensor]:
         columns = keep + self.oversample
         if columns >= factor.shape[0]:
             # The sketch would be as large as the matrix: the exact method is cheaper and exact.
             return _exact_top(factor, keep)
-        sketch = torch.randn(factor.shape[0], columns, generator=generator, device=factor.device, dtype=factor.dtype)
-        return self._sketched_top(factor, keep, sketch)
+        dim, dtype, device = factor.shape[0], factor.dtype, factor.device
+        if self.warm_start and previous is not None:
+            reused = previous.vectors[:, :keep].to(dtype)
+            fresh = torch.randn(dim, columns - reused.shape[1], generator=generator, device=device, dtype=dtype)
+            return self._sketched_top(factor, keep, torch.cat([reused, fresh], dim=1), self.warm_power_iters)
+        sketch = torch.randn(dim, columns, generator=generator, device=device, dtype=dtype)
+        return self._sketched_top(factor, keep, sketch, self.power_iters)
 
     @abstractmethod
-    def _sketched_top(self, factor: Tensor, keep: int, sketch: Tensor) -> tuple[Tensor, Tensor]:
-        """Top eigenpairs from the Gaussian ``sketch`` (d × k, k = keep + oversample)."""
+    def _sketched_top(self, factor: Tensor, keep: int, sketch: Tensor, power_iters: int) -> tuple[Tensor, Tensor]:
+        """Top eigenpairs from the ``sketch`` (d × k, k = keep + oversample) after ``power_iters`` powers."""
 
 
 @dataclass(frozen=True)
@@ -131,9 +192,9 @@ class RandomizedSVD(_Randomized):
     twice :class:`SymmetricRandomizedEVD`.
     """
 
-    def _sketched_top(self, factor: Tensor, keep: int, sketch: Tensor) -> tuple[Tensor, Tensor]:
+    def _sketched_top(self, factor: Tensor, keep: int, sketch: Tensor, power_iters: int) -> tuple[Tensor, Tensor]:
         basis = _orthonormal_basis(factor @ sketch)
-        for _ in range(self.power_iters):
+        for _ in range(power_iters):
             basis = _orthonormal_basis(factor.T @ basis)
             basis = _orthonormal_basis(factor @ basis)
         projected = basis.T @ factor
@@ -157,11 +218,11 @@ class SymmetricRandomizedEVD(_Randomized):
     the top r. q + 1 products of X with a d × k matrix.
     """
 
-    def _sketched_top(self, factor: Tensor, keep: int, sketch: Tensor) -> tuple[Tensor, Tensor]:
+    def _sketched_top(self, factor: Tensor, keep: int, sketch: Tensor, power_iters: int) -> tuple[Tensor, Tensor]:
         basis = sketch
-        for _ in range(self.power_iters):
+        for _ in range(power_iters):
             basis = _orthonormal_basis(factor @ basis)
-        if self.power_iters == 0:
+        if power_iters == 0:
             basis = _orthonormal_basis(basis)
         core = basis.T @ (factor @ basis)
         values, core_vectors = torch.linalg.eigh((core + core.T) / 2)

@@ -75,7 +75,11 @@ def finite_pairs(pairs: Eigenpairs) -> bool:
 
 
 def decompose_with_retry(
-    decomposition: Decomposition, factor: Tensor, generator: Callable[[], torch.Generator], step: int
+    decomposition: Decomposition,
+    factor: Tensor,
+    generator: Callable[[], torch.Generator],
+    step: int,
+    previous: Eigenpairs | None = None,
 ) -> tuple[Eigenpairs | None, bool]:
     """``(pairs, retried)``: the factor's decomposition, retried once in float64 if it fails.
 
@@ -84,12 +88,14 @@ def decompose_with_retry(
     on factors with clustered or badly scaled eigenvalues that float64 resolves, so one
     retry in float64 (result cast back to the factor's dtype) recovers most failures.
     ``pairs`` is None when the retry fails too. ``generator()`` makes a fresh generator for
-    each attempt, so that the retry draws the same sketch as the first attempt.
+    each attempt, so that the retry draws the same sketch as the first attempt. ``previous``
+    (the factor's last decomposition) goes to the decomposition for warm starts and adaptive
+    ranks.
     """
-    pairs = _attempt(decomposition, factor, generator(), step)
+    pairs = _attempt(decomposition, factor, generator(), step, previous)
     if pairs is not None or factor.dtype == torch.float64:
         return pairs, False  # a float64 factor has nothing to retry in
-    pairs = _attempt(decomposition, factor.double(), generator(), step)
+    pairs = _attempt(decomposition, factor.double(), generator(), step, previous)
     if pairs is not None:
         pairs = Eigenpairs(pairs.vectors.to(factor.dtype), pairs.values.to(factor.dtype), pairs.trace, pairs.top)
         if not finite_pairs(pairs):  # values beyond the range of the factor's dtype
@@ -97,9 +103,14 @@ def decompose_with_retry(
     return pairs, True
 
 
-def _attempt(decomposition: Decomposition, factor: Tensor, generator: torch.Generator, step: int) -> Eigenpairs | None:
+def _attempt(
+    decomposition: Decomposition, factor: Tensor, generator: torch.Generator, step: int, previous: Eigenpairs | None
+) -> Eigenpairs | None:
     try:
-        pairs = decomposition.decompose(factor, generator, step)
+        if previous is not None and decomposition.uses_previous:
+            pairs = decomposition.decompose(factor, generator, step, previous)
+        else:  # keeps subclasses that override decompose(factor, generator, step) working
+            pairs = decomposition.decompose(factor, generator, step)
     except torch.linalg.LinAlgError:
         return None
     return pairs if finite_pairs(pairs) else None

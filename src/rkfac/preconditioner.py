@@ -275,6 +275,10 @@ class KFACPreconditioner:
         """The current averaged factors, ``{layer_name: (A, G)}``, for layers that have them."""
         return {layer.name: (layer.factors["A"], layer.factors["G"]) for layer in self._layers if layer.factors}
 
+    def ranks(self) -> dict[str, tuple[int, int]]:
+        """Eigenpairs kept per layer, ``{layer_name: (k_A, k_G)}`` (varies with ``adaptive_rank``)."""
+        return {name: (a.rank, g.rank) for name, (a, g) in self.eigenpairs().items()}
+
     def eigenpairs(self) -> dict[str, tuple[Eigenpairs, Eigenpairs]]:
         """The decompositions in use, ``{layer_name: (A pairs, G pairs)}``."""
         return {layer.name: (layer.eigen["A"], layer.eigen["G"]) for layer in self._layers if _complete(layer.eigen)}
@@ -452,7 +456,7 @@ class KFACPreconditioner:
         """One factor's decomposition (retried in float64 if it fails), or None, counted."""
         factor = layer.factors[key]
         generator = functools.partial(keyed_generator, factor.device, self.seed, "sketch", layer.index, factor_index, step)
-        pairs, retried = decompose_with_retry(self.decomposition, factor, generator, step)
+        pairs, retried = decompose_with_retry(self.decomposition, factor, generator, step, layer.eigen.get(key))
         self._health.float64_retries += int(retried)
         if pairs is None:
             self._health.failed_decompositions += 1
