@@ -250,3 +250,14 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_checkpoint(
     assert "training loss is" in error and "last checkpoint" in error and "intact" in error
     assert json.loads((run / "summary.json").read_text())["status"] == "diverged"
     assert RunDirectory(run).load_checkpoint()["progress"]["epoch"] == 1  # the epoch-1 checkpoint survived
+
+
+def test_warm_start_and_adaptive_rank_flags_reach_the_decomposition_and_the_metrics(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    flags = ["--widths", "64", "--rank", "40", "--min-rank", "8", "--inverse-every", "2", "--warm-start", "--adaptive-rank"]
+    assert main(["train", "--optimizer", "sre-kfac", "--epochs", "2", "--out", str(run), *SMALL, *flags]) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert config["warm_start"] is True and config["adaptive_rank"] is True and config["min_rank"] == 8
+    ranks = [record["ranks"] for record in read_metrics(run, "epoch")]
+    assert all(8 <= k <= 40 for epoch in ranks for pair in epoch.values() for k in pair)
+    assert ranks[-1]["1"] != [40, 40]  # the hidden layer's ranks moved off the configured maximum

@@ -58,6 +58,10 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--rank", "rank", parse_schedule, "RS/SRE target rank or schedule"),
     ("--oversample", "oversample", int, "RS/SRE oversampling p"),
     ("--power-iters", "power_iters", int, "RS/SRE power iterations q"),
+    ("--warm-start", "warm_start", bool, "RS/SRE: start the range finder from the previous eigenvectors"),
+    ("--warm-power-iters", "warm_power_iters", int, "RS/SRE: power iterations of a warm start"),
+    ("--adaptive-rank", "adaptive_rank", bool, "RS/SRE: rank follows the spectrum (smallest kept ≈ 10^-1.5 λ_max)"),
+    ("--min-rank", "min_rank", int, "RS/SRE: the smallest adaptive rank (--rank is the largest)"),
     ("--factor-decay", "factor_decay", float, "exponential average ρ of the factors"),
     ("--factor-every", "factor_every", parse_schedule, "steps between factor updates"),
     ("--inverse-every", "inverse_every", parse_schedule, "steps between decompositions"),
@@ -77,7 +81,10 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
 
 def _add_run_flags(parser: argparse.ArgumentParser, *, with_seed: bool = True) -> None:
     for flag, dest, kind, text in RUN_FLAGS:
-        parser.add_argument(flag, dest=dest, type=kind, default=argparse.SUPPRESS, help=text)
+        if kind is bool:  # a switch: given means True
+            parser.add_argument(flag, dest=dest, action="store_true", default=argparse.SUPPRESS, help=text)
+        else:
+            parser.add_argument(flag, dest=dest, type=kind, default=argparse.SUPPRESS, help=text)
     if with_seed:
         parser.add_argument("--seed", dest="seed", type=int, default=argparse.SUPPRESS, help="seed of init, data order, sketches")
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="start from a named preset")

@@ -54,6 +54,10 @@ class RunConfig:
     rank: EpochSchedule = 220
     oversample: int = 10
     power_iters: int = 4
+    warm_start: bool = False
+    warm_power_iters: int = 1
+    adaptive_rank: bool = False
+    min_rank: int = 32
     factor_decay: float = 0.95
     factor_every: EpochSchedule = 10
     inverse_every: EpochSchedule = 50
@@ -85,6 +89,8 @@ class RunConfig:
         if self.max_steps is not None:
             check_int(self.max_steps, "max_steps", low=1)
         check_int(self.checkpoint_every, "checkpoint_every", low=0)
+        check_int(self.warm_power_iters, "warm_power_iters", low=0)
+        check_int(self.min_rank, "min_rank", low=1)
         check_int(self.update_freq, "update_freq", low=1)
         check_int(self.col_sample_size, "col_sample_size", low=1)
         check_float(self.sketch_threshold, "sketch_threshold", low=0.0)

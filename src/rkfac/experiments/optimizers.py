@@ -13,10 +13,16 @@ from rkfac.timing import PhaseTimer
 def decomposition_for(config: RunConfig, steps_per_epoch: int) -> rkfac.Decomposition:
     if config.optimizer == "kfac":
         return rkfac.ExactEigh()
-    rank = step_schedule(config.rank, steps_per_epoch, cast=int)
-    if config.optimizer == "rs-kfac":
-        return rkfac.RandomizedSVD(rank=rank, oversample=config.oversample, power_iters=config.power_iters)
-    return rkfac.SymmetricRandomizedEVD(rank=rank, oversample=config.oversample, power_iters=config.power_iters)
+    method = rkfac.RandomizedSVD if config.optimizer == "rs-kfac" else rkfac.SymmetricRandomizedEVD
+    return method(
+        rank=step_schedule(config.rank, steps_per_epoch, cast=int),
+        oversample=config.oversample,
+        power_iters=config.power_iters,
+        warm_start=config.warm_start,
+        warm_power_iters=config.warm_power_iters,
+        adaptive_rank=config.adaptive_rank,
+        min_rank=config.min_rank,
+    )
 
 
 def build_optimizer(

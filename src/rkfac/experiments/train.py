@@ -310,6 +310,11 @@ class Trainer:
         health = getattr(getattr(self.optimizer, "preconditioner", None), "health", None)
         return None if health is None else health.as_dict()
 
+    def _ranks(self) -> dict[str, list[int]] | None:
+        """Eigenpairs kept per K-FAC layer, [k_A, k_G] (they move with --adaptive-rank)."""
+        ranks = getattr(getattr(self.optimizer, "preconditioner", None), "ranks", None)
+        return None if ranks is None else {name: list(pair) for name, pair in ranks().items()}
+
     def _evaluate(self) -> tuple[float, float]:
         """Test loss and accuracy; rank 0 alone evaluates in a distributed run (others get NaN)."""
         if not self.placement.is_main:
@@ -336,6 +341,7 @@ class Trainer:
                     "epoch_time": progress.epoch_time,
                     "train_time": progress.train_time,
                     "health": self._health(),
+                    "ranks": self._ranks(),
                 }
             ]
         )
