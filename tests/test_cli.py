@@ -81,7 +81,7 @@ def test_train_writes_a_complete_run_directory(tmp_path: Path) -> None:
     assert summary["final_test_acc"] == epochs[-1]["test_acc"]
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam", "kfac", "rs-kfac", "seng"])
+@pytest.mark.parametrize("optimizer", ["sgd", "adam", "kfac", "rs-kfac", "b-kfac", "b-r-kfac", "seng"])
 def test_every_optimizer_trains(tmp_path: Path, optimizer: str) -> None:
     assert main(["train", "--optimizer", optimizer, "--max-steps", "3", "--out", str(tmp_path / optimizer), *SMALL]) == 0
     summary = json.loads((tmp_path / optimizer / "summary.json").read_text())

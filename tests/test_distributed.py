@@ -46,6 +46,8 @@ class CountingSRE(rkfac.SymmetricRandomizedEVD):
 
 
 def make_decomposition(name: str) -> rkfac.Decomposition:
+    if name == "brand":  # batch 6 per rank, 12 global: fc1's factors (101, 16) and fc2's A (17) go online
+        return rkfac.BrandUpdate(rank=6, fallback=CountingSRE(rank=6, oversample=2, power_iters=2))
     if name == "exact":
         return CountingEigh()
     return CountingSRE(rank=6, oversample=2, power_iters=2)
@@ -92,14 +94,14 @@ def _worker(rank: int, world_size: int, store: str, out: str, decomposition: str
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("decomposition", ["exact", "sre", "seng"])
+@pytest.mark.parametrize("decomposition", ["exact", "sre", "seng", "brand"])
 def test_two_ranks_match_one_process_over_the_global_batch(tmp_path: Path, decomposition: str):
     mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path), decomposition), nprocs=2)
     ranks = [torch.load(tmp_path / f"{rank}.pt", weights_only=False) for rank in range(2)]
     for mine, theirs in zip(ranks[0]["params"], ranks[1]["params"], strict=True):
         assert torch.equal(mine, theirs)  # identical on both ranks, bit for bit
 
-    if decomposition == "seng":
+    if decomposition in ("seng", "brand"):
         single = make_model()
         train(single, decomposition, rank=0, world_size=1)
         for distributed, alone in zip(ranks[0]["params"], single.parameters(), strict=True):

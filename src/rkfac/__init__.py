@@ -7,7 +7,7 @@ or the ready optimizer ``rkfac.KFAC(model, lr=0.1, **preconditioner_options)``; 
 method is ``rkfac.SENG(model, lr=0.05)``.
 """
 
-from rkfac.decompositions import Decomposition, ExactEigh, RandomizedSVD, SymmetricRandomizedEVD
+from rkfac.decompositions import BrandUpdate, Decomposition, ExactEigh, RandomizedSVD, SymmetricRandomizedEVD
 from rkfac.lowrank import Eigenpairs
 from rkfac.optimizer import KFAC
 from rkfac.preconditioner import KFACPreconditioner
@@ -19,6 +19,7 @@ __version__ = "0.1.0"
 __all__ = [
     "KFAC",
     "SENG",
+    "BrandUpdate",
     "Decomposition",
     "Eigenpairs",
     "ExactEigh",

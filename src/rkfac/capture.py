@@ -57,25 +57,37 @@ def _gram(rows: Tensor) -> Tensor:
 
 
 class StatisticSums:
-    """Running sums of one layer's statistics since the last factor update."""
+    """Running sums of one layer's statistics since the last factor update.
+
+    With ``keep_rows`` (B-KFAC's online factors) the rows themselves are kept instead of their
+    Gram products, so that :meth:`columns` can hand the low-rank statistic S = C Cᵀ to
+    Brand's update without a d × d product; :meth:`averages` still works from them.
+    """
 
     input_sum: Tensor | None
     input_rows: int
     grad_sum: Tensor | None
     _samples_by_group: dict[int, int]
 
-    def __init__(self) -> None:
+    def __init__(self, keep_rows: bool = False) -> None:
+        self.keep_rows = keep_rows
         self.clear()
 
     def add_inputs(self, rows: Tensor) -> None:
-        gram = _gram(rows)
-        self.input_sum = gram if self.input_sum is None else self.input_sum.add_(gram)
+        if self.keep_rows:
+            self._input_parts.append(rows)
+        else:
+            gram = _gram(rows)
+            self.input_sum = gram if self.input_sum is None else self.input_sum.add_(gram)
         self.input_rows += rows.shape[0]
 
     def add_output_grads(self, rows: Tensor, samples: int, group: int) -> None:
         """Add the rows of one call; ``samples`` count once per sample ``group`` (one model call)."""
-        gram = _gram(rows)
-        self.grad_sum = gram if self.grad_sum is None else self.grad_sum.add_(gram)
+        if self.keep_rows:
+            self._grad_parts.append(rows)
+        else:
+            gram = _gram(rows)
+            self.grad_sum = gram if self.grad_sum is None else self.grad_sum.add_(gram)
         self._samples_by_group[group] = samples
 
     @property
@@ -85,23 +97,36 @@ class StatisticSums:
 
     @property
     def has_inputs(self) -> bool:
-        return self.input_sum is not None
+        return self.input_sum is not None or bool(self._input_parts)
 
     @property
     def has_output_grads(self) -> bool:
-        return self.grad_sum is not None
+        return self.grad_sum is not None or bool(self._grad_parts)
+
+    def _scales(self, loss_reduction: str) -> tuple[float, float]:
+        """(c_A, c_G) with S_A = c_A Σ a aᵀ and S_G = c_G Σ g gᵀ."""
+        n = self.grad_samples
+        return 1.0 / self.input_rows, (float(n) if loss_reduction == "mean" else 1.0 / n)
 
     def averages(self, loss_reduction: str) -> tuple[Tensor, Tensor]:
         """(S_A, S_G) with the scaling documented in :mod:`rkfac.layers`."""
+        c_a, c_g = self._scales(loss_reduction)
+        if self.keep_rows:
+            return _gram(torch.cat(self._input_parts)) * c_a, _gram(torch.cat(self._grad_parts)) * c_g
         assert self.input_sum is not None and self.grad_sum is not None
-        s_a = self.input_sum / self.input_rows
-        n = self.grad_samples
-        s_g = self.grad_sum * n if loss_reduction == "mean" else self.grad_sum / n
-        return s_a, s_g
+        return self.input_sum * c_a, self.grad_sum * c_g
+
+    def columns(self, loss_reduction: str) -> tuple[Tensor, Tensor]:
+        """(C_A, C_G), d × N each, with C Cᵀ equal to :meth:`averages` (``keep_rows`` only)."""
+        assert self.keep_rows and self._input_parts and self._grad_parts
+        c_a, c_g = self._scales(loss_reduction)
+        return torch.cat(self._input_parts).T * c_a**0.5, torch.cat(self._grad_parts).T * c_g**0.5
 
     def clear(self) -> None:
         self.input_sum, self.input_rows = None, 0
         self.grad_sum, self._samples_by_group = None, {}
+        self._input_parts: list[Tensor] = []
+        self._grad_parts: list[Tensor] = []
 
 
 class StatisticsCapture:

@@ -232,3 +232,63 @@ class SymmetricRandomizedEVD(_Randomized):
     def cost(self, dim: int, step: int = 0) -> float:
         columns = self.rank_at(step) + self.oversample
         return 2.0 * (self.power_iters + 1) * dim**2 * columns
+
+
+@dataclass(frozen=True)
+class BrandUpdate(Decomposition):
+    """B-KFAC: keep only (U, D) of rank r and fold every new statistic in with Brand's update.
+
+    For a factor whose batch statistic has fewer columns than the factor is wide (a Linear
+    layer with batch N < d), the preconditioner passes the statistic's columns C (S = C Cᵀ)
+    to :func:`rkfac.brand.brand_update` at every factor step: O(d (r + N)²), linear in d, and
+    the d × d factor is not kept. Every other factor (convolutions, narrow layers) falls back
+    to ``fallback`` on the dense factor, on the usual inverse schedule. Which path a factor
+    takes is decided at its first statistic.
+
+    Variants (both keep the dense factor of the online factors as well, to correct against):
+
+    - B-R-KFAC: ``refresh_every=k`` overwrites (U, D) by ``fallback`` on the dense factor
+      every k steps (the truncation error of the online updates only fades at rate ρ);
+    - B-KFAC-c: ``reproject_every=k`` corrects ``reproject_count`` random eigenvectors by a
+      Rayleigh–Ritz step on the dense factor every k steps (:func:`rkfac.brand.reproject_subset`).
+
+    ``decompose`` on a dense factor is the fallback's.
+    """
+
+    rank: int = 220
+    fallback: Decomposition = SymmetricRandomizedEVD()
+    refresh_every: int | None = None
+    reproject_every: int | None = None
+    reproject_count: int = 16
+
+    def __post_init__(self) -> None:
+        check_int(self.rank, "rank", low=1)
+        if not isinstance(self.fallback, Decomposition) or isinstance(self.fallback, BrandUpdate):
+            raise ValueError(f"fallback must be a dense rkfac Decomposition, got {self.fallback!r}")
+        for name in ("refresh_every", "reproject_every"):
+            if getattr(self, name) is not None:
+                check_int(getattr(self, name), name, low=1)
+        check_int(self.reproject_count, "reproject_count", low=1)
+
+    @property
+    def keeps_factor(self) -> bool:
+        """Whether online factors also keep their dense average (the B-R and B-KFAC-c variants)."""
+        return self.refresh_every is not None or self.reproject_every is not None
+
+    def rank_at(self, step: int) -> int:
+        return self.rank
+
+    def decompose(
+        self, factor: Tensor, generator: torch.Generator | None = None, step: int = 0, previous: Eigenpairs | None = None
+    ) -> Eigenpairs:
+        return self.fallback.decompose(factor, generator, step, previous)
+
+    @property
+    def uses_previous(self) -> bool:
+        return self.fallback.uses_previous
+
+    def _top(self, factor: Tensor, keep: int, generator: torch.Generator, previous: Eigenpairs | None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError  # decompose() delegates to the fallback
+
+    def cost(self, dim: int, step: int = 0) -> float:
+        return self.fallback.cost(dim, step)

@@ -60,11 +60,12 @@ from torch import Tensor, nn
 
 from rkfac import layers
 from rkfac.assignment import assign_longest_first
+from rkfac.brand import brand_update, reproject_subset
 from rkfac.capture import StatisticsCapture, StatisticSums
 from rkfac.clipping import CLIP_MODES, clip_directions
 from rkfac.communication import Communicator, TrafficCounter
 from rkfac.damping import DAMPING_MODES, factor_dampings
-from rkfac.decompositions import Decomposition, SymmetricRandomizedEVD
+from rkfac.decompositions import BrandUpdate, Decomposition, SymmetricRandomizedEVD
 from rkfac.health import Health, all_finite, decompose_with_retry
 from rkfac.lowrank import Eigenpairs, kronecker_solve
 from rkfac.mc_fisher import MC_LOSSES, sampled_loss
@@ -97,6 +98,8 @@ class _Layer:
     module: layers.SupportedLayer
     factors: dict[str, Tensor] = field(default_factory=dict)
     eigen: dict[str, Eigenpairs] = field(default_factory=dict)
+    # B-KFAC: whether each factor is updated online (Brand) rather than decomposed dense
+    online: dict[str, bool] = field(default_factory=dict)
 
 
 class KFACPreconditioner:
@@ -197,6 +200,7 @@ class KFACPreconditioner:
                 + (f" after skip={skip_rules!r}" if skip_rules else "")
             )
         self._layers = [_Layer(name, index, module) for index, (name, module) in enumerate(selected.items())]
+        self._layer_by_name = {layer.name: layer for layer in self._layers}
         self.unsupported = _unsupported_layers(model, selected, skip_rules)
         if self.unsupported:
             listed = ", ".join(f"{name} ({kind})" for name, kind in self.unsupported)
@@ -207,6 +211,11 @@ class KFACPreconditioner:
                 stacklevel=2,
             )
         self._capture = StatisticsCapture(selected, self._is_factor_step, timer, root=model)
+        self._brand = decomposition if isinstance(decomposition, BrandUpdate) else None
+        self._dense_method = decomposition.fallback if isinstance(decomposition, BrandUpdate) else decomposition
+        if self._brand is not None:  # Linear layers may go online: keep their rows, not Gram products
+            for layer in self._layers:
+                self._capture.sums[layer.name].keep_rows = isinstance(layer.module, nn.Linear)
         self._capture.capture_output_grads = self.fisher == "empirical"
         self._mc_generator: torch.Generator | None = None
         self._health = Health()
@@ -272,8 +281,15 @@ class KFACPreconditioner:
             self._capture.capture_output_grads = False
 
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """The current averaged factors, ``{layer_name: (A, G)}``, for layers that have them."""
-        return {layer.name: (layer.factors["A"], layer.factors["G"]) for layer in self._layers if layer.factors}
+        """The averaged factors, ``{layer_name: (A, G)}``, of layers that keep both.
+
+        B-KFAC keeps no dense average for its online factors; see :meth:`eigenpairs`.
+        """
+        return {
+            layer.name: (layer.factors["A"], layer.factors["G"])
+            for layer in self._layers
+            if all(k in layer.factors for k in FACTORS)
+        }
 
     def ranks(self) -> dict[str, tuple[int, int]]:
         """Eigenpairs kept per layer, ``{layer_name: (k_A, k_G)}`` (varies with ``adaptive_rank``)."""
@@ -291,6 +307,7 @@ class KFACPreconditioner:
                 layer.name: {
                     "factors": dict(layer.factors),
                     "eigen": {key: _pairs_to_dict(pairs) for key, pairs in layer.eigen.items()},
+                    "online": dict(layer.online),
                 }
                 for layer in self._layers
             },
@@ -306,7 +323,8 @@ class KFACPreconditioner:
         for layer in self._layers:
             saved = state["layers"][layer.name]
             device = layer.module.weight.device
-            factors = {key: tensor.to(device) for key, tensor in saved["factors"].items()}
+            # copies: the running factors are updated in place, and must not alias the caller's state
+            factors = {key: tensor.to(device, copy=True) for key, tensor in saved["factors"].items()}
             expected = dict(zip(FACTORS, layers.factor_dims(layer.module), strict=True))
             for key, tensor in factors.items():
                 if tensor.shape != (expected[key], expected[key]):
@@ -315,6 +333,7 @@ class KFACPreconditioner:
                     )
             layer.factors = factors
             layer.eigen = {key: _pairs_from_dict(pairs).to(device) for key, pairs in saved["eigen"].items()}
+            layer.online = dict(saved.get("online", {}))
         self.steps = int(state["steps"])
         self._health = Health.from_dict(state.get("health"))  # absent from older state dicts
         self._capture.clear()
@@ -345,20 +364,49 @@ class KFACPreconditioner:
             )
 
     def _take_statistics(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """This step's (S_A, S_G) of every layer that captured both; clears the sums."""
-        statistics = {}
+        """This step's statistics of every layer that captured both; clears the sums.
+
+        A statistic is S (d × d), or for a factor updated online (B-KFAC) its columns C
+        (d × N, S = C Cᵀ). Unscaled from a GradScaler's loss scale and, in a process group,
+        averaged over ranks (S by an all-reduce, C by gathering every rank's columns).
+        """
+        statistics: dict[str, tuple[Tensor, Tensor]] = {}
         for layer in self._layers:
             sums: StatisticSums = self._capture.sums[layer.name]
-            if sums.has_inputs and sums.has_output_grads:
+            if not (sums.has_inputs and sums.has_output_grads):
+                continue
+            if not sums.keep_rows:
                 statistics[layer.name] = sums.averages(self.loss_reduction)
+                continue
+            columns = sums.columns(self.loss_reduction)
+            for key, c in zip(FACTORS, columns, strict=True):
+                if key not in layer.online:  # decided once, at the first statistic: batch narrower than the factor
+                    layer.online[key] = c.shape[1] * self._comm.world_size < c.shape[0]
+            a, g = (c if layer.online[key] else c @ c.T for key, c in zip(FACTORS, columns, strict=True))
+            statistics[layer.name] = (a, g)
         self._capture.clear()
         scale = self._loss_scale()
         if scale != 1.0:
-            statistics = {name: (s_a, s_g / scale**2) for name, (s_a, s_g) in statistics.items()}
+            statistics = {
+                name: (a, g / (scale if self._is_online(name, "G") else scale**2)) for name, (a, g) in statistics.items()
+            }
         if self._comm.active:
-            averaged = iter(self._comm.average_symmetric([s for pair in statistics.values() for s in pair]))
-            statistics = {name: (next(averaged), next(averaged)) for name in statistics}
+            dense = [
+                (name, i) for name, pair in statistics.items() for i, key in enumerate(FACTORS) if not self._is_online(name, key)
+            ]
+            averaged = iter(self._comm.average_symmetric([statistics[name][i] for name, i in dense]))
+            updated = {name: list(pair) for name, pair in statistics.items()}
+            for name, i in dense:
+                updated[name][i] = next(averaged)
+            for name, pair in updated.items():
+                for i, key in enumerate(FACTORS):
+                    if self._is_online(name, key):  # mean of C_r C_rᵀ over ranks = [C_1 … C_w][…]ᵀ / w
+                        pair[i] = self._comm.gather_rows(pair[i].T).T / self._comm.world_size**0.5
+            statistics = {name: (pair[0], pair[1]) for name, pair in updated.items()}
         return statistics
+
+    def _is_online(self, name: str, key: str) -> bool:
+        return self._layer_by_name[name].online.get(key, False)
 
     def _find_non_finite(self, statistics: dict[str, tuple[Tensor, Tensor]], step: int) -> dict[str, list[str]]:
         """``{layer name: [what was not finite]}`` over this step's statistics and gradients.
@@ -389,12 +437,18 @@ class KFACPreconditioner:
         return faults
 
     def _update_factors(self, statistics: dict[str, tuple[Tensor, Tensor]], faults: dict[str, list[str]]) -> None:
-        """Fold the finite statistics into the exponential averages."""
+        """Fold the finite statistics into the exponential averages (online factors: Brand's update)."""
         decay = self.factor_decay
         for layer in self._layers:
             if layer.name not in statistics or _has_bad_statistic(faults.get(layer.name, [])):
                 continue
             for key, statistic in zip(FACTORS, statistics[layer.name], strict=True):
+                if layer.online.get(key, False):
+                    assert self._brand is not None
+                    layer.eigen[key] = brand_update(layer.eigen.get(key), statistic, decay, self._brand.rank)
+                    if not self._brand.keeps_factor:
+                        continue
+                    statistic = statistic @ statistic.T
                 if key in layer.factors:
                     layer.factors[key].mul_(decay).add_(statistic, alpha=1.0 - decay)
                 else:
@@ -421,18 +475,22 @@ class KFACPreconditioner:
         In a process group each factor is decomposed by its owner only and shared.
         """
         scheduled = step % at_step_int(self.inverse_every, step, "inverse_every", low=1) == 0
+        brand = self._brand
+        refresh = brand is not None and brand.refresh_every is not None and step > 0 and step % brand.refresh_every == 0
         jobs = [
             (layer, factor_index, key)
             for layer in self._layers
             for factor_index, key in enumerate(FACTORS)
-            if key in layer.factors and (key not in layer.eigen or scheduled)
+            if key in layer.factors and (refresh if layer.online.get(key, False) else (key not in layer.eigen or scheduled))
         ]
+        if brand is not None and brand.reproject_every is not None and step > 0 and step % brand.reproject_every == 0:
+            self._reproject(step)
         if not jobs:
             return
         dims = [layer.factors[key].shape[0] for layer, _, key in jobs]
         owners = [0] * len(jobs)
         if self._comm.active:
-            costs = [self.decomposition.cost(dim, step) for dim in dims]
+            costs = [self._dense_method.cost(dim, step) for dim in dims]
             owners = assign_longest_first(costs, self._comm.world_size)
         owned = {
             job: self._decompose_factor(layer, factor_index, key, step)
@@ -452,11 +510,24 @@ class KFACPreconditioner:
             if pairs is not None:
                 layer.eigen[key] = pairs
 
+    def _reproject(self, step: int) -> None:
+        """B-KFAC-c: a Rayleigh–Ritz correction of a few random eigenvectors of each online factor."""
+        assert self._brand is not None
+        for layer in self._layers:
+            for factor_index, key in enumerate(FACTORS):
+                if layer.online.get(key, False) and key in layer.factors and key in layer.eigen:
+                    generator = keyed_generator(
+                        layer.factors[key].device, self.seed, "reproject", layer.index, factor_index, step
+                    )
+                    layer.eigen[key] = reproject_subset(
+                        layer.eigen[key], layer.factors[key], self._brand.reproject_count, generator
+                    )
+
     def _decompose_factor(self, layer: _Layer, factor_index: int, key: str, step: int) -> Eigenpairs | None:
         """One factor's decomposition (retried in float64 if it fails), or None, counted."""
         factor = layer.factors[key]
         generator = functools.partial(keyed_generator, factor.device, self.seed, "sketch", layer.index, factor_index, step)
-        pairs, retried = decompose_with_retry(self.decomposition, factor, generator, step, layer.eigen.get(key))
+        pairs, retried = decompose_with_retry(self._dense_method, factor, generator, step, layer.eigen.get(key))
         self._health.float64_retries += int(retried)
         if pairs is None:
             self._health.failed_decompositions += 1

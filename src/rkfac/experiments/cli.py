@@ -61,6 +61,7 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--warm-start", "warm_start", bool, "RS/SRE: start the range finder from the previous eigenvectors"),
     ("--warm-power-iters", "warm_power_iters", int, "RS/SRE: power iterations of a warm start"),
     ("--adaptive-rank", "adaptive_rank", bool, "RS/SRE: rank follows the spectrum (smallest kept ≈ 10^-1.5 λ_max)"),
+    ("--refresh-every", "refresh_every", int, "b-r-kfac: steps between refreshes of (U, D) from the dense factor"),
     ("--min-rank", "min_rank", int, "RS/SRE: the smallest adaptive rank (--rank is the largest)"),
     ("--factor-decay", "factor_decay", float, "exponential average ρ of the factors"),
     ("--factor-every", "factor_every", parse_schedule, "steps between factor updates"),

@@ -24,8 +24,8 @@ from rkfac.schedules import check_choice, check_float, check_int
 
 EpochSchedule: TypeAlias = float | dict[int, float]
 
-OPTIMIZERS = ("sgd", "adam", "kfac", "rs-kfac", "sre-kfac", "seng")
-KFAC_OPTIMIZERS = ("kfac", "rs-kfac", "sre-kfac")
+OPTIMIZERS = ("sgd", "adam", "kfac", "rs-kfac", "sre-kfac", "b-kfac", "b-r-kfac", "seng")
+KFAC_OPTIMIZERS = ("kfac", "rs-kfac", "sre-kfac", "b-kfac", "b-r-kfac")
 PRECONDITIONED = (*KFAC_OPTIMIZERS, "seng")  # optimizers with a preconditioner (and a phase timer)
 SCHEDULED = ("lr", "damping", "rank", "factor_every", "inverse_every")
 
@@ -58,6 +58,7 @@ class RunConfig:
     warm_power_iters: int = 1
     adaptive_rank: bool = False
     min_rank: int = 32
+    refresh_every: int = 50
     factor_decay: float = 0.95
     factor_every: EpochSchedule = 10
     inverse_every: EpochSchedule = 50
@@ -91,6 +92,7 @@ class RunConfig:
         check_int(self.checkpoint_every, "checkpoint_every", low=0)
         check_int(self.warm_power_iters, "warm_power_iters", low=0)
         check_int(self.min_rank, "min_rank", low=1)
+        check_int(self.refresh_every, "refresh_every", low=1)
         check_int(self.update_freq, "update_freq", low=1)
         check_int(self.col_sample_size, "col_sample_size", low=1)
         check_float(self.sketch_threshold, "sketch_threshold", low=0.0)

@@ -6,13 +6,20 @@ import torch
 from torch import nn
 
 import rkfac
-from rkfac.experiments.config import KFAC_OPTIMIZERS, RunConfig, step_schedule
+from rkfac.experiments.config import KFAC_OPTIMIZERS, RunConfig, step_schedule, value_at_epoch
 from rkfac.timing import PhaseTimer
 
 
 def decomposition_for(config: RunConfig, steps_per_epoch: int) -> rkfac.Decomposition:
+    """The decomposition of a K-FAC optimizer. B-KFAC (b-kfac, b-r-kfac) falls back to SRE with
+    the run's settings for the factors it cannot update online; its own rank is the first
+    epoch's value of ``rank``."""
     if config.optimizer == "kfac":
         return rkfac.ExactEigh()
+    if config.optimizer in ("b-kfac", "b-r-kfac"):
+        fallback = decomposition_for(config.updated(optimizer="sre-kfac"), steps_per_epoch)
+        refresh = config.refresh_every if config.optimizer == "b-r-kfac" else None
+        return rkfac.BrandUpdate(rank=int(value_at_epoch(config.rank, 1)), fallback=fallback, refresh_every=refresh)
     method = rkfac.RandomizedSVD if config.optimizer == "rs-kfac" else rkfac.SymmetricRandomizedEVD
     return method(
         rank=step_schedule(config.rank, steps_per_epoch, cast=int),

@@ -38,6 +38,8 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "kfac": {"lr": 0.1, "momentum": 0.0, "damping": 0.1, "clip": "rms", "clip_value": 0.07},
     "rs-kfac": {"lr": 0.1, "momentum": 0.0, "damping": 0.1, "clip": "rms", "clip_value": 0.07},
     "sre-kfac": {"lr": 0.1, "momentum": 0.0, "damping": 0.1, "clip": "rms", "clip_value": 0.07},
+    "b-kfac": {"lr": 0.1, "momentum": 0.0, "damping": 0.1, "clip": "rms", "clip_value": 0.07},
+    "b-r-kfac": {"lr": 0.1, "momentum": 0.0, "damping": 0.1, "clip": "rms", "clip_value": 0.07},
     "seng": {
         "lr": seng_lr_schedule(),
         "momentum": 0.9,
