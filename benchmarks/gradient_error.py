@@ -3,7 +3,8 @@
 Several preconditioners hook the same model; at every step each computes its direction from
 the same raw gradient (the gradient is restored between them), and the model steps with the
 direction of exact K-FAC decomposed at every factor update (the reference: exact K-FAC of the
-current factors; the variants decompose every 50 steps as trained, B-KFAC at every update), so every variant sees the same batches and the same parameters. Reported
+current factors; the variants decompose every 50 steps as trained, B-KFAC at every update),
+so every variant sees the same batches and the same parameters. Reported
 per variant: the relative error ‖V − V_exact‖_F / ‖V_exact‖_F of the whole preconditioned
 gradient (all layers), median and max over the measured steps.
 

@@ -18,7 +18,7 @@ CLIP_MODES = ("rms", "kl", None)
 
 
 def rms_scale(direction: Tensor, clip_value: float) -> Tensor:
-    rms = direction.pow(2).mean().sqrt()
+    rms = torch.linalg.vector_norm(direction) / direction.numel() ** 0.5
     return (clip_value / rms).clamp(max=1.0)
 
 

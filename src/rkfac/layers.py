@@ -63,8 +63,8 @@ def _append_ones(rows: Tensor) -> Tensor:
     return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)
 
 
-def conv_unfold(module: nn.Conv2d, inputs: Tensor) -> Tensor:
-    """Unfolded input patches per sample, (n, c_in·kh·kw, T), padded exactly as the layer pads.
+def _padded(module: nn.Conv2d, inputs: Tensor) -> Tensor:
+    """The batched input padded exactly as the layer pads it.
 
     Padding goes through ``F.pad`` with the layer's own padding amounts so that
     ``padding='same'`` and non-zero padding modes ('reflect', 'replicate', 'circular') give
@@ -76,22 +76,47 @@ def conv_unfold(module: nn.Conv2d, inputs: Tensor) -> Tensor:
     if any(pad):
         mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
         inputs = F.pad(inputs, pad, mode=mode)
-    return F.unfold(inputs, module.kernel_size, dilation=module.dilation, stride=module.stride)
+    return inputs
 
 
-def conv_patches(module: nn.Conv2d, inputs: Tensor) -> Tensor:
-    """Unfolded input patches as rows, (n·T, c_in·kh·kw): one row per (sample, position)."""
-    patches = conv_unfold(module, inputs)
-    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+def conv_unfold(module: nn.Conv2d, inputs: Tensor) -> Tensor:
+    """Unfolded input patches per sample, (n, c_in·kh·kw, T)."""
+    return F.unfold(_padded(module, inputs), module.kernel_size, dilation=module.dilation, stride=module.stride)
+
+
+def _conv_patch_view(module: nn.Conv2d, inputs: Tensor) -> Tensor:
+    """The patches as a strided view (n, H_out, W_out, c_in, kh, kw) of the padded input.
+
+    No copy: one copy of this view is the patch matrix, where ``F.unfold`` followed by the
+    transpose to rows costs two (plus a third to append the bias ones); on fashion-cnn's
+    second convolution that was 70 ms of a 200 ms factor step.
+    """
+    x = _padded(module, inputs)
+    n, channels, height, width = x.shape
+    (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+    h_out, w_out = (height - dh * (kh - 1) - 1) // sh + 1, (width - dw * (kw - 1) - 1) // sw + 1
+    s_n, s_c, s_h, s_w = x.stride()
+    return x.as_strided(
+        (n, h_out, w_out, channels, kh, kw), (s_n, s_h * sh, s_w * sw, s_c, s_h * dh, s_w * dw), x.storage_offset()
+    )
 
 
 def input_rows(module: SupportedLayer, inputs: Tensor) -> Tensor:
-    """The A-statistic rows ``a`` (N, d_A) for one forward input."""
-    if isinstance(module, nn.Conv2d):
-        rows = conv_patches(module, inputs)
-    else:
+    """The A-statistic rows ``a`` (N, d_A) for one forward input.
+
+    For a convolution, one row per (sample, output position) holding the patch in the order
+    (c_in, kh, kw) of ``weight.reshape(c_out, -1)``, written straight into the row matrix.
+    """
+    if not isinstance(module, nn.Conv2d):
         rows = inputs.reshape(-1, inputs.shape[-1])
-    return _append_ones(rows) if has_bias(module) else rows
+        return _append_ones(rows) if has_bias(module) else rows
+    patches = _conv_patch_view(module, inputs)
+    count, width = patches[..., 0, 0, 0].numel(), patches[0, 0, 0].numel()
+    rows = patches.new_empty(count, width + int(has_bias(module)))
+    rows[:, :width].view(patches.shape).copy_(patches)
+    if has_bias(module):
+        rows[:, width] = 1.0
+    return rows
 
 
 def output_grad_rows(module: SupportedLayer, grad_output: Tensor) -> Tensor:

@@ -135,6 +135,10 @@ class KFACPreconditioner:
             initialised; nothing is communicated otherwise).
         timer: optional :class:`rkfac.timing.PhaseTimer` that accumulates the seconds spent in
             statistics, decomposition and preconditioning.
+        apply_dtype: the dtype of the large products of the per-step solve (None: the factor
+            dtype). ``torch.bfloat16`` roughly halves the step's largest phase on CPUs with
+            AVX512-BF16 at about 0.5% relative error in the direction (see
+            :func:`rkfac.lowrank.kronecker_solve`); factors and decompositions keep their dtype.
     """
 
     def __init__(
@@ -158,6 +162,7 @@ class KFACPreconditioner:
         grad_scaler: torch.amp.GradScaler | None = None,
         process_group: torch.distributed.ProcessGroup | None = None,
         timer: PhaseTimer | None = None,
+        apply_dtype: torch.dtype | None = None,
     ) -> None:
         if decomposition is None:
             decomposition = SymmetricRandomizedEVD()
@@ -181,6 +186,9 @@ class KFACPreconditioner:
         self.seed = seed
         self.steps = 0
         self.timer = timer
+        if apply_dtype is not None and not (isinstance(apply_dtype, torch.dtype) and apply_dtype.is_floating_point):
+            raise ValueError(f"apply_dtype must be None or a floating torch.dtype such as torch.bfloat16, got {apply_dtype!r}")
+        self.apply_dtype = apply_dtype
 
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {grad_scaler!r}")
@@ -555,7 +563,7 @@ class KFACPreconditioner:
             a_pairs, g_pairs = layer.eigen["A"], layer.eigen["G"]
             grad = grad.to(a_pairs.values.dtype)
             a_damping, g_damping = factor_dampings(self.damping_mode, damping, a_pairs, g_pairs)
-            updated.append((layer, kronecker_solve(grad, g_pairs, g_damping, a_pairs, a_damping)))
+            updated.append((layer, kronecker_solve(grad, g_pairs, g_damping, a_pairs, a_damping, self.apply_dtype)))
             grads.append(grad)
         directions = [direction for _, direction in updated]
         lr = at_step_float(self.lr, step, "lr", low=0.0) if self.clip == "kl" else 0.0

@@ -73,6 +73,7 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--col-sample-size", "col_sample_size", int, "SENG: rows sampled per side of large layers"),
     ("--sketch-threshold", "sketch_threshold", float, "SENG: sketch layers with more weights than this"),
     ("--sketch-rank", "sketch_rank", int, "SENG: rank of compressed conv output-gradient maps"),
+    ("--apply-dtype", "apply_dtype", str, "K-FAC: dtype of the per-step solve's large products: float32 | bfloat16"),
     ("--skip", "skip", _strings, "layer name patterns K-FAC leaves alone, comma-separated"),
     ("--device", "device", str, "auto | cpu | cuda"),
     ("--target-acc", "target_acc", _floats, "test accuracies to time, e.g. 0.86,0.88"),

@@ -22,6 +22,8 @@ from rkfac.experiments.models import MODELS
 from rkfac.preconditioner import FISHER_TYPES
 from rkfac.schedules import check_choice, check_float, check_int
 
+APPLY_DTYPES = ("float32", "bfloat16")
+
 EpochSchedule: TypeAlias = float | dict[int, float]
 
 OPTIMIZERS = ("sgd", "adam", "kfac", "rs-kfac", "sre-kfac", "b-kfac", "b-r-kfac", "seng")
@@ -69,6 +71,7 @@ class RunConfig:
     col_sample_size: int = 128
     sketch_threshold: float = 7e5
     sketch_rank: int = 16
+    apply_dtype: str = "float32"
     skip: list[str] = field(default_factory=list)
     seed: int = 0
     device: str = "auto"
@@ -98,6 +101,7 @@ class RunConfig:
         check_float(self.sketch_threshold, "sketch_threshold", low=0.0)
         check_int(self.sketch_rank, "sketch_rank", low=1)
         check_choice(self.device, "device", ("auto", "cpu", "cuda"))
+        check_choice(self.apply_dtype, "apply_dtype", APPLY_DTYPES)
         for target in self.target_acc:
             check_float(target, "target_acc", low=0.0, high=1.0)
         for name in SCHEDULED:

@@ -63,6 +63,7 @@ def build_optimizer(
             fisher=config.fisher,
             skip=config.skip,
             seed=config.seed,
+            apply_dtype=None if config.apply_dtype == "float32" else getattr(torch, config.apply_dtype),
             timer=timer,
         )
     if config.optimizer == "seng":
