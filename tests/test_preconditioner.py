@@ -79,6 +79,33 @@ def test_direction_equals_dense_solve_from_factors(mode: str, decomposition: rkf
         torch.testing.assert_close(grad_matrices(model)[name], expected)
 
 
+@pytest.mark.parametrize("decomposition", [rkfac.ExactEigh(), rkfac.SymmetricRandomizedEVD(rank=40, oversample=8)], ids=repr)
+def test_bfloat16_apply_rounds_wide_layers_only(decomposition: rkfac.Decomposition) -> None:
+    """bfloat16 rounds each product to 2⁻⁹. Where the gradient lies in the top modes the damped
+    inverse cancels most of it, by up to (1 + 1/δ)² = 121 at relative damping 0.1, so the bound
+    is (1 + 1/δ)² · 2⁻⁹ ≈ 0.24; this toy layer (inputs of dimension 6, a few dominant modes) is
+    near that case, at about 0.1. A wrong expansion would be off by O(1); the exact algebra is
+    tested in test_lowrank. Layers narrower than LOW_PRECISION_MIN_DIM on a side are solved in
+    float32: the same bits as without the option."""
+    torch.manual_seed(0)
+    width = rkfac.preconditioner.LOW_PRECISION_MIN_DIM
+    x, y = torch.randn(256, 6), torch.randint(0, 4, (256,))
+    directions = []
+    for apply_dtype in (None, torch.bfloat16):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(6, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(), nn.Linear(width, 4))
+        pre = rkfac.KFACPreconditioner(model, decomposition=decomposition, clip=None, apply_dtype=apply_dtype)
+        F.cross_entropy(model(x), y).backward()
+        pre.step()
+        directions.append(grad_matrices(model))
+    for name, reference in directions[0].items():
+        error = float((directions[1][name] - reference).norm() / reference.norm())
+        if name == "2":  # the one layer ≥ 128 on both sides
+            assert directions[1][name].dtype == torch.float32 and 0 < error < 0.24, error
+        else:
+            assert torch.equal(directions[1][name], reference), name
+
+
 def test_truncated_direction_uses_low_rank_plus_damping() -> None:
     """rank < d: the direction is the dense solve with U D Uᵀ (not the full factor)."""
     model = mlp()
@@ -400,6 +427,8 @@ def test_other_parameters_keep_their_plain_gradient_and_skip_works() -> None:
         ({"skip": [3]}, "skip entries must be .*got 3"),
         ({"decomposition": "eigh"}, "decomposition must be an rkfac Decomposition.*got 'eigh'"),
         ({"seed": "zero"}, "seed must be an integer, got 'zero'"),
+        ({"apply_dtype": "bf16"}, "apply_dtype must be None or a floating torch.dtype.*got 'bf16'"),
+        ({"apply_dtype": torch.int8}, "apply_dtype must be None or a floating torch.dtype.*got torch.int8"),
     ],
 )
 def test_bad_arguments_raise_value_error_naming_the_value(options: dict, message: str) -> None:

@@ -326,3 +326,14 @@ def test_bf16_autocast_with_a_scaler_matches_float32_within_bf16_precision():
         assert (mixed_g - g).norm() / g.norm() < 0.01
     for p, q in zip(plain_model.parameters(), mixed_model.parameters(), strict=True):
         assert (q - p).norm() / p.norm() < 0.01
+
+
+def test_all_finite_sees_nan_and_both_infinities_anywhere() -> None:
+    from rkfac.health import all_finite
+
+    tensors = [torch.zeros(0), torch.randn(5, 7), torch.randn(3, 4, dtype=torch.float64)]
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        damaged = torch.randn(6, 5)
+        damaged[4, 2] = bad
+        tensors.append(damaged)
+    assert all_finite(tensors) == [True, True, True, False, False, False]

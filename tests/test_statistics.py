@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import rkfac
+from rkfac import layers
 
 DTYPE = torch.float64
 
@@ -186,3 +187,12 @@ def test_factors_are_float32_for_low_precision_activations() -> None:
     pre.step()
     for a, g in pre.factors().values():
         assert a.dtype == torch.float32 and g.dtype == torch.float32
+
+
+def test_conv_rows_of_channels_last_and_unbatched_inputs_match_explicit_windows() -> None:
+    torch.manual_seed(4)
+    conv = nn.Conv2d(3, 4, kernel_size=3, stride=2, padding=1).to(DTYPE)
+    x = torch.randn(2, 3, 7, 6, dtype=DTYPE)
+    expected = with_ones(explicit_patches(x, conv, F.pad(x, conv._reversed_padding_repeated_twice)))
+    torch.testing.assert_close(layers.input_rows(conv, x.to(memory_format=torch.channels_last)), expected)
+    torch.testing.assert_close(layers.input_rows(conv, x[1]), expected[len(expected) // 2 :])

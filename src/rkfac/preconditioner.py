@@ -102,6 +102,10 @@ class _Layer:
     online: dict[str, bool] = field(default_factory=dict)
 
 
+# Layers narrower than this on either side keep the working dtype under ``apply_dtype``.
+LOW_PRECISION_MIN_DIM = 128
+
+
 class KFACPreconditioner:
     """K-FAC with a pluggable decomposition of the Kronecker factors.
 
@@ -137,8 +141,10 @@ class KFACPreconditioner:
             statistics, decomposition and preconditioning.
         apply_dtype: the dtype of the large products of the per-step solve (None: the factor
             dtype). ``torch.bfloat16`` roughly halves the step's largest phase on CPUs with
-            AVX512-BF16 at about 0.5% relative error in the direction (see
-            :func:`rkfac.lowrank.kronecker_solve`); factors and decompositions keep their dtype.
+            AVX512-BF16, at 0.3–24% relative error in the direction (see
+            :func:`rkfac.lowrank.kronecker_solve`); factors and decompositions keep their dtype,
+            and layers narrower than ``LOW_PRECISION_MIN_DIM`` (128) on either side are solved
+            in the working dtype.
     """
 
     def __init__(
@@ -563,13 +569,19 @@ class KFACPreconditioner:
             a_pairs, g_pairs = layer.eigen["A"], layer.eigen["G"]
             grad = grad.to(a_pairs.values.dtype)
             a_damping, g_damping = factor_dampings(self.damping_mode, damping, a_pairs, g_pairs)
-            updated.append((layer, kronecker_solve(grad, g_pairs, g_damping, a_pairs, a_damping, self.apply_dtype)))
+            updated.append((layer, kronecker_solve(grad, g_pairs, g_damping, a_pairs, a_damping, self._apply_dtype_for(grad))))
             grads.append(grad)
         directions = [direction for _, direction in updated]
         lr = at_step_float(self.lr, step, "lr", low=0.0) if self.clip == "kl" else 0.0
         clip_directions(self.clip, self.clip_value, directions, grads, lr)
         for layer, direction in updated:
             layers.set_grad_matrix(layer.module, direction)
+
+    def _apply_dtype_for(self, grad: Tensor) -> torch.dtype | None:
+        """``apply_dtype`` for layers with both sides ≥ LOW_PRECISION_MIN_DIM, else None: small
+        layers gain no time from it and lose the most accuracy (an output layer's G has a few
+        dominant modes, where bfloat16's rounding is amplified most)."""
+        return self.apply_dtype if min(grad.shape) >= LOW_PRECISION_MIN_DIM else None
 
     def __repr__(self) -> str:
         return (
