@@ -146,6 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from rkfac.experiments.distributed import placement_from_environment
     from rkfac.experiments.rundir import RunDirectory
     from rkfac.experiments.train import train
 
@@ -158,10 +159,11 @@ def _train(args: argparse.Namespace) -> int:
         config = resolve_config(args.optimizer or "sre-kfac", args.preset, _overrides(args))
         out = args.out or f"runs/{config.preset or config.model}-{config.optimizer}-seed{config.seed}"
         summary = train(config, out, quiet=args.quiet)
-    print(
-        f"{config.optimizer}: {summary['status']}, {summary['steps']} steps, train time {summary['train_time']:.1f} s, "
-        f"final test acc {100 * summary['final_test_acc']:.2f}% -> {out}"
-    )
+    if placement_from_environment().is_main:  # under torchrun, one line from rank 0 (which evaluates)
+        print(
+            f"{config.optimizer}: {summary['status']}, {summary['steps']} steps, train time {summary['train_time']:.1f} s, "
+            f"final test acc {100 * summary['final_test_acc']:.2f}% -> {out}"
+        )
     return 0
 
 

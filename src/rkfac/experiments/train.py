@@ -107,6 +107,8 @@ class Trainer:
         self.quiet = quiet
         self.placement = placement_from_environment()
         self._shard = self.placement.shard(config.batch_size)
+        # a process group this trainer creates is destroyed by train() when the run ends
+        self.owns_process_group = self.placement.active and not torch.distributed.is_initialized()
         self.device = start(self.placement, resolve_device(config.device))
         self.run_dir = RunDirectory(out, writer=self.placement.is_main).create()
         data = dataset or load_dataset(
@@ -392,5 +394,14 @@ def _at(schedule: EpochSchedule | Callable[[int], float], step: int) -> float:
 
 
 def train(config: RunConfig, out: str | Path, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Run (or resume) one training run into ``out``; returns the summary."""
-    return Trainer(config, out, quiet=quiet).run(resume=resume)
+    """Run (or resume) one training run into ``out``; returns the summary.
+
+    Under torchrun the process group is created here and destroyed when the run ends (also on
+    an error): leaving gloo's threads to interpreter shutdown aborted a rank now and then.
+    """
+    trainer = Trainer(config, out, quiet=quiet)
+    try:
+        return trainer.run(resume=resume)
+    finally:
+        if trainer.owns_process_group and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
