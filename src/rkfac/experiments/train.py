@@ -404,4 +404,5 @@ def train(config: RunConfig, out: str | Path, *, resume: bool = False, quiet: bo
         return trainer.run(resume=resume)
     finally:
         if trainer.owns_process_group and torch.distributed.is_initialized():
+            torch.distributed.barrier()  # no rank tears the group down while another still uses it
             torch.distributed.destroy_process_group()
