@@ -396,13 +396,13 @@ def _at(schedule: EpochSchedule | Callable[[int], float], step: int) -> float:
 def train(config: RunConfig, out: str | Path, *, resume: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Run (or resume) one training run into ``out``; returns the summary.
 
-    Under torchrun the process group is created here and destroyed when the run ends (also on
-    an error): leaving gloo's threads to interpreter shutdown aborted a rank now and then.
+    Under torchrun the process group is created here and, after a barrier, destroyed when the
+    run ends: leaving gloo's threads to interpreter shutdown aborted a rank now and then. After
+    an error there is no barrier (the other ranks may never reach it): the process just exits.
     """
     trainer = Trainer(config, out, quiet=quiet)
-    try:
-        return trainer.run(resume=resume)
-    finally:
-        if trainer.owns_process_group and torch.distributed.is_initialized():
-            torch.distributed.barrier()  # no rank tears the group down while another still uses it
-            torch.distributed.destroy_process_group()
+    summary = trainer.run(resume=resume)
+    if trainer.owns_process_group and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # no rank tears the group down while another still uses it
+        torch.distributed.destroy_process_group()
+    return summary
