@@ -19,11 +19,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from preset_runs import batch_at, model_and_optimizer
 from rkfac import layers
 from rkfac.damping import factor_dampings
 from rkfac.experiments.datasets import load_dataset
-from rkfac.experiments.models import build_model
-from rkfac.experiments.optimizers import build_optimizer
 from rkfac.experiments.presets import resolve_config
 from rkfac.lowrank import kronecker_solve
 from rkfac.preconditioner import LOW_PRECISION_MIN_DIM
@@ -37,17 +36,15 @@ def main() -> None:
     args = parser.parse_args()
     data = load_dataset("fashion-mnist")
     config = resolve_config("sre-kfac", args.preset)
-    torch.manual_seed(0)
-    model = build_model(config.model, data.input_shape, data.num_classes, widths=config.widths)
-    optimizer = build_optimizer(config, model, len(data.train_images) // config.batch_size)
+    model, optimizer = model_and_optimizer(config, data)
     pre = optimizer.preconditioner  # type: ignore[attr-defined]
     errors: dict[str, list[float]] = {}
     seconds: dict[str, list[float]] = {}
     batch = config.batch_size
     for step in range(args.steps):
-        first = step * batch % (len(data.train_images) - batch)
+        images, labels = batch_at(data, step, batch)
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(model(data.train_images[first : first + batch]), data.train_labels[first : first + batch]).backward()
+        F.cross_entropy(model(images), labels).backward()
         if step >= 1 and step % args.every == 0:  # eigenpairs exist from step 0 on
             for layer in pre._layers:
                 grad = layers.grad_matrix(layer.module)

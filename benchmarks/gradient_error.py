@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 import rkfac
+from preset_runs import batch_at
 from rkfac.experiments.datasets import load_dataset
 from rkfac.experiments.models import build_model
 from rkfac.experiments.presets import resolve_config
@@ -56,9 +57,9 @@ def main() -> None:
     params = [p for p in model.parameters() if p.requires_grad]
     batch = config.batch_size
     for step in range(args.steps):
-        first = step * batch % (len(data.train_images) - batch)
+        images, labels = batch_at(data, step, batch)
         model.zero_grad()
-        F.cross_entropy(model(data.train_images[first : first + batch]), data.train_labels[first : first + batch]).backward()
+        F.cross_entropy(model(images), labels).backward()
         raw = [p.grad.clone() for p in params]
         directions = {}
         for name, pre in others.items():

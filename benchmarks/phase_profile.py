@@ -24,10 +24,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from preset_runs import batch_at, model_and_optimizer
 from rkfac.experiments.config import RunConfig
 from rkfac.experiments.datasets import load_dataset
-from rkfac.experiments.models import build_model
-from rkfac.experiments.optimizers import build_optimizer
 from rkfac.experiments.presets import resolve_config
 from rkfac.timing import PhaseTimer
 
@@ -36,8 +35,9 @@ PHASES = ("forward_backward", "statistics", "decomposition", "precondition", "st
 
 def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
     """``label=optimizer:field=value,...`` → (label, optimizer, overrides) typed by RunConfig."""
-    label, _, spec = text.partition("=") if "=" in text.split(":")[0] else (text, "", text)
-    optimizer, _, settings = spec.partition(":")
+    head, _, settings = text.partition(":")
+    label, _, optimizer = head.rpartition("=")
+    label = label or optimizer
     types = {f.name: f.type for f in dataclasses.fields(RunConfig)}
     overrides: dict[str, Any] = {}
     for item in filter(None, settings.split(",")):
@@ -60,11 +60,8 @@ def measure(preset: str, variants: list[str], steps: int, warmup: int, chunk: in
     for text in variants:
         label, optimizer, overrides = parse_variant(text)
         config = resolve_config(optimizer, preset, overrides)
-        torch.manual_seed(0)
-        model = build_model(config.model, data.input_shape, data.num_classes, widths=config.widths)
         timer = PhaseTimer()
-        steps_per_epoch = len(data.train_images) // config.batch_size
-        opt = build_optimizer(config, model, steps_per_epoch, timer)
+        model, opt = model_and_optimizer(config, data, timer)
         runs[label] = {"model": model, "opt": opt, "timer": timer, "done": 0, "fb": 0.0, "step": 0.0, "batch": config.batch_size}
     total = warmup + steps
     while any(run["done"] < total for run in runs.values()):
@@ -74,8 +71,7 @@ def measure(preset: str, variants: list[str], steps: int, warmup: int, chunk: in
                     run["timer"].reset()
                     run["fb"] = run["step"] = 0.0
                 batch = run["batch"]
-                first = run["done"] * batch % (len(data.train_images) - batch)
-                images, labels = data.train_images[first : first + batch], data.train_labels[first : first + batch]
+                images, labels = batch_at(data, run["done"], batch)
                 start = time.perf_counter()
                 run["opt"].zero_grad(set_to_none=True)
                 F.cross_entropy(run["model"](images), labels).backward()

@@ -21,9 +21,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from preset_runs import batch_at, model_and_optimizer
 from rkfac.experiments.datasets import load_dataset
-from rkfac.experiments.models import build_model
-from rkfac.experiments.optimizers import build_optimizer
 from rkfac.experiments.presets import resolve_config
 
 
@@ -32,16 +31,13 @@ def measure(preset: str, optimizers: list[str], width_scale: float, steps: int, 
     runs = {}
     for name in optimizers:
         config = resolve_config(name, preset, {"width_scale": width_scale})
-        torch.manual_seed(0)
-        model = build_model(config.model, data.input_shape, data.num_classes, width_scale=width_scale, widths=config.widths)
-        steps_per_epoch = len(data.train_images) // config.batch_size
-        runs[name] = {"model": model, "optimizer": build_optimizer(config, model, steps_per_epoch), "seconds": 0.0, "done": 0}
+        model, optimizer = model_and_optimizer(config, data)
+        runs[name] = {"model": model, "optimizer": optimizer, "seconds": 0.0, "done": 0}
     batch = resolve_config(optimizers[0], preset).batch_size
     while any(run["done"] < steps for run in runs.values()):
         for run in runs.values():
             for _ in range(min(chunk, steps - run["done"])):
-                first = run["done"] * batch % (len(data.train_images) - batch)
-                images, labels = data.train_images[first : first + batch], data.train_labels[first : first + batch]
+                images, labels = batch_at(data, run["done"], batch)
                 start = time.perf_counter()
                 run["optimizer"].zero_grad(set_to_none=True)
                 F.cross_entropy(run["model"](images), labels).backward()
