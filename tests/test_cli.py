@@ -139,7 +139,7 @@ def test_bench_runs_side_by_side_and_writes_table_json_csv_plot(tmp_path: Path) 
         oversample=2,
         target_acc=[0.05],
     )
-    optimizers = ["sgd", "kfac", "sre-kfac", "seng"]
+    optimizers = ["sgd", "kfac", "sre-kfac", "seng", "sre-kfac-adaptive"]
     rows = run_bench("quick", tmp_path, optimizers=optimizers, seeds=[0, 1], overrides=overrides, quiet=True)
     assert [row["optimizer"] for row in rows] == optimizers
     assert "| seng |" in (tmp_path / "bench.md").read_text()
@@ -153,6 +153,31 @@ def test_bench_runs_side_by_side_and_writes_table_json_csv_plot(tmp_path: Path) 
     exact = sorted(s["seconds_per_epoch"] for s in summaries[:2])
     mine = sorted(s["seconds_per_epoch"] for s in summaries[2:])
     assert sre["exact_over_this_per_epoch"] == pytest.approx((exact[0] + exact[1]) / (mine[0] + mine[1]))
+    # a named variant runs as its optimizer with its settings, and is compared with exact K-FAC too
+    adaptive = json.loads((tmp_path / "sre-kfac-adaptive-seed0" / "config.json").read_text())
+    assert adaptive["optimizer"] == "sre-kfac" and adaptive["adaptive_rank"] is True
+    assert rows[4]["family"] == "sre-kfac" and rows[4]["exact_over_this_per_epoch"] is not None
+    assert rows[3]["family"] == "seng" and "exact_over_this_per_epoch" not in rows[3]
+
+
+def test_evaluations_inside_epochs_time_targets_without_changing_the_run(tmp_path: Path) -> None:
+    common = ["train", "--optimizer", "sre-kfac", "--epochs", "2", "--target-acc", "0.0,0.999", *SMALL]
+    assert main([*common, "--out", str(tmp_path / "once")]) == 0
+    assert main([*common, "--out", str(tmp_path / "four"), "--evals-per-epoch", "4"]) == 0
+    once, four = tmp_path / "once", tmp_path / "four"
+    assert [r["loss"] for r in read_metrics(once, "step")] == [r["loss"] for r in read_metrics(four, "step")]
+    assert read_metrics(once, "eval") == []
+    evals = read_metrics(four, "eval")  # 8 steps per epoch: after steps 2, 4, 6 of each epoch
+    assert [r["step"] for r in evals] == [2, 4, 6, 10, 12, 14]
+    assert [r["epoch"] for r in evals] == [0.25, 0.5, 0.75, 1.25, 1.5, 1.75]
+    steps = read_metrics(four, "step")
+    assert evals[0]["train_time"] == pytest.approx(sum(sum(r["time"].values()) for r in steps[:2]))
+    assert [r["test_acc"] for r in read_metrics(once, "epoch")] == [r["test_acc"] for r in read_metrics(four, "epoch")]
+    targets = {name: json.loads((run / "summary.json").read_text())["targets"] for name, run in (("once", once), ("four", four))}
+    assert targets["once"]["0"]["epoch"] == 1 and targets["four"]["0"] == {"time": evals[0]["train_time"], "epoch": 0.25}
+    assert targets["four"]["0.999"] is None
+    with pytest.raises(ValueError, match="evals_per_epoch must be >= 1, got 0"):
+        resolve_config("sgd", None, {"evals_per_epoch": 0})
 
 
 def test_evaluation_time_is_excluded_from_training_time(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -198,6 +223,10 @@ def test_schedules_and_precedence() -> None:
     seng = resolve_config("seng", "paper-vgg16-cifar10")
     assert (seng.damping, seng.update_freq, seng.momentum, seng.weight_decay) == (2.0, 200, 0.9, 1e-2)
     assert seng.lr[1] == 0.05 and seng.lr[31] == pytest.approx(0.05 * (1 - 30 / 75) ** 6)  # type: ignore[index]
+    adaptive = resolve_config("sre-kfac-adaptive", "fashion-cnn", {"min_rank": 16})
+    assert (adaptive.optimizer, adaptive.adaptive_rank, adaptive.min_rank, adaptive.rank) == ("sre-kfac", True, 16, 220)
+    with pytest.raises(ValueError, match=r"optimizer must be one of .*sre-kfac-adaptive.*got 'sre'"):
+        resolve_config("sre", "fashion-cnn")
     with pytest.raises(ValueError, match="unknown preset 'nope'"):
         resolve_config("sgd", "nope")
     with pytest.raises(ValueError, match="epochs must be >= 1, got 0"):
@@ -231,6 +260,12 @@ def test_a_run_killed_mid_training_resumes_to_the_uninterrupted_result(tmp_path:
 
     whole = tmp_path / "whole"
     assert main([*common, "--out", str(whole)]) == 0
+
+    # the epoch record taken at the checkpoint survives the resume (it once was dropped)
+    def untimed(run: Path) -> list[tuple]:
+        return [(r["epoch"], r["step"], r["train_loss"], r["test_acc"]) for r in read_metrics(run, "epoch")]
+
+    assert untimed(killed) == untimed(whole) and [e[0] for e in untimed(killed)] == list(range(1, 11))
     final = [RunDirectory(path).load_checkpoint()["model"] for path in (killed, whole)]
     for key, tensor in final[1].items():
         assert torch.equal(final[0][key], tensor), key

@@ -4,7 +4,9 @@ Runs are interleaved by seed (every optimizer runs seed 0, then every optimizer 
 …) so that slow drifts of the machine touch all optimizers alike. Reported per optimizer,
 medians over seeds: training seconds per epoch, training time and epochs to each target test
 accuracy (only when every seed reached it; otherwise how many did), final test accuracy
-(mean), the per-step time split, and each K-FAC variant's ratios to exact K-FAC.
+(mean), the per-step time split, and each K-FAC variant's ratios to exact K-FAC. Names may be
+optimizers or the named variants of :data:`rkfac.experiments.presets.VARIANTS` (e.g.
+``sre-kfac-adaptive``), so a setting can be compared with the paper's inside one bench.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ def summarize(preset: str, results: dict[str, list[dict[str, Any]]], targets: li
         done = [s for s in summaries if s["status"] != "diverged"]
         row: dict[str, Any] = {
             "optimizer": optimizer,
+            "family": summaries[0]["optimizer"] if summaries else optimizer,
             "seeds": len(summaries),
             "diverged": len(summaries) - len(done),
             "seconds_per_epoch": _median([s["seconds_per_epoch"] for s in done if s["seconds_per_epoch"]]),
@@ -50,7 +53,7 @@ def summarize(preset: str, results: dict[str, list[dict[str, Any]]], targets: li
         rows.append(row)
     exact = next((row for row in rows if row["optimizer"] == "kfac"), None)
     for row in rows:
-        if exact is None or row["optimizer"] not in KFAC_OPTIMIZERS:
+        if exact is None or row["family"] not in KFAC_OPTIMIZERS:
             continue
         row["exact_over_this_per_epoch"] = _ratio(exact["seconds_per_epoch"], row["seconds_per_epoch"])
         for target in targets:
@@ -87,7 +90,7 @@ def format_table(rows: list[dict[str, Any]], targets: list[float]) -> str:
         cells += [
             _cell(row[f"time_to_{t:g}"]) + ("" if row[f"time_to_{t:g}"] else f" ({row[f'reached_{t:g}']})") for t in targets
         ]
-        cells += [_cell(row[f"epochs_to_{t:g}"], 0) for t in targets]
+        cells += [_cell(row[f"epochs_to_{t:g}"], 2) for t in targets]
         cells += [_cell(100 * row["final_test_acc"] if row["final_test_acc"] is not None else None, 2)]
         cells += [_cell(row.get("exact_over_this_per_epoch"), 2)]
         cells += [_cell(row.get(f"exact_over_this_time_to_{t:g}"), 2) for t in targets]

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from rkfac.experiments.config import OPTIMIZERS, RunConfig, parse_schedule
-from rkfac.experiments.presets import PRESETS, resolve_config
+from rkfac.experiments.config import RunConfig, parse_schedule
+from rkfac.experiments.presets import PRESETS, RUNNABLE, resolve_config
 
 
 def _optional_int(text: str) -> int | None:
@@ -77,6 +77,7 @@ RUN_FLAGS: list[tuple[str, str, Any, str]] = [
     ("--skip", "skip", _strings, "layer name patterns K-FAC leaves alone, comma-separated"),
     ("--device", "device", str, "auto | cpu | cuda"),
     ("--target-acc", "target_acc", _floats, "test accuracies to time, e.g. 0.86,0.88"),
+    ("--evals-per-epoch", "evals_per_epoch", int, "test-set evaluations per epoch (targets are timed at these)"),
     ("--checkpoint-every", "checkpoint_every", int, "epochs between checkpoints (0: none)"),
 ]
 
@@ -103,13 +104,15 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="one training run into a run directory")
-    train.add_argument("--optimizer", default=None, choices=OPTIMIZERS, help="default: sre-kfac")
+    train.add_argument("--optimizer", default=None, choices=RUNNABLE, help="default: sre-kfac")
     train.add_argument("--out", default=None, help="run directory (default runs/<preset or model>-<optimizer>-seed<seed>)")
     train.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its checkpoint")
     _add_run_flags(train)
 
     bench = commands.add_parser("bench", help="several optimizers on one preset, side by side")
-    bench.add_argument("--optimizers", type=_strings, default=None, help="comma-separated; default: the preset's")
+    bench.add_argument(
+        "--optimizers", type=_strings, default=None, help=f"comma-separated from {', '.join(RUNNABLE)}; default: the preset's"
+    )
     bench.add_argument("--seeds", type=_ints, default=None, help="comma-separated; default: the preset's")
     bench.add_argument("--out", default=None, help="bench directory (default runs/bench-<preset>)")
     _add_run_flags(bench, with_seed=False)
@@ -156,8 +159,9 @@ def _train(args: argparse.Namespace) -> int:
         summary = train(config, args.resume, resume=True, quiet=args.quiet)
         out = args.resume
     else:
-        config = resolve_config(args.optimizer or "sre-kfac", args.preset, _overrides(args))
-        out = args.out or f"runs/{config.preset or config.model}-{config.optimizer}-seed{config.seed}"
+        name = args.optimizer or "sre-kfac"
+        config = resolve_config(name, args.preset, _overrides(args))
+        out = args.out or f"runs/{config.preset or config.model}-{name}-seed{config.seed}"
         summary = train(config, out, quiet=args.quiet)
     if placement_from_environment().is_main:  # under torchrun, one line from rank 0 (which evaluates)
         print(

@@ -76,6 +76,7 @@ class RunConfig:
     seed: int = 0
     device: str = "auto"
     target_acc: list[float] = field(default_factory=list)
+    evals_per_epoch: int = 1
     checkpoint_every: int = 1
     preset: str | None = None
 
@@ -93,6 +94,7 @@ class RunConfig:
         if self.max_steps is not None:
             check_int(self.max_steps, "max_steps", low=1)
         check_int(self.checkpoint_every, "checkpoint_every", low=0)
+        check_int(self.evals_per_epoch, "evals_per_epoch", low=1)
         check_int(self.warm_power_iters, "warm_power_iters", low=0)
         check_int(self.min_rank, "min_rank", low=1)
         check_int(self.refresh_every, "refresh_every", low=1)

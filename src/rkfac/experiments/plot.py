@@ -10,7 +10,8 @@ from rkfac.experiments.rundir import RunDirectory
 def run_label(run: RunDirectory) -> str:
     try:
         config = run.read_json("config.json")
-        return f"{config['optimizer']} (seed {config['seed']})"
+        extras = ["adaptive"] * bool(config.get("adaptive_rank")) + ["bf16"] * (config.get("apply_dtype") == "bfloat16")
+        return " ".join([config["optimizer"], *extras]) + f" (seed {config['seed']})"
     except (OSError, KeyError, ValueError):
         return run.path.name
 
@@ -36,8 +37,10 @@ def plot_runs(paths: list[Path], out: Path) -> None:
         label = run_label(run)
         number = [record["epoch"] for record in epochs]
         seconds = [record["train_time"] for record in epochs]
-        axes[0, 0].plot(seconds, [100 * r["test_acc"] for r in epochs], marker="o", label=label)
-        axes[0, 1].plot(number, [100 * r["test_acc"] for r in epochs], marker="o", label=label)
+        # accuracy at every evaluation (epoch ends and, with --evals-per-epoch, inside epochs)
+        evals = sorted([*epochs, *run.metrics("eval")], key=lambda record: record["step"])
+        axes[0, 0].plot([r["train_time"] for r in evals], [100 * r["test_acc"] for r in evals], marker=".", label=label)
+        axes[0, 1].plot([r["epoch"] for r in evals], [100 * r["test_acc"] for r in evals], marker=".", label=label)
         axes[1, 0].plot(seconds, [r["train_loss"] for r in epochs], marker="o", label=label)
         axes[1, 1].plot(number, [r["test_loss"] for r in epochs], marker="o", label=label)
     if not plotted:

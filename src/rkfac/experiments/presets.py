@@ -103,11 +103,19 @@ PRESETS: dict[str, Preset] = {
             "epochs": 5,
             "batch_size": 256,
             "target_acc": [0.86, 0.88],
+            "evals_per_epoch": 4,
         },
     ),
     "fashion-cnn": Preset(
         "Fashion-MNIST, CNN conv32-conv64-fc512 (first Linear factor A = 3137), batch 256, 5 epochs.",
-        {"dataset": "fashion-mnist", "model": "cnn", "epochs": 5, "batch_size": 256, "target_acc": [0.89, 0.90]},
+        {
+            "dataset": "fashion-mnist",
+            "model": "cnn",
+            "epochs": 5,
+            "batch_size": 256,
+            "target_acc": [0.89, 0.90],
+            "evals_per_epoch": 4,
+        },
     ),
     "quick": Preset(
         "README demo: Fashion-MNIST, MLP 784-1536-1536-10, 2 epochs, SGD, Adam and the three K-FACs (about 6 min on 2 cores).",
@@ -124,17 +132,32 @@ PRESETS: dict[str, Preset] = {
 }
 
 
-def resolve_config(optimizer: str, preset: str | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Defaults ← optimizer family defaults ← preset common ← preset per-optimizer ← overrides."""
+# Named variants of an optimizer, usable wherever an optimizer name is (``rkfac bench
+# --optimizers sre-kfac,sre-kfac-adaptive``) so that one bench can interleave them by seed.
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sre-kfac-adaptive": ("sre-kfac", {"adaptive_rank": True}),
+    "sre-kfac-adaptive-bf16": ("sre-kfac", {"adaptive_rank": True, "apply_dtype": "bfloat16"}),
+    "sre-kfac-bf16": ("sre-kfac", {"apply_dtype": "bfloat16"}),
+}
+RUNNABLE = (*OPTIMIZERS, *VARIANTS)
+
+
+def resolve_config(name: str, preset: str | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults ← optimizer family defaults ← preset common ← preset per-optimizer ← variant ← overrides.
+
+    ``name`` is an optimizer or one of :data:`VARIANTS` (an optimizer plus settings).
+    """
     if preset is not None and preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    optimizer, variant = VARIANTS.get(name, (name, {}))
     if optimizer not in FAMILY_DEFAULTS:
-        raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {optimizer!r}")
+        raise ValueError(f"optimizer must be one of {RUNNABLE}, got {name!r}")
     values: dict[str, Any] = dict(FAMILY_DEFAULTS[optimizer])
     if preset is not None:
         values.update(PRESETS[preset].common)
         values.update(PRESETS[preset].per_optimizer.get(optimizer, {}))
         values["preset"] = preset
+    values.update(variant)
     values.update(overrides or {})
     values["optimizer"] = optimizer
     return RunConfig(**values).validate()

@@ -93,11 +93,15 @@ class RunDirectory:
                     yield record
 
     def truncate_metrics(self, after_step: int) -> None:
-        """Drop records past ``after_step`` (a resumed run rewrites what came after its checkpoint)."""
+        """Drop records past ``after_step`` (a resumed run rewrites what came after its checkpoint).
+
+        A step record holds the 0-based index of its step; an epoch or evaluation record holds
+        the number of steps done when it was taken, so the one taken at the checkpoint stays.
+        """
         path = self.path / "metrics.jsonl"
         if not self.writer or not path.exists():
             return
-        kept = [r for r in self.metrics() if r.get("step", -1) < after_step]
+        kept = [r for r in self.metrics() if r.get("step", -1) < after_step + (r.get("kind") != "step")]
         text = "".join(json.dumps(r) + "\n" for r in kept).encode()
         atomic_write(path, lambda stream: stream.write(text))
 

@@ -9,8 +9,11 @@ Time accounting (``metrics.jsonl``, per step, seconds):
 - ``precondition``: the damped solve, clipping and writing ``.grad``;
 - ``optimizer``: the rest of ``optimizer.step()`` (the SGD/Adam update).
 
-Training time is the sum of these; evaluation (once per epoch, on the test set) is never
-counted. On CUDA every boundary synchronises so that the split is real.
+Training time is the sum of these; evaluation (on the test set, at each epoch's end and
+``evals_per_epoch - 1`` evenly spaced points inside it) is never counted. A target accuracy
+is timed at the first evaluation that reaches it, so finer evaluation gives finer times to
+target; evaluation runs in eval mode and draws no random numbers, so it never changes the
+trajectory. On CUDA every boundary synchronises so that the split is real.
 
 Reproducibility: the data order of epoch e is a permutation drawn from a generator seeded by
 (seed, "order", e), the augmentation of step s from (seed, "augment", s), and the model's own
@@ -136,6 +139,8 @@ class Trainer:
         self.timer = PhaseTimer(synchronize=self.device.type == "cuda") if config.optimizer in PRECONDITIONED else None
         self.optimizer = build_optimizer(config, self.model, self.steps_per_epoch, self.timer)
         self.progress = Progress()
+        # batches (counted within the epoch) after which to evaluate, besides the epoch's end
+        self._eval_batches = {i * self.steps_per_epoch // config.evals_per_epoch for i in range(1, config.evals_per_epoch)} - {0}
         # Schedules as callables of the step, built once (the loop reads them every step).
         self._lr = step_schedule(config.lr, self.steps_per_epoch)
         self._damping = step_schedule(config.damping, self.steps_per_epoch) if config.optimizer in PRECONDITIONED else None
@@ -223,6 +228,8 @@ class Trainer:
                 )
             if progress.step % 20 == 0:
                 bar.set_postfix(loss=f"{record['loss']:.3f}", refresh=False)
+            if progress.batch in self._eval_batches:
+                records.append(self._evaluate_inside_epoch())
         self.run_dir.append_metrics(records)
         if progress.batch == self.steps_per_epoch:
             self._end_epoch(bar)
@@ -323,14 +330,32 @@ class Trainer:
             return math.nan, math.nan
         return evaluate(self.net, self.test_images, self.test_labels)
 
+    def _note_targets(self, test_acc: float, epoch: float) -> None:
+        """Record the training time and (fractional) epoch at which each target is first met."""
+        for target in self.config.target_acc:
+            key = f"{target:g}"
+            if key not in self.progress.reached and test_acc >= target:
+                self.progress.reached[key] = {"time": self.progress.train_time, "epoch": epoch}
+
+    def _evaluate_inside_epoch(self) -> dict[str, Any]:
+        progress = self.progress
+        test_loss, test_acc = self._evaluate()
+        epoch = progress.step / self.steps_per_epoch
+        self._note_targets(test_acc, epoch)
+        return {
+            "kind": "eval",
+            "epoch": epoch,
+            "step": progress.step,
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            "train_time": progress.train_time,
+        }
+
     def _end_epoch(self, bar: tqdm) -> None:
         config, progress = self.config, self.progress
         test_loss, test_acc = self._evaluate()
         epoch = progress.epoch + 1
-        for target in config.target_acc:
-            key = f"{target:g}"
-            if key not in progress.reached and test_acc >= target:
-                progress.reached[key] = {"time": progress.train_time, "epoch": epoch}
+        self._note_targets(test_acc, epoch)
         self.run_dir.append_metrics(
             [
                 {
