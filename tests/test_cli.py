@@ -160,6 +160,27 @@ def test_bench_runs_side_by_side_and_writes_table_json_csv_plot(tmp_path: Path) 
     assert rows[3]["family"] == "seng" and "exact_over_this_per_epoch" not in rows[3]
 
 
+def test_an_interrupted_bench_keeps_the_tables_of_the_seeds_it_finished(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from rkfac.experiments import bench as bench_module
+
+    real_train = bench_module.train
+
+    def train_until_seed_1(config: RunConfig, out: Path, **options: object) -> dict:
+        if config.seed == 1:
+            raise KeyboardInterrupt
+        return real_train(config, out, **options)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bench_module, "train", train_until_seed_1)
+    overrides = dict(dataset="synthetic", synthetic_train=128, synthetic_test=64, widths=[16], batch_size=32, target_acc=[0.5])
+    with pytest.raises(KeyboardInterrupt):
+        run_bench("quick", tmp_path, optimizers=["sgd", "sre-kfac"], seeds=[0, 1], overrides=overrides, quiet=True)
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["seeds"] == [0] and [row["seeds"] for row in saved["rows"]] == [1, 1]
+    summary = json.loads((tmp_path / "sgd-seed0" / "summary.json").read_text())
+    assert saved["rows"][0]["seconds_per_epoch"] == summary["seconds_per_epoch"]
+    assert (tmp_path / "bench.md").exists() and (tmp_path / "bench.png").exists()
+
+
 def test_evaluations_inside_epochs_time_targets_without_changing_the_run(tmp_path: Path) -> None:
     common = ["train", "--optimizer", "sre-kfac", "--epochs", "2", "--target-acc", "0.0,0.999", *SMALL]
     assert main([*common, "--out", str(tmp_path / "once")]) == 0

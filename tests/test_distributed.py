@@ -90,6 +90,7 @@ def _worker(rank: int, world_size: int, store: str, out: str, decomposition: str
         params = [p.detach().clone() for p in model.module.parameters()]
         result = {"params": params, "traffic": optimizer.preconditioner.traffic, "decomposed": DECOMPOSED}  # type: ignore[attr-defined]
         torch.save(result, f"{out}/{rank}.pt")
+        dist.barrier()  # neither rank tears gloo down while the other may still talk to it
     finally:
         dist.destroy_process_group()
 

@@ -139,12 +139,22 @@ def run_bench(
             results[name].append(summary)
             speed, accuracy = summary["seconds_per_epoch"] or 0.0, 100 * summary["final_test_acc"]
             print(f"{name} seed {seed}: {speed:.1f} s/epoch, final test acc {accuracy:.2f}%", flush=True)
-    rows = summarize(preset, results, targets)
-    table = format_table(rows, targets)
+        # after every seed, so that an interrupted bench keeps the tables of the seeds it finished
+        rows = summarize(preset, results, targets)
+        table = _write_tables(out, preset, seed_list[: seed_list.index(seed) + 1], rows, targets, run_dirs)
     print(f"\n## rkfac bench --preset {preset}: seeds {seed_list}\n\n{table}")
+    print(f"\nwrote {out / 'bench.json'}, bench.csv, bench.md, bench.png")
+    return rows
+
+
+def _write_tables(
+    out: Path, preset: str, seeds: list[int], rows: list[dict[str, Any]], targets: list[float], run_dirs: list[Path]
+) -> str:
+    """bench.json, bench.csv, bench.md and bench.png for the seeds done so far; returns the table."""
+    table = format_table(rows, targets)
     out.mkdir(parents=True, exist_ok=True)
     RunDirectory(out).write_json(
-        "bench.json", {"preset": preset, "seeds": seed_list, "rows": rows, "runs": [str(p) for p in run_dirs]}
+        "bench.json", {"preset": preset, "seeds": seeds, "rows": rows, "runs": [str(p) for p in run_dirs]}
     )
     with open(out / "bench.csv", "w", newline="") as stream:
         writer = csv.DictWriter(stream, fieldnames=list(dict.fromkeys(key for row in rows for key in row)))
@@ -152,5 +162,4 @@ def run_bench(
         writer.writerows(rows)
     (out / "bench.md").write_text(table + "\n")
     plot_runs(run_dirs, out / "bench.png")
-    print(f"\nwrote {out / 'bench.json'}, bench.csv, bench.md, bench.png")
-    return rows
+    return table
