@@ -181,6 +181,45 @@ def test_an_interrupted_bench_keeps_the_tables_of_the_seeds_it_finished(tmp_path
     assert (tmp_path / "bench.md").exists() and (tmp_path / "bench.png").exists()
 
 
+def test_a_resumed_bench_reuses_finished_runs_and_continues_a_cut_off_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from rkfac.experiments import bench as bench_module
+    from rkfac.experiments.train import Trainer
+
+    overrides = dict(dataset="synthetic", synthetic_train=128, synthetic_test=64, widths=[16], batch_size=32, epochs=2)
+    options = dict(optimizers=["sgd", "sre-kfac"], seeds=[0, 1], overrides=overrides, quiet=True)
+    whole = run_bench("quick", tmp_path / "whole", **options)  # type: ignore[arg-type]
+
+    real_run_epoch = Trainer._run_epoch
+
+    def cut_off_in_second_epoch_of_seed_1(self: Trainer, *args: object) -> None:
+        if self.config.seed == 1 and self.progress.epoch == 1:
+            raise KeyboardInterrupt  # after the checkpoint of epoch 1
+        real_run_epoch(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Trainer, "_run_epoch", cut_off_in_second_epoch_of_seed_1)
+    with pytest.raises(KeyboardInterrupt):
+        run_bench("quick", tmp_path / "cut", **options)  # type: ignore[arg-type]
+    monkeypatch.setattr(Trainer, "_run_epoch", real_run_epoch)
+    calls: list[tuple[str, int, bool]] = []
+    real_train = bench_module.train
+
+    def spy(config: RunConfig, out: Path, **kwargs: object) -> dict:
+        calls.append((config.optimizer, config.seed, bool(kwargs["resume"])))
+        return real_train(config, out, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(bench_module, "train", spy)
+    resumed = run_bench("quick", tmp_path / "cut", resume=True, **options)  # type: ignore[arg-type]
+    assert calls == [("sgd", 1, True), ("sre-kfac", 1, False)]  # seed 0 read back, not rerun
+    for before, after in zip(whole, resumed):
+        assert after["final_test_acc"] == before["final_test_acc"] and after["seeds"] == 2
+    losses = [[r["loss"] for r in read_metrics(root / "sgd-seed1", "step")] for root in (tmp_path / "whole", tmp_path / "cut")]
+    assert losses[0] == losses[1] and len(losses[0]) == 8
+    with pytest.raises(ValueError, match="sgd-seed0 holds a run with other settings than sgd seed 0"):
+        run_bench("quick", tmp_path / "cut", resume=True, **{**options, "overrides": {**overrides, "lr": 0.01}})  # type: ignore[arg-type]
+
+
 def test_evaluations_inside_epochs_time_targets_without_changing_the_run(tmp_path: Path) -> None:
     common = ["train", "--optimizer", "sre-kfac", "--epochs", "2", "--target-acc", "0.0,0.999", *SMALL]
     assert main([*common, "--out", str(tmp_path / "once")]) == 0

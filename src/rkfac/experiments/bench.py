@@ -7,16 +7,22 @@ accuracy (only when every seed reached it; otherwise how many did), final test a
 (mean), the per-step time split, and each K-FAC variant's ratios to exact K-FAC. Names may be
 optimizers or the named variants of :data:`rkfac.experiments.presets.VARIANTS` (e.g.
 ``sre-kfac-adaptive``), so a setting can be compared with the paper's inside one bench.
+
+With ``resume`` an interrupted bench continues in its directory: a run that finished
+(``summary.json``) is read back, a run that was cut off continues from its checkpoint, and the
+rest start; a run directory whose saved config differs from the bench's is an error, not a
+silent mix of settings.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import statistics
 from pathlib import Path
 from typing import Any
 
-from rkfac.experiments.config import KFAC_OPTIMIZERS
+from rkfac.experiments.config import KFAC_OPTIMIZERS, RunConfig
 from rkfac.experiments.plot import plot_runs
 from rkfac.experiments.presets import PRESETS, resolve_config
 from rkfac.experiments.rundir import RunDirectory
@@ -115,6 +121,7 @@ def run_bench(
     seeds: list[int] | None = None,
     overrides: dict[str, Any] | None = None,
     quiet: bool = False,
+    resume: bool = False,
 ) -> list[dict[str, Any]]:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
@@ -132,7 +139,7 @@ def run_bench(
             run_dir = out / f"{name}-seed{seed}"
             run_dirs.append(run_dir)
             try:
-                summary = train(config, run_dir, quiet=quiet)
+                summary = _run_or_reuse(config, run_dir, quiet=quiet, resume=resume)
             except TrainingDivergedError as error:
                 print(f"{name} seed {seed}: {error}")
                 summary = RunDirectory(run_dir).read_json("summary.json")
@@ -145,6 +152,23 @@ def run_bench(
     print(f"\n## rkfac bench --preset {preset}: seeds {seed_list}\n\n{table}")
     print(f"\nwrote {out / 'bench.json'}, bench.csv, bench.md, bench.png")
     return rows
+
+
+def _run_or_reuse(config: RunConfig, run_dir: Path, *, quiet: bool, resume: bool) -> dict[str, Any]:
+    """Train ``config`` into ``run_dir``; with ``resume``, reuse a finished run or continue a cut-off one."""
+    saved = RunDirectory(run_dir, writer=False)
+    started = resume and (run_dir / "config.json").exists()
+    if started and saved.read_json("config.json") != json.loads(json.dumps(config.to_json())):
+        raise ValueError(
+            f"cannot resume the bench: {run_dir} holds a run with other settings than {config.optimizer} "
+            f"seed {config.seed} now asks for; remove that directory or bench into another --out"
+        )
+    if started and (run_dir / "summary.json").exists():
+        summary: dict[str, Any] = saved.read_json("summary.json")
+        if summary.get("status") == "diverged":
+            raise TrainingDivergedError(f"diverged in the earlier run ({run_dir / 'summary.json'})")
+        return summary
+    return train(config, run_dir, resume=started and (run_dir / "checkpoint.pt").exists(), quiet=quiet)
 
 
 def _write_tables(

@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     bench.add_argument("--seeds", type=_ints, default=None, help="comma-separated; default: the preset's")
     bench.add_argument("--out", default=None, help="bench directory (default runs/bench-<preset>)")
+    bench.add_argument(
+        "--resume", action="store_true", help="continue an interrupted bench in --out: reuse finished runs, resume cut-off ones"
+    )
     _add_run_flags(bench, with_seed=False)
 
     spectrum = commands.add_parser("spectrum", help="record the factors' spectra while training (or from a run's checkpoint)")
@@ -176,7 +179,15 @@ def _bench(args: argparse.Namespace) -> int:
 
     preset = args.preset or "quick"
     out = Path(args.out or f"runs/bench-{preset}")
-    run_bench(preset, out, optimizers=args.optimizers, seeds=args.seeds, overrides=_overrides(args), quiet=args.quiet)
+    run_bench(
+        preset,
+        out,
+        optimizers=args.optimizers,
+        seeds=args.seeds,
+        overrides=_overrides(args),
+        quiet=args.quiet,
+        resume=args.resume,
+    )
     return 0
 
 
