@@ -127,6 +127,15 @@ def test_plot_writes_a_png(tmp_path: Path) -> None:
     assert main(["plot", str(tmp_path / "missing")]) == 2
 
 
+@pytest.mark.parametrize("name", ["sgd", "sre-kfac", "sre-kfac-adaptive", "sre-kfac-bf16", "sre-kfac-adaptive-bf16"])
+def test_a_plot_labels_a_run_by_the_name_it_was_run_under(tmp_path: Path, name: str) -> None:
+    from rkfac.experiments.plot import run_label
+
+    run = RunDirectory(tmp_path)
+    run.write_json("config.json", resolve_config(name, "fashion-cnn", {"seed": 3}).to_json())
+    assert run_label(run) == f"{name} (seed 3)"
+
+
 def test_bench_runs_side_by_side_and_writes_table_json_csv_plot(tmp_path: Path) -> None:
     overrides = dict(
         dataset="synthetic",

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rkfac.experiments.presets import variant_name
 from rkfac.experiments.rundir import RunDirectory
 
 
 def run_label(run: RunDirectory) -> str:
     try:
         config = run.read_json("config.json")
-        extras = ["adaptive"] * bool(config.get("adaptive_rank")) + ["bf16"] * (config.get("apply_dtype") == "bfloat16")
-        return " ".join([config["optimizer"], *extras]) + f" (seed {config['seed']})"
+        return f"{variant_name(config)} (seed {config['seed']})"
     except (OSError, KeyError, ValueError):
         return run.path.name
 

@@ -142,6 +142,17 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 RUNNABLE = (*OPTIMIZERS, *VARIANTS)
 
 
+def variant_name(config: dict[str, Any]) -> str:
+    """The name a resolved config (as saved in config.json) runs under: the most specific
+    variant whose settings it holds, else its optimizer (used to label plots)."""
+    matching = [
+        name
+        for name, (optimizer, settings) in VARIANTS.items()
+        if optimizer == config["optimizer"] and all(config.get(key) == value for key, value in settings.items())
+    ]
+    return max(matching, key=lambda name: len(VARIANTS[name][1]), default=config["optimizer"])
+
+
 def resolve_config(name: str, preset: str | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Defaults ← optimizer family defaults ← preset common ← preset per-optimizer ← variant ← overrides.
 

@@ -101,7 +101,12 @@ class RunDirectory:
         path = self.path / "metrics.jsonl"
         if not self.writer or not path.exists():
             return
-        kept = [r for r in self.metrics() if r.get("step", -1) < after_step + (r.get("kind") != "step")]
+
+        def before_checkpoint(record: dict[str, Any]) -> bool:
+            step = record.get("step", -1)
+            return step < after_step if record.get("kind") == "step" else step <= after_step
+
+        kept = [r for r in self.metrics() if before_checkpoint(r)]
         text = "".join(json.dumps(r) + "\n" for r in kept).encode()
         atomic_write(path, lambda stream: stream.write(text))
 
