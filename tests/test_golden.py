@@ -15,7 +15,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-import golden  # noqa: E402
+import golden
 
 RECORDED = golden.load()
 SAME_MACHINE = RECORDED["fingerprint"] == golden.fingerprint()
