@@ -32,9 +32,9 @@ def test_trajectory_matches_the_record(name: str) -> None:
     assert set(actual) == set(expected), f"{name}: recorded {sorted(expected)}, now {sorted(actual)}"
     if SAME_MACHINE:
         mismatched = [i for i, (a, e) in enumerate(zip(actual["losses"], expected["losses"], strict=True)) if a != e]
-        assert not mismatched, (
-            f"{name}: losses differ from step {mismatched[0]}: {actual['losses'][mismatched[0]]} vs {expected['losses'][mismatched[0]]}"
-        )
+        if mismatched:
+            first = mismatched[0]
+            pytest.fail(f"{name}: losses differ from step {first}: {actual['losses'][first]} vs {expected['losses'][first]}")
         for key in expected:
             assert actual[key] == expected[key], f"{name}: {key} differs bitwise"
         return
