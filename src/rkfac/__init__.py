@@ -8,11 +8,12 @@ method is ``rkfac.SENG(model, lr=0.05)``.
 """
 
 from rkfac.decompositions import BrandUpdate, Decomposition, ExactEigh, RandomizedSVD, SymmetricRandomizedEVD
+from rkfac.kfac import KFACPreconditioner
 from rkfac.lowrank import Eigenpairs
-from rkfac.optimizer import KFAC
-from rkfac.preconditioner import KFACPreconditioner
+from rkfac.optim import KFAC, SENG
+from rkfac.options import KFACOptions, SENGOptions, UpdateOptions
+from rkfac.protocol import Preconditioner
 from rkfac.seng import SENGPreconditioner
-from rkfac.seng_optimizer import SENG
 
 __version__ = "0.1.0"
 
@@ -23,9 +24,13 @@ __all__ = [
     "Decomposition",
     "Eigenpairs",
     "ExactEigh",
+    "KFACOptions",
     "KFACPreconditioner",
+    "Preconditioner",
     "RandomizedSVD",
+    "SENGOptions",
     "SENGPreconditioner",
     "SymmetricRandomizedEVD",
+    "UpdateOptions",
     "__version__",
 ]

@@ -51,11 +51,11 @@ LOSS_REDUCTIONS = ("mean", "sum")
 
 
 def batch_columns(rows: Tensor, kind: str, samples: int, loss_reduction: str) -> Tensor:
-    """The d × N matrix C with C Cᵀ equal to the batch statistic of :mod:`rkfac.layers`.
+    """The d × N matrix C with C Cᵀ equal to the batch statistic of :mod:`rkfac.kfac.statistics`.
 
-    ``rows`` are ``layers.input_rows`` (kind "A", bias ones included) or
-    ``layers.output_grad_rows`` (kind "G") of one step, all calls concatenated, and the
-    scaling is that of ``capture.StatisticSums.averages``:
+    ``rows`` are the layer kind's ``input_rows`` (kind "A", bias ones included) or
+    ``output_grad_rows`` (kind "G") of one step, all calls concatenated, and the
+    scaling is that of ``rkfac.kfac.statistics.StatisticSums.averages``:
 
     - "A": C = aᵀ / √N with N the number of rows, so C Cᵀ = Σ a aᵀ / N. Every entry is
       scaled alike, the bias row included: it holds 1/√N per column, so the bias corner of

@@ -29,12 +29,16 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from rkfac.lowrank import Eigenpairs
 from rkfac.schedules import IntSchedule, at_step_int, check_float, check_int, int_schedule
+
+if TYPE_CHECKING:
+    from rkfac.kfac.trackers import FactorTracker
 
 
 class Decomposition(ABC):
@@ -79,6 +83,16 @@ class Decomposition(ABC):
     @abstractmethod
     def cost(self, dim: int, step: int = 0) -> float:
         """Approximate floating-point work to decompose a dim × dim factor (a cost model)."""
+
+    def tracker(self, online_capable: bool) -> FactorTracker:
+        """The state K-FAC keeps for one factor decomposed by this method (:mod:`rkfac.kfac.trackers`).
+
+        ``online_capable``: the layer's statistics have at most as many columns as batch rows
+        (:attr:`rkfac.layers.LayerKind.online_updates`), so an online method may fold them in.
+        """
+        from rkfac.kfac.trackers import DenseTracker
+
+        return DenseTracker(self)
 
 
 def _exact_top(factor: Tensor, keep: int) -> tuple[Tensor, Tensor]:
@@ -277,6 +291,13 @@ class BrandUpdate(Decomposition):
 
     def rank_at(self, step: int) -> int:
         return self.rank
+
+    def tracker(self, online_capable: bool) -> FactorTracker:
+        """Online eigenpairs for the factors of layers whose statistics are low-rank (Linear), the
+        fallback's dense tracker for the others."""
+        from rkfac.kfac.trackers import BrandTracker
+
+        return BrandTracker(self) if online_capable else self.fallback.tracker(False)
 
     def decompose(
         self, factor: Tensor, generator: torch.Generator | None = None, step: int = 0, previous: Eigenpairs | None = None

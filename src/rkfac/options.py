@@ -56,6 +56,8 @@ class KFACOptions:
     apply_dtype: torch.dtype | None = option(None, "dtype of the per-step solve's large products (None: the factors')", kind="any")
 
     def __post_init__(self) -> None:
+        if self.decomposition is None:  # None asks for the default, as it always has
+            object.__setattr__(self, "decomposition", SymmetricRandomizedEVD())
         validate(self)
         if not isinstance(self.decomposition, Decomposition):
             raise ValueError(

@@ -12,7 +12,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
-from rkfac.communication import TrafficCounter
+from rkfac.distributed.communicator import TrafficCounter
 from rkfac.health import Health
 
 

@@ -23,10 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rkfac import layers
 from rkfac.damping import factor_dampings
 from rkfac.lowrank import Eigenpairs, kronecker_solve
-from rkfac.preconditioner import KFACPreconditioner
+from rkfac.kfac import KFACPreconditioner
 
 DEFAULT_THRESHOLD = 10**-1.5
 
@@ -84,14 +83,14 @@ def layer_spectra(
     ``eigh``, the dominant cost: about a minute at d = 6000 on 2 cores) and truncated by slicing.
     """
     report = {}
-    modules = {layer.name: layer.module for layer in pre._layers}
+    kinds = {layer.name: layer.kind for layer in pre.layers}
     for name, (a, g) in pre.factors().items():
         a_full, g_full = _exact_pairs(a), _exact_pairs(g)
-        grad = layers.grad_matrix(modules[name])
+        grad = kinds[name].grad_matrix()
         errors: dict[int, float] = {}
         if grad is not None:
             grad = grad.double()
-            a_damping, g_damping = factor_dampings(pre.damping_mode, damping, a_full, g_full)
+            a_damping, g_damping = factor_dampings(pre.options.damping_mode, damping, a_full, g_full)
             exact = kronecker_solve(grad, g_full, g_damping, a_full, a_damping)
             for r in ranks:
                 truncated = kronecker_solve(grad, _truncated(g_full, r), g_damping, _truncated(a_full, r), a_damping)

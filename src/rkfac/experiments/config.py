@@ -19,7 +19,7 @@ from rkfac.clipping import CLIP_MODES
 from rkfac.damping import DAMPING_MODES
 from rkfac.experiments.datasets import DATASETS
 from rkfac.experiments.models import MODELS
-from rkfac.preconditioner import FISHER_TYPES
+from rkfac.options import FISHER_TYPES
 from rkfac.schedules import check_choice, check_float, check_int
 
 APPLY_DTYPES = ("float32", "bfloat16")

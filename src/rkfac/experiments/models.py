@@ -23,7 +23,7 @@ start the logits near zero; PyTorch's default (Kaiming-uniform, a = √5) aims a
 The convolutions keep their bias even before BatchNorm (where it is redundant) because the
 paper's parameter count includes it; K-FAC then gives each convolution an A factor with the
 bias column (9·C_in + 1 wide). Every convolution has groups = 1 and every layer with weights is an
-``nn.Linear`` or ``nn.Conv2d``: exactly what :mod:`rkfac.layers` supports. ``ReLU(inplace=True)``
+``nn.Linear`` or ``nn.Conv2d``: exactly what :mod:`rkfac.layers` supports (:data:`rkfac.layers.KINDS`). ``ReLU(inplace=True)``
 is safe with rkfac's statistics capture, which hooks output tensors, not modules.
 """
 

@@ -10,7 +10,7 @@ an n × n solve instead of D × D. U and the inverse K⁻¹ = (λI + UUᵀ)⁻¹
 ``update_freq`` steps from that step's batch and reused in between: only U g, a batched
 n × n product and Uᵀ w are paid per step. Every other parameter gets g / (1 + λ).
 
-How U is held (:mod:`rkfac.seng_gradients`):
+How U is held (:mod:`rkfac.seng.gradients`):
 
 - layers with d_G·d_A ≤ ``sketch_threshold``: exactly — factored (g aᵀ per sample) for
   Linear layers on matrix inputs, explicit rows for convolutions;
@@ -18,10 +18,14 @@ How U is held (:mod:`rkfac.seng_gradients`):
   its top ``sketch_rank`` singular directions, and ``col_sample_size`` of the output rows and
   of the input rows sampled (col_sample_size² coordinates) for UUᵀ and U g.
 
-Per-sample gradients come from hooks (the layer input in a forward hook, the output gradient
-in a hook on the output tensor, so in-place activations after the layer work), only on the
-steps that rebuild, and are compressed as soon as the output gradient arrives so the unfolded
-convolution inputs are never all alive at once.
+Per-sample gradients come from the shared hooks of :mod:`rkfac.layers.capture` (the layer input
+in a forward hook, the output gradient in a hook on the output tensor, so in-place activations
+after the layer work), only on the steps that rebuild, and are compressed as soon as the output
+gradient arrives so the unfolded convolution inputs are never all alive at once. A layer called
+several times in one forward (weight sharing) is handled as K-FAC handles it: the calls of one
+model forward are positions of the same samples, so sample i's gradient is the sum over the
+calls (factored pieces are concatenated along their positions, explicit rows are summed), and
+its n samples count once.
 
 Decisions (the issue is silent on them):
 
@@ -44,30 +48,30 @@ Decisions (the issue is silent on them):
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.hooks import RemovableHandle
 
-from rkfac import layers, per_sample
-from rkfac.capture import statistics_dtype
-from rkfac.communication import Communicator, TrafficCounter
-from rkfac.layers import SupportedLayer
-from rkfac.schedules import FloatSchedule, at_step_float, check_choice, check_float, check_int, float_schedule
+from rkfac.distributed import Communicator, TrafficCounter
+from rkfac.health import Health
+from rkfac.layers import Call, LayerCapture, LayerKind
+from rkfac.layers.selection import select_layers, unwrap
+from rkfac.options import SENGOptions
+from rkfac.schedules import at_step_float
+from rkfac.schema import from_options
 from rkfac.seeding import keyed_generator
-from rkfac.seng_gradients import ExplicitGradients, FactoredGradients, PerSampleGradients, from_tensors, sample_rows
+from rkfac.seng import per_sample
+from rkfac.seng.gradients import ExplicitGradients, FactoredGradients, PerSampleGradients, from_tensors, sample_rows
 from rkfac.timing import PhaseTimer, maybe_phase
-
-LOSS_REDUCTIONS = ("mean", "sum")
 
 
 @dataclass
 class _Piece:
-    """Per-sample gradients of one forward/backward pass: explicit rows or a factored pair."""
+    """Per-sample gradients of one layer call: explicit rows or a factored pair, and its sample group."""
 
+    group: int
     rows: Tensor | None = None
     grad_columns: Tensor | None = None
     input_columns: Tensor | None = None
@@ -79,11 +83,29 @@ class _Piece:
         return per_sample.explicit(self.grad_columns, self.input_columns)
 
 
+def _merge_calls(pieces: list[_Piece]) -> list[_Piece]:
+    """One piece per sample group: the calls of one model forward are positions of the same samples."""
+    by_group: dict[int, list[_Piece]] = {}
+    for piece in pieces:
+        by_group.setdefault(piece.group, []).append(piece)
+    merged = []
+    for group, calls in by_group.items():
+        if len(calls) == 1:
+            merged.append(calls[0])
+        elif all(call.rows is None for call in calls):
+            grad_columns = torch.cat([call.grad_columns for call in calls], dim=2)  # type: ignore[misc]
+            input_columns = torch.cat([call.input_columns for call in calls], dim=2)  # type: ignore[misc]
+            merged.append(_Piece(group, grad_columns=grad_columns, input_columns=input_columns))
+        else:
+            merged.append(_Piece(group, rows=torch.stack([call.explicit_rows() for call in calls]).sum(0)))
+    return merged
+
+
 @dataclass
 class _SENGLayer:
     name: str
-    index: int
-    module: SupportedLayer
+    index: int  # the module's position in model.named_modules(): keys its column samples
+    kind: LayerKind
     sketched: bool
     pieces: list[_Piece] = field(default_factory=list)
     gradients: PerSampleGradients | None = None
@@ -93,55 +115,47 @@ class SENGPreconditioner:
     """Rewrites ``.grad`` of ``model``'s parameters into SENG directions on ``step()``.
 
     Call ``step()`` after ``loss.backward()`` and before the optimizer step; the model's
-    forward on a rebuild step must run in training mode with grad enabled.
+    forward on a rebuild step must run in training mode with grad enabled. Options: a
+    :class:`rkfac.options.SENGOptions` or its fields as keywords (``damping``, ``update_freq``,
+    ``col_sample_size``, ``sketch_threshold``, ``sketch_rank``, ``loss_reduction``, ``seed``).
     """
 
     def __init__(
         self,
         model: nn.Module,
         *,
-        damping: FloatSchedule = 2.0,
-        update_freq: int = 200,
-        col_sample_size: int = 128,
-        sketch_threshold: float = 7e5,
-        sketch_rank: int = 16,
-        loss_reduction: str = "mean",
-        seed: int = 0,
+        options: SENGOptions | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         process_group: torch.distributed.ProcessGroup | None = None,
         timer: PhaseTimer | None = None,
+        **given: Any,
     ) -> None:
+        if options is not None and given:
+            raise ValueError(f"pass options= or keyword options, not both (got options= and {sorted(given)})")
+        self.options = options if options is not None else from_options(SENGOptions, given, "SENGPreconditioner")
         if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
             raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {grad_scaler!r}")
         self.grad_scaler = grad_scaler
-        self.damping = float_schedule(damping, "damping", low=0.0, low_inclusive=False)
-        self.update_freq = check_int(update_freq, "update_freq", low=1)
-        self.col_sample_size = check_int(col_sample_size, "col_sample_size", low=1)
-        self.sketch_threshold = check_float(sketch_threshold, "sketch_threshold", low=0.0)
-        self.sketch_rank = check_int(sketch_rank, "sketch_rank", low=1)
-        self.loss_reduction = str(check_choice(loss_reduction, "loss_reduction", LOSS_REDUCTIONS))
-        self.seed = check_int(seed, "seed", low=0)
         self.timer = timer
         self.steps = 0
         self._built_damping: float | None = None
         self._inverses: Tensor | None = None  # (L, n, n): K⁻¹ for the layers in self._built
         self._built: list[_SENGLayer] = []
-        self._layers: list[_SENGLayer] = []
         self._comm = Communicator(process_group)
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module  # layer names as in the unwrapped model
-        for index, (name, module) in enumerate(model.named_modules()):
-            if layers.is_supported(module) and module.weight.requires_grad:
-                layer: SupportedLayer = module
-                d_a, d_g = layers.factor_dims(layer)
-                self._layers.append(_SENGLayer(name, index, layer, sketched=d_a * d_g > self.sketch_threshold))
-        if not self._layers:
+        model = unwrap(model)
+        selected = select_layers(model, [], trainable_only=True)
+        if not selected:
             raise ValueError("model has no Linear or Conv2d layer with trainable weights for SENG to precondition")
-        covered = {id(p) for layer in self._layers for p in layer.module.parameters(recurse=False)}
-        self._other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
-        self._handles: list[RemovableHandle] = [
-            layer.module.register_forward_hook(self._forward_hook(layer)) for layer in self._layers
+        positions = {name: index for index, (name, _) in enumerate(model.named_modules())}
+        threshold = self.options.sketch_threshold
+        self._layers = [
+            _SENGLayer(name, positions[name], kind, sketched=kind.factor_dims[0] * kind.factor_dims[1] > threshold)
+            for name, kind in selected.items()
         ]
+        covered = {id(p) for layer in self._layers for p in layer.kind.module.parameters(recurse=False)}
+        self._other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
+        self._by_name = {layer.name: layer for layer in self._layers}
+        self._capture = LayerCapture(selected, self, root=model)
 
     @property
     def layer_names(self) -> list[str]:
@@ -153,44 +167,61 @@ class SENGPreconditioner:
         return self._comm.traffic
 
     @property
+    def health(self) -> Health:
+        """SENG skips nothing (a non-finite gradient flows through to the caller): all counts 0."""
+        return Health()
+
+    def ranks(self) -> dict[str, tuple[int, int]]:
+        """SENG keeps no Kronecker decompositions: empty."""
+        return {}
+
+    def describe(self) -> str:
+        lines = []
+        for layer in self._layers:
+            d_a, d_g = layer.kind.factor_dims
+            form = "sketched" if layer.sketched else "exact"
+            lines.append(f"{layer.name or '(model)'}: {layer.kind.label}, {d_g} × {d_a} per-sample gradients ({form})")
+        return "\n".join(lines + ([f"divided by (1 + λ): {len(self._other_params)} other parameters"] if self._other_params else []))
+
+    def sample_fisher(self, outputs: Tensor) -> None:
+        raise ValueError("SENG uses the empirical Fisher of the user's backward; it has no fisher='mc'")
+
+    @property
     def rebuilds_now(self) -> bool:
         """Whether the coming ``step()`` rebuilds U and K⁻¹ (and so the hooks capture)."""
-        return self.steps % self.update_freq == 0
+        return self.steps % self.options.update_freq == 0
 
-    # -- capture ------------------------------------------------------------------------
+    # -- capture (the sink of rkfac.layers.LayerCapture) ----------------------------------------
 
-    def _forward_hook(self, layer: _SENGLayer) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
-        def hook(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
-            if module.training and torch.is_grad_enabled() and self.rebuilds_now and output.requires_grad:
-                saved_input = inputs[0].detach()
-                output.register_hook(lambda grad: self._add_piece(layer, saved_input, grad.detach()))
+    def capturing(self) -> bool:
+        return self.rebuilds_now
 
-        return hook
+    def on_input(self, name: str, layer: LayerKind, inputs: Tensor) -> Tensor:
+        return inputs  # kept until the output gradient arrives
 
-    def _add_piece(self, layer: _SENGLayer, inputs: Tensor, grad_output: Tensor) -> None:
-        dtype = statistics_dtype(layer.module)
-        n = layers.sample_count(inputs)
-        scale = float(n) if self.loss_reduction == "mean" else 1.0
+    def on_output_grad(self, name: str, layer: LayerKind, grad: Tensor, call: Call) -> None:
+        self._add_piece(self._by_name[name], call.context, grad, call)
+
+    def _add_piece(self, layer: _SENGLayer, inputs: Tensor, grad_output: Tensor, call: Call) -> None:
+        dtype = layer.kind.statistics_dtype
+        scale = float(call.samples) if self.options.loss_reduction == "mean" else 1.0
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             scale /= float(self.grad_scaler.get_scale())  # per-sample gradients of the unscaled loss
         with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False), maybe_phase(self.timer, "statistics"):
-            grad_columns, input_columns = per_sample.per_sample_factors(
-                layer.module, inputs.to(dtype), grad_output.to(dtype), scale
-            )
+            grad_columns, input_columns = per_sample.per_sample_factors(layer.kind, inputs.to(dtype), grad_output.to(dtype), scale)
             if layer.sketched:
-                grad_columns, input_columns = per_sample.truncate(grad_columns, input_columns, self.sketch_rank)
-                layer.pieces.append(_Piece(grad_columns=grad_columns, input_columns=input_columns))
+                grad_columns, input_columns = per_sample.truncate(grad_columns, input_columns, self.options.sketch_rank)
+                layer.pieces.append(_Piece(call.group, grad_columns=grad_columns, input_columns=input_columns))
             elif grad_columns.shape[2] == 1:
-                layer.pieces.append(_Piece(grad_columns=grad_columns, input_columns=input_columns))
+                layer.pieces.append(_Piece(call.group, grad_columns=grad_columns, input_columns=input_columns))
             else:
-                layer.pieces.append(_Piece(rows=per_sample.explicit(grad_columns, input_columns)))
-
+                layer.pieces.append(_Piece(call.group, rows=per_sample.explicit(grad_columns, input_columns)))
     # -- rebuild --------------------------------------------------------------------------
 
     def _gradients_of(self, layer: _SENGLayer) -> PerSampleGradients:
         """U for one layer from its captured pieces, rows scaled by 1/√n."""
-        d_a, d_g = layers.factor_dims(layer.module)
-        pieces = layer.pieces
+        d_a, d_g = layer.kind.factor_dims
+        pieces = _merge_calls(layer.pieces)
         if any(piece.rows is not None for piece in pieces):
             all_rows = self._comm.gather_rows(torch.cat([piece.explicit_rows() for piece in pieces]))
             return ExplicitGradients(all_rows / math.sqrt(all_rows.shape[0]), (d_g, d_a))
@@ -199,10 +230,11 @@ class SENGPreconditioner:
         grad_columns /= math.sqrt(grad_columns.shape[0])
         if not layer.sketched:
             return FactoredGradients(grad_columns, input_columns)
-        generator = keyed_generator(torch.device("cpu"), self.seed, "seng-columns", layer.index, self.steps)
+        generator = keyed_generator(torch.device("cpu"), self.options.seed, "seng-columns", layer.index, self.steps)
         device = grad_columns.device
-        grad_index = sample_rows(d_g, self.col_sample_size, generator, device)
-        input_index = sample_rows(d_a, self.col_sample_size, generator, device)
+        size = self.options.col_sample_size
+        grad_index = sample_rows(d_g, size, generator, device)
+        input_index = sample_rows(d_a, size, generator, device)
         return FactoredGradients(grad_columns, input_columns, grad_index, input_index)
 
     def _rebuild(self) -> None:
@@ -212,7 +244,7 @@ class SENGPreconditioner:
                 f"SENG step {self.steps} rebuilds the curvature but no layer captured per-sample gradients: "
                 "run the forward in training mode with grad enabled, then backward, before step()"
             )
-        damping = at_step_float(self.damping, self.steps, "damping", low=0.0, low_inclusive=False)
+        damping = at_step_float(self.options.damping, self.steps, "damping", low=0.0, low_inclusive=False)
         with maybe_phase(self.timer, "decomposition"):
             for layer in self._layers:
                 layer.gradients = self._gradients_of(layer) if layer.pieces else None
@@ -237,8 +269,8 @@ class SENGPreconditioner:
         assert self._inverses is not None and self._built_damping is not None
         damping = self._built_damping
         with maybe_phase(self.timer, "precondition"):
-            active = [(slot, layer) for slot, layer in enumerate(self._built) if layers.grad_matrix(layer.module) is not None]
-            grads = {layer.name: layers.grad_matrix(layer.module) for _, layer in active}
+            active = [(slot, layer) for slot, layer in enumerate(self._built) if layer.kind.grad_matrix() is not None]
+            grads = {layer.name: layer.kind.grad_matrix() for _, layer in active}
             if active:
                 projections = torch.zeros(self._inverses.shape[:2], dtype=self._inverses.dtype, device=self._inverses.device)
                 for slot, layer in active:
@@ -248,11 +280,11 @@ class SENGPreconditioner:
                     grad = grads[layer.name]
                     assert grad is not None and layer.gradients is not None
                     correction = layer.gradients.combine(weights[slot]).to(grad.dtype)
-                    layers.set_grad_matrix(layer.module, (grad - correction) / damping)
+                    layer.kind.set_grad_matrix((grad - correction) / damping)
             built_names = {layer.name for layer in self._built}
             for layer in self._layers:
                 if layer.name not in built_names:
-                    self._divide(layer.module.parameters(recurse=False), damping)
+                    self._divide(layer.kind.module.parameters(recurse=False), damping)
             self._divide(self._other_params, damping)
         self.steps += 1
 
@@ -275,7 +307,7 @@ class SENGPreconditioner:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a state saved by :meth:`state_dict`, tensors moved to each layer's device."""
-        by_name = {layer.name: layer for layer in self._layers}
+        by_name = self._by_name
         unknown = [name for name in state["built"] if name not in by_name]
         if unknown:
             raise ValueError(f"SENG state has layers {unknown} that this model does not have")
@@ -285,15 +317,13 @@ class SENGPreconditioner:
         for layer in self._layers:
             layer.gradients, layer.pieces = None, []
         for layer in self._built:
-            device = layer.module.weight.device
+            device = layer.kind.weight.device
             tensors = {key: None if value is None else value.to(device) for key, value in state["gradients"][layer.name].items()}
-            d_a, d_g = layers.factor_dims(layer.module)
+            d_a, d_g = layer.kind.factor_dims
             layer.gradients = from_tensors(tensors, (d_g, d_a))
         inverses = state["inverses"]
-        self._inverses = None if inverses is None else inverses.to(self._layers[0].module.weight.device)
+        self._inverses = None if inverses is None else inverses.to(self._layers[0].kind.weight.device)
 
     def remove(self) -> None:
         """Remove the hooks; the model is left as it was before construction."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+        self._capture.remove()

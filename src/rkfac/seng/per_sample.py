@@ -1,15 +1,15 @@
-"""Per-sample gradients of Linear and Conv2d layers from one forward input and one output gradient.
+"""Per-sample gradients of a layer from one forward input and one output gradient (SENG's U).
 
 For a layer whose weight is viewed as a (d_G, d_A) matrix (bias as the last column, the same
-view as :mod:`rkfac.layers`), the gradient that sample i contributes is a sum over the T
+view as :mod:`rkfac.layers.base`), the gradient that sample i contributes is a sum over the T
 positions at which the weight is applied (T = 1 for a Linear layer on a matrix input, the
 output pixels for a convolution):
 
     ∇W_i = Σ_t g_{i,t} a_{i,t}ᵀ = Gy_i X_iᵀ,   Gy_i ∈ R^{d_G × T},  X_i ∈ R^{d_A × T}
 
 where a_{i,t} is the input row (a patch for a convolution, with a trailing 1 for the bias)
-and g_{i,t} the gradient of the loss with respect to the output at that position. This
-module returns the pair (Gy, X) as batched tensors, (n, d_G, T) and (n, d_A, T): the
+and g_{i,t} the gradient of the loss with respect to the output at that position. The
+layer's kind gives the pair (Gy, X) as batched tensors, (n, d_G, T) and (n, d_A, T): the
 "factored" form, never looping over samples. ``explicit`` multiplies the pair out into the
 (n, d_G·d_A) matrix of flattened per-sample gradients; ``truncate`` keeps the top ``rank``
 singular directions of each Gy_i (SENG's compression of convolution output-gradient maps).
@@ -22,35 +22,14 @@ sample's own loss; with a sum loss, ``scale`` = 1.
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from rkfac.layers import SupportedLayer, conv_unfold, has_bias
-
-
-def input_columns(module: SupportedLayer, inputs: Tensor) -> Tensor:
-    """X: (n, d_A, T), the input rows of each sample as columns, a row of ones for the bias."""
-    if isinstance(module, nn.Conv2d):
-        columns = conv_unfold(module, inputs)
-    else:
-        batched = inputs if inputs.dim() > 1 else inputs.unsqueeze(0)
-        columns = batched.reshape(batched.shape[0], -1, batched.shape[-1]).transpose(1, 2)
-    if has_bias(module):
-        columns = torch.cat([columns, columns.new_ones(columns.shape[0], 1, columns.shape[2])], dim=1)
-    return columns
+from rkfac.layers import LayerKind
 
 
-def output_grad_columns(module: SupportedLayer, grad_output: Tensor) -> Tensor:
-    """Gy: (n, d_G, T), the output gradient of each sample with positions as columns."""
-    if isinstance(module, nn.Conv2d):
-        batched = grad_output if grad_output.dim() == 4 else grad_output.unsqueeze(0)
-        return batched.flatten(2)
-    batched = grad_output if grad_output.dim() > 1 else grad_output.unsqueeze(0)
-    return batched.reshape(batched.shape[0], -1, batched.shape[-1]).transpose(1, 2)
-
-
-def per_sample_factors(module: SupportedLayer, inputs: Tensor, grad_output: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def per_sample_factors(layer: LayerKind, inputs: Tensor, grad_output: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """(scale · Gy, X) with ∇W_i = scale · Gy_i X_iᵀ; see the module docstring."""
-    return output_grad_columns(module, grad_output) * scale, input_columns(module, inputs)
+    return layer.output_grad_columns(grad_output) * scale, layer.input_columns(inputs)
 
 
 def explicit(grad_columns: Tensor, input_cols: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ Two storage forms:
   where a per-sample gradient sums T position terms and the factored form would be larger.
 - :class:`FactoredGradients` keeps row i as a sum of p outer products, U_i = Σ_j g_ij a_ijᵀ,
   as two (n·p)-row tensors. Exact for Linear layers (p = 1) and for convolutions compressed to
-  p = rank columns by :func:`rkfac.per_sample.truncate`. Then ⟨U_i, U_k⟩ = Σ_jl (g_ij·g_kl)(a_ij·a_kl),
+  p = rank columns by :func:`rkfac.seng.per_sample.truncate`. Then ⟨U_i, U_k⟩ = Σ_jl (g_ij·g_kl)(a_ij·a_kl),
   so UUᵀ costs O((np)²(d_G + d_A)) instead of O(n² d_G d_A).
 
 Column sampling (SENG's sketch for large layers): keep m_G of the d_G output rows and m_A of

@@ -6,7 +6,7 @@ Two collectives, both counted in bytes so that runs can report them:
   all-reduce of one flat buffer: each d × d symmetric matrix packed as its d(d+1)/2 upper
   triangle, so every rank sees the statistics of the global batch;
 - on inverse steps, each decomposition is computed by one rank only (see
-  :mod:`rkfac.assignment`) and its low-rank pair (U, D) — d·k + k numbers, plus the trace and
+  :mod:`rkfac.distributed.assignment`) and its low-rank pair (U, D) — d·k + k numbers, plus the trace and
   λ_max — is broadcast from there. A dense inverse would be d² numbers: at d = 4096, k = 230
   the pair is 17.8× smaller. Every rank, the owner included, then reads the pair back from
   the same buffer, so all ranks precondition with bitwise identical numbers.

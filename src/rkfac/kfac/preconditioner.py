@@ -1,0 +1,371 @@
+"""The K-FAC preconditioner: rewrites ``.grad`` of the supported layers in place.
+
+Algorithm, at step k (``k = pre.steps``, counted from 0) of ``loss.backward(); pre.step()``::
+
+    if k % factor_every(k) == 0:            # the hooks captured this step's statistics
+        S_A, S_G ← this step's statistics   (averaged over ranks in a process group)
+        skip the layers whose S_A or S_G is not finite               (guards)
+        each factor's tracker folds S in: F ← S first, then ρ F + (1 − ρ) S
+    for every tracker that is due (an inverse step, or no decomposition yet):
+        (U, D) ← decomposition(F)           # sketch seeded by (seed, layer, factor, k)
+    for every layer with both decompositions and a finite gradient:
+        λ_A, λ_G ← damping_mode(δ(k), ...)
+        V ← (U_G D_G U_Gᵀ + λ_G I)⁻¹ ∇W (U_A D_A U_Aᵀ + λ_A I)⁻¹
+    scale the V's by ``clip``; write them into ``.grad``
+
+Any torch optimizer then steps on the rewritten gradients. Parameters of other layers keep
+their plain gradient; so does a preconditioned layer before its first statistics exist (e.g.
+when the very first backward ran in eval mode), and one whose gradient is None.
+
+The rooms: layer types and their rows in :mod:`rkfac.layers` (captured by one set of hooks),
+the statistics in :mod:`rkfac.kfac.statistics`, what each factor keeps in
+:mod:`rkfac.kfac.trackers` (dense average + decomposition, or B-KFAC's online pairs), the
+non-finite guards in :mod:`rkfac.kfac.guards`, data parallelism in :mod:`rkfac.distributed`.
+Statistics are captured only on factor steps, in training mode, with grad enabled.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rkfac.clipping import clip_directions
+from rkfac.damping import factor_dampings
+from rkfac.distributed import Communicator, TrafficCounter
+from rkfac.distributed.sharded import average_statistics, decompose_across_ranks
+from rkfac.health import Health, decompose_with_retry
+from rkfac.kfac.guards import Fault, Faults, Guard
+from rkfac.kfac.state import STATE_VERSION, Factor, LayerState, LayerView, layers_state_dict, load_layers, view
+from rkfac.kfac.statistics import Statistic, StatisticsCollector
+from rkfac.layers import SUPPORTED_TEXT, LayerCapture
+from rkfac.layers.selection import select_layers, skip_rules, unsupported_layers, unwrap
+from rkfac.lowrank import Eigenpairs, kronecker_solve
+from rkfac.mc_fisher import sampled_loss
+from rkfac.options import KFACOptions
+from rkfac.schedules import at_step_float, at_step_int
+from rkfac.schema import from_options
+from rkfac.seeding import keyed_generator
+from rkfac.timing import PhaseTimer, maybe_phase
+
+# Layers narrower than this on either side keep the working dtype under ``apply_dtype``.
+LOW_PRECISION_MIN_DIM = 128
+
+
+class KFACPreconditioner:
+    """K-FAC with a pluggable decomposition of the Kronecker factors.
+
+    Args:
+        model: the module whose supported layers (nn.Linear, nn.Conv2d with groups = 1) are
+            preconditioned; a DistributedDataParallel wrapper is looked through.
+        options: a :class:`rkfac.options.KFACOptions`, or its fields as keyword arguments
+            (``decomposition``, ``damping``, ``damping_mode``, ``factor_decay``, ``factor_every``,
+            ``inverse_every``, ``clip``, ``clip_value``, ``lr``, ``fisher``, ``mc_loss``,
+            ``loss_reduction``, ``skip``, ``seed``, ``apply_dtype``; see that class).
+        grad_scaler: the ``torch.amp.GradScaler`` that scales the loss of the user's backward,
+            if any: the G statistics are divided by its scale² so that factors are those of the
+            unscaled loss (overflowed steps are skipped as non-finite). Call
+            ``scaler.unscale_(optimizer)`` before ``pre.step()`` (``scaler.step`` does it for
+            :class:`rkfac.KFAC`).
+        process_group: the torch.distributed group to average statistics and share
+            decompositions over (default: the world group when torch.distributed is initialised).
+        timer: optional :class:`rkfac.timing.PhaseTimer` accumulating the seconds spent in
+            statistics, decomposition and preconditioning.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        options: KFACOptions | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        process_group: torch.distributed.ProcessGroup | None = None,
+        timer: PhaseTimer | None = None,
+        **given: Any,
+    ) -> None:
+        if options is not None and given:
+            raise ValueError(f"pass options= or keyword options, not both (got options= and {sorted(given)})")
+        self.options = options if options is not None else from_options(KFACOptions, given, "KFACPreconditioner")
+        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
+            raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {grad_scaler!r}")
+        self.grad_scaler = grad_scaler
+        self.timer = timer
+        self.steps = 0
+        self._comm = Communicator(process_group)
+        model = unwrap(model)
+        rules = skip_rules(self.options.skip)
+        selected = select_layers(model, rules)
+        if not selected:
+            raise ValueError(
+                f"model {type(model).__name__} has no {SUPPORTED_TEXT} layer to precondition"
+                + (f" after skip={rules!r}" if rules else "")
+            )
+        method = self.options.decomposition
+        self._layers = [
+            LayerState(name, index, kind, (method.tracker(kind.online_updates), method.tracker(kind.online_updates)))
+            for index, (name, kind) in enumerate(selected.items())
+        ]
+        self.unsupported = unsupported_layers(model, selected, rules)
+        if self.unsupported:
+            listed = ", ".join(f"{name} ({kind})" for name, kind in self.unsupported)
+            warnings.warn(
+                f"rkfac preconditions {SUPPORTED_TEXT} only; these layers keep their plain gradient: "
+                f"{listed}. Pass them in skip= to silence this.",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._collector = StatisticsCollector(list(selected), self._is_factor_step, timer)
+        for layer in self._layers:  # B-KFAC's online factors take the rows, not their Gram products
+            self._collector.sums[layer.name].keep_rows = any(t.takes_columns for t in layer.trackers)
+        self._collector.capture_output_grads = self.options.fisher == "empirical"
+        self._capture = LayerCapture(selected, self._collector, root=model)
+        self._mc_generator: torch.Generator | None = None
+        self._guard = Guard()
+
+    # ------------------------------------------------------------------ what the user sees
+
+    @property
+    def layer_names(self) -> list[str]:
+        """Qualified names of the preconditioned layers, in model order."""
+        return [layer.name for layer in self._layers]
+
+    @property
+    def layers(self) -> list[LayerView]:
+        """A read-only view of every preconditioned layer: module, kind, factors, decompositions."""
+        return [view(layer) for layer in self._layers]
+
+    @property
+    def traffic(self) -> TrafficCounter:
+        """Bytes this rank has put into collectives (zero in a single process)."""
+        return self._comm.traffic
+
+    @property
+    def health(self) -> Health:
+        """A snapshot of the counts of skipped statistics, gradients and decompositions."""
+        return Health(**self._guard.health.as_dict())
+
+    def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """The averaged factors, ``{layer_name: (A, G)}``, of layers that keep both (B-KFAC's
+        online factors keep none; see :meth:`eigenpairs`)."""
+        dense = {layer.name: tuple(t.factor for t in layer.trackers) for layer in self._layers}
+        return {name: (a, g) for name, (a, g) in dense.items() if a is not None and g is not None}
+
+    def eigenpairs(self) -> dict[str, tuple[Eigenpairs, Eigenpairs]]:
+        """The decompositions in use, ``{layer_name: (A pairs, G pairs)}``."""
+        return {layer.name: pairs for layer in self._layers if (pairs := layer.pairs()) is not None}
+
+    def ranks(self) -> dict[str, tuple[int, int]]:
+        """Eigenpairs kept per layer, ``{layer_name: (k_A, k_G)}`` (varies with ``adaptive_rank``)."""
+        return {name: (a.rank, g.rank) for name, (a, g) in self.eigenpairs().items()}
+
+    def describe(self) -> str:
+        """The preconditioned layers, one line each: name, type, d_A × d_G; then those left out."""
+        lines = []
+        for layer in self._layers:
+            d_a, d_g = layer.kind.factor_dims
+            lines.append(f"{layer.name or '(model)'}: {layer.kind.label}, A {d_a} × {d_a}, G {d_g} × {d_g}")
+        skipped = [f"{name} ({kind})" for name, kind in self.unsupported]
+        return "\n".join(lines + ([f"not preconditioned: {', '.join(skipped)}"] if skipped else []))
+
+    # ------------------------------------------------------------------ the step
+
+    def step(self) -> None:
+        """Precondition the current gradients in place (see the module docstring)."""
+        step = self.steps
+        self._check_mc_statistics()
+        with torch.no_grad():
+            with maybe_phase(self.timer, "decomposition"):
+                statistics = self._take_statistics()
+                faults = self._guard.check(statistics, self._gradients(), step)
+                self._update_factors(statistics, faults)
+                self._decompose(step)
+            with maybe_phase(self.timer, "precondition"):
+                self._precondition(step, faults)
+        self.steps += 1
+
+    def _is_factor_step(self) -> bool:
+        step = self.steps
+        return step % at_step_int(self.options.factor_every, step, "factor_every", low=1) == 0
+
+    def _take_statistics(self) -> dict[str, tuple[Statistic, Statistic]]:
+        """This step's statistics of every layer that captured both sides; clears the sums.
+
+        Unscaled from a GradScaler's loss scale and, in a process group, averaged over ranks.
+        """
+        reduction = self.options.loss_reduction
+        statistics: dict[str, tuple[Statistic, Statistic]] = {}
+        for layer in self._layers:
+            sums = self._collector.sums[layer.name]
+            if not (sums.has_inputs and sums.has_output_grads):
+                continue
+            if not sums.keep_rows:
+                a, g = sums.averages(reduction)
+                statistics[layer.name] = (Statistic(a), Statistic(g))
+                continue
+            a_columns, g_columns = sums.columns(reduction)
+            a_tracker, g_tracker = layer.trackers
+            world = self._comm.world_size
+            statistics[layer.name] = (a_tracker.from_columns(a_columns, world), g_tracker.from_columns(g_columns, world))
+        self._collector.clear()
+        scale = self._loss_scale()
+        if scale != 1.0:
+            statistics = {
+                name: (a, Statistic(g.value / (scale if g.columns else scale**2), g.columns)) for name, (a, g) in statistics.items()
+            }
+        return average_statistics(self._comm, statistics)
+
+    def _gradients(self) -> list[tuple[str, Tensor]]:
+        return [
+            (layer.name, param.grad)
+            for layer in self._layers
+            for param in (layer.kind.weight, layer.kind.bias)
+            if param is not None and param.grad is not None
+        ]
+
+    def _update_factors(self, statistics: dict[str, tuple[Statistic, Statistic]], faults: Faults) -> None:
+        for layer in self._layers:
+            if layer.name in statistics and not Fault.bad_statistic(faults.get(layer.name, [])):
+                for tracker, statistic in zip(layer.trackers, statistics[layer.name], strict=True):
+                    tracker.update(statistic, self.options.factor_decay)
+
+    def _decompose(self, step: int) -> None:
+        """Decompose every due factor (in a process group, by its owner only, then shared)."""
+        scheduled = step % at_step_int(self.options.inverse_every, step, "inverse_every", low=1) == 0
+        jobs = [(layer, f) for layer in self._layers for f in Factor if layer.trackers[f.value].due(step, scheduled)]
+        seed = self.options.seed
+        for layer in self._layers:
+            for f in Factor:
+                layer.trackers[f.value].maintain(
+                    step, lambda device, i=layer.index, j=f.value: keyed_generator(device, seed, "reproject", i, j, step)
+                )
+
+        def decompose(job: int) -> Eigenpairs | None:
+            layer, f = jobs[job]
+            tracker = layer.trackers[f.value]
+            factor = tracker.factor
+            assert factor is not None
+            generator = functools.partial(keyed_generator, factor.device, seed, "sketch", layer.index, f.value, step)
+            pairs, retried = decompose_with_retry(tracker.method, factor, generator, step, tracker.pairs)
+            self._guard.decomposition(retried, pairs is None, layer.name, f.name, step, tracker.pairs is not None)
+            return pairs
+
+        results = decompose_across_ranks(self._comm, [layer.trackers[f.value] for layer, f in jobs], step, decompose)
+        for (layer, f), pairs in zip(jobs, results, strict=True):
+            if pairs is not None:
+                layer.trackers[f.value].pairs = pairs
+
+    def _precondition(self, step: int, faults: Faults) -> None:
+        damping = at_step_float(self.options.damping, step, "damping", low=0.0, low_inclusive=False)
+        updated: list[tuple[LayerState, Tensor]] = []
+        grads: list[Tensor] = []
+        for layer in self._layers:
+            pairs = layer.pairs()
+            if pairs is None or Fault.GRADIENT in faults.get(layer.name, []):
+                continue
+            grad = layer.kind.grad_matrix()
+            if grad is None:
+                continue
+            a_pairs, g_pairs = pairs
+            grad = grad.to(a_pairs.values.dtype)
+            a_damping, g_damping = factor_dampings(self.options.damping_mode, damping, a_pairs, g_pairs)
+            updated.append((layer, kronecker_solve(grad, g_pairs, g_damping, a_pairs, a_damping, self._apply_dtype_for(grad))))
+            grads.append(grad)
+        options = self.options
+        lr = at_step_float(options.lr, step, "lr", low=0.0) if options.clip == "kl" else 0.0
+        clip_directions(options.clip, options.clip_value, [direction for _, direction in updated], grads, lr)
+        for layer, direction in updated:
+            layer.kind.set_grad_matrix(direction)
+
+    def _apply_dtype_for(self, grad: Tensor) -> torch.dtype | None:
+        """``apply_dtype`` for layers with both sides ≥ LOW_PRECISION_MIN_DIM, else None: small
+        layers gain no time from it and lose the most accuracy (an output layer's G has a few
+        dominant modes, where bfloat16's rounding is amplified most)."""
+        return self.options.apply_dtype if min(grad.shape) >= LOW_PRECISION_MIN_DIM else None
+
+    def _loss_scale(self) -> float:
+        """The GradScaler's scale in the user's backward (1 without one, or with the MC Fisher)."""
+        if self.grad_scaler is None or not self.grad_scaler.is_enabled() or self.options.fisher != "empirical":
+            return 1.0
+        return float(self.grad_scaler.get_scale())
+
+    # ------------------------------------------------------------------ the MC Fisher
+
+    def sample_fisher(self, outputs: Tensor) -> None:
+        """For ``fisher="mc"``: capture G from a backward with labels sampled from ``outputs``.
+
+        Call it after the forward and before ``loss.backward()``, on every step (it returns at
+        once on steps that are not factor steps)::
+
+            logits = model(x)
+            pre.sample_fisher(logits)
+            F.cross_entropy(logits, y).backward()
+            pre.step(); optimizer.step()
+
+        The sampled backward uses ``torch.autograd.grad``, so ``.grad`` is not touched, and it
+        keeps the graph for the user's own backward.
+        """
+        options = self.options
+        if options.fisher != "mc":
+            raise ValueError(f"sample_fisher is for fisher='mc'; this preconditioner has fisher={options.fisher!r}")
+        if not self._is_factor_step() or not outputs.requires_grad:
+            return
+        if self._mc_generator is None or self._mc_generator.device != outputs.device:
+            self._mc_generator = keyed_generator(outputs.device, options.seed, "mc-labels")
+        loss = sampled_loss(outputs, options.mc_loss, options.loss_reduction, self._mc_generator)
+        weights = [layer.kind.weight for layer in self._layers if layer.kind.weight.requires_grad]
+        self._collector.capture_output_grads = True
+        try:
+            torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
+        finally:
+            self._collector.capture_output_grads = False
+
+    def _check_mc_statistics(self) -> None:
+        if self.options.fisher != "mc":
+            return
+        sums = self._collector.sums.values()
+        if any(s.has_inputs for s in sums) and not any(s.has_output_grads for s in sums):
+            self._collector.clear()
+            raise RuntimeError(
+                "fisher='mc' captured layer inputs but no sampled-label gradients on this factor step: "
+                "call pre.sample_fisher(outputs) after the forward and before loss.backward()"
+            )
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """The step, every factor tracker, the health counts and the label sampler (see :mod:`rkfac.kfac.state`)."""
+        return {
+            "version": STATE_VERSION,
+            "steps": self.steps,
+            "layers": layers_state_dict(self._layers),
+            "mc_generator": None if self._mc_generator is None else self._mc_generator.get_state(),
+            "health": self._guard.health.as_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` output (or an older version's); tensors move to each layer's device."""
+        load_layers(self._layers, state)
+        self.steps = int(state["steps"])
+        self._guard.health = Health.from_dict(state.get("health"))  # absent from older state dicts
+        self._collector.clear()
+        generator_state = state.get("mc_generator")
+        if generator_state is not None:
+            self._mc_generator = torch.Generator()
+            self._mc_generator.set_state(generator_state)
+
+    def remove(self) -> None:
+        """Take the hooks off the model; the preconditioner captures nothing afterwards."""
+        self._capture.remove()
+
+    def __repr__(self) -> str:
+        options = self.options
+        return (
+            f"{type(self).__name__}(decomposition={options.decomposition!r}, damping_mode={options.damping_mode!r}, "
+            f"factor_decay={options.factor_decay}, clip={options.clip!r}, fisher={options.fisher!r}, layers={self.layer_names})"
+        )
+
+
+__all__ = ["LOW_PRECISION_MIN_DIM", "KFACPreconditioner"]

@@ -1,0 +1,153 @@
+"""K-FAC's batch statistics: running sums of the layers' rows, collected through the shared hooks.
+
+:class:`StatisticsCollector` is the :class:`~rkfac.layers.capture.CaptureSink` of K-FAC: on a
+factor step it adds ``aᵀa`` of each layer input to a running sum when the forward runs, and
+``gᵀg`` of the output gradient when the backward reaches it. Sums (not averages) are kept so
+that several forward/backward passes before one optimizer step (gradient accumulation) combine
+into the statistics of the concatenated batch. The scaling is fixed in
+:mod:`rkfac.layers.base`; with T calls of a layer in one forward (weight sharing, see
+:mod:`rkfac.layers.capture`) on n samples (N rows a call),
+
+    S_A = Σ_{calls, rows} a aᵀ / (T N),    S_G = n Σ_{calls, rows} g gᵀ   (mean loss),
+
+exactly the statistics of one call on the n samples with the T uses as extra positions.
+Counting the n samples once per call instead (as for micro-batches) would make S_G T times
+larger with a mean loss and T times smaller with a sum loss, so the two reductions would no
+longer agree.
+
+Statistics are summed in float32 (float64 for a float64 layer), whatever the activation dtype,
+so autocast does not degrade them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rkfac.layers import Call, LayerKind
+from rkfac.timing import PhaseTimer, maybe_phase
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One factor's batch statistic: S itself (d × d), or its columns C (d × N, S = C Cᵀ) for
+    a factor that B-KFAC updates online."""
+
+    value: Tensor
+    columns: bool = False
+
+
+def _gram(rows: Tensor) -> Tensor:
+    """``rowsᵀ rows`` in the dtype of ``rows``: hooks run inside the user's autocast region,
+    which would otherwise compute it in bf16/fp16."""
+    with torch.autocast(rows.device.type, enabled=False):
+        return rows.T @ rows
+
+
+class StatisticSums:
+    """Running sums of one layer's statistics since the last factor update.
+
+    With ``keep_rows`` (B-KFAC's online factors) the rows themselves are kept instead of their
+    Gram products, so that :meth:`columns` can hand the low-rank statistic S = C Cᵀ to
+    Brand's update without a d × d product; :meth:`averages` still works from them.
+    """
+
+    input_sum: Tensor | None
+    input_rows: int
+    grad_sum: Tensor | None
+    _samples_by_group: dict[int, int]
+
+    def __init__(self, keep_rows: bool = False) -> None:
+        self.keep_rows = keep_rows
+        self.clear()
+
+    def add_inputs(self, rows: Tensor) -> None:
+        if self.keep_rows:
+            self._input_parts.append(rows)
+        else:
+            gram = _gram(rows)
+            self.input_sum = gram if self.input_sum is None else self.input_sum.add_(gram)
+        self.input_rows += rows.shape[0]
+
+    def add_output_grads(self, rows: Tensor, samples: int, group: int) -> None:
+        """Add the rows of one call; ``samples`` count once per sample ``group`` (one model call)."""
+        if self.keep_rows:
+            self._grad_parts.append(rows)
+        else:
+            gram = _gram(rows)
+            self.grad_sum = gram if self.grad_sum is None else self.grad_sum.add_(gram)
+        self._samples_by_group[group] = samples
+
+    @property
+    def grad_samples(self) -> int:
+        """n of the G scaling: the samples of every model call whose gradients were added."""
+        return sum(self._samples_by_group.values())
+
+    @property
+    def has_inputs(self) -> bool:
+        return self.input_sum is not None or bool(self._input_parts)
+
+    @property
+    def has_output_grads(self) -> bool:
+        return self.grad_sum is not None or bool(self._grad_parts)
+
+    def _scales(self, loss_reduction: str) -> tuple[float, float]:
+        """(c_A, c_G) with S_A = c_A Σ a aᵀ and S_G = c_G Σ g gᵀ."""
+        n = self.grad_samples
+        return 1.0 / self.input_rows, (float(n) if loss_reduction == "mean" else 1.0 / n)
+
+    def averages(self, loss_reduction: str) -> tuple[Tensor, Tensor]:
+        """(S_A, S_G) with the scaling of :mod:`rkfac.layers.base`."""
+        c_a, c_g = self._scales(loss_reduction)
+        if self.keep_rows:
+            return _gram(torch.cat(self._input_parts)) * c_a, _gram(torch.cat(self._grad_parts)) * c_g
+        if self.input_sum is None or self.grad_sum is None:
+            raise RuntimeError("averages() needs both sums: check has_inputs and has_output_grads first")
+        return self.input_sum * c_a, self.grad_sum * c_g
+
+    def columns(self, loss_reduction: str) -> tuple[Tensor, Tensor]:
+        """(C_A, C_G), d × N each, with C Cᵀ equal to :meth:`averages` (``keep_rows`` only)."""
+        if not (self.keep_rows and self._input_parts and self._grad_parts):
+            raise RuntimeError("columns() needs keep_rows and both kinds of rows")
+        c_a, c_g = self._scales(loss_reduction)
+        return torch.cat(self._input_parts).T * c_a**0.5, torch.cat(self._grad_parts).T * c_g**0.5
+
+    def clear(self) -> None:
+        self.input_sum, self.input_rows = None, 0
+        self.grad_sum, self._samples_by_group = None, {}
+        self._input_parts: list[Tensor] = []
+        self._grad_parts: list[Tensor] = []
+
+
+class StatisticsCollector:
+    """K-FAC's capture sink: one :class:`StatisticSums` per layer, filled on factor steps.
+
+    ``capture_output_grads`` is read when the backward reaches a layer: the preconditioner
+    clears it in "mc" mode so that the user's own backward adds nothing to G.
+    """
+
+    def __init__(self, names: list[str], is_factor_step: Callable[[], bool], timer: PhaseTimer | None) -> None:
+        self.sums = {name: StatisticSums() for name in names}
+        self.is_factor_step = is_factor_step
+        self.timer = timer
+        self.capture_output_grads = True
+
+    def capturing(self) -> bool:
+        return self.is_factor_step()
+
+    def on_input(self, name: str, layer: LayerKind, inputs: Tensor) -> None:
+        with torch.no_grad(), maybe_phase(self.timer, "statistics"):
+            self.sums[name].add_inputs(layer.input_rows(inputs).to(layer.statistics_dtype))
+
+    def on_output_grad(self, name: str, layer: LayerKind, grad: Tensor, call: Call) -> None:
+        if self.capture_output_grads:
+            with torch.no_grad(), maybe_phase(self.timer, "statistics"):
+                rows = layer.output_grad_rows(grad).to(layer.statistics_dtype)
+                self.sums[name].add_output_grads(rows, call.samples, call.group)
+
+    def clear(self) -> None:
+        for sums in self.sums.values():
+            sums.clear()

@@ -1,0 +1,128 @@
+"""What the curvature methods need to know about one layer type: :class:`LayerKind`.
+
+A layer with weight W, viewed as a (d_G, d_A) matrix (rows: outputs; columns: the inputs the
+weight multiplies, bias as the last column), is applied at T "shared" positions per sample
+(T = 1 for a Linear layer on a matrix input; the tokens of a sequence; the output pixels of a
+convolution). Every kind turns one forward input and one output gradient into the same two
+shapes, fixed here once:
+
+- rows (K-FAC, :mod:`rkfac.kfac`): ``input_rows`` (N, d_A), ``output_grad_rows`` (N, d_G),
+  N = n·T, one row per (sample, position), a trailing 1 in each input row for the bias;
+- per-sample columns (SENG, :mod:`rkfac.seng`): ``input_columns`` (n, d_A, T) and
+  ``output_grad_columns`` (n, d_G, T), so that sample i's gradient is Gy_i X_iᵀ.
+
+K-FAC's scaling of the statistics built from the rows (KFC, Grosse & Martens 2016, positions
+summed): S_A = Σ_rows a aᵀ / N and S_G = n · Σ_rows g gᵀ for a loss that is a mean over the n
+samples, Σ_rows g gᵀ / n for a sum. With a mean loss the per-sample output gradient is n·g,
+so for Linear (T = 1) S_G is the mean over samples of δδᵀ, and for a convolution T times the
+mean over (sample, position), so that A ⊗ G approximates the Fisher block with the positions
+summed.
+
+A new layer type is one subclass (and its tests against an explicit computation): say which
+modules it ``accepts``, and give the four row/column maps.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+
+class LayerKind(ABC):
+    """One layer type's rows, columns and gradient matrix; instances wrap one module."""
+
+    #: Short name shown by ``describe()``.
+    label: ClassVar[str]
+    #: Whether a batch statistic has at most one column per batch row (no shared positions in
+    #: the usual case), so that B-KFAC may fold it in online (Linear: yes; convolutions: no).
+    online_updates: ClassVar[bool] = False
+
+    def __init__(self, module: nn.Module) -> None:
+        if not self.accepts(module):
+            raise ValueError(f"{type(self).__name__} does not handle {module!r}")
+        self.module = module
+
+    @classmethod
+    @abstractmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        """Whether this kind handles ``module``."""
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.module.weight  # type: ignore[return-value]
+
+    @property
+    def bias(self) -> nn.Parameter | None:
+        return self.module.bias  # type: ignore[return-value]
+
+    @property
+    def has_bias(self) -> bool:
+        return self.bias is not None
+
+    @property
+    def factor_dims(self) -> tuple[int, int]:
+        """(d_A, d_G): the widths of the input-side and output-side factors."""
+        d_in = self.weight[0].numel()
+        return d_in + int(self.has_bias), self.weight.shape[0]
+
+    @property
+    def statistics_dtype(self) -> torch.dtype:
+        """float64 for a float64 layer, else float32 (autocast must not degrade statistics)."""
+        return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+
+    @staticmethod
+    def sample_count(inputs: Tensor) -> int:
+        """n: the first dimension of the layer input (1 for an unbatched input)."""
+        return inputs.shape[0] if inputs.dim() > 1 else 1
+
+    @abstractmethod
+    def input_rows(self, inputs: Tensor) -> Tensor:
+        """The A-statistic rows ``a`` (N, d_A) of one forward input."""
+
+    @abstractmethod
+    def output_grad_rows(self, grad_output: Tensor) -> Tensor:
+        """The G-statistic rows ``g`` (N, d_G) of one gradient w.r.t. the layer output."""
+
+    @abstractmethod
+    def input_columns(self, inputs: Tensor) -> Tensor:
+        """X: (n, d_A, T), each sample's input rows as columns, a row of ones for the bias."""
+
+    @abstractmethod
+    def output_grad_columns(self, grad_output: Tensor) -> Tensor:
+        """Gy: (n, d_G, T), each sample's output gradient with positions as columns."""
+
+    def grad_matrix(self) -> Tensor | None:
+        """∇W as a (d_G, d_A) matrix, bias gradient as the last column; None before any backward.
+
+        A missing bias gradient (bias frozen or unused) counts as zero.
+        """
+        weight_grad = self.weight.grad
+        if weight_grad is None:
+            return None
+        matrix = weight_grad.reshape(weight_grad.shape[0], -1)
+        bias = self.bias
+        if bias is None:
+            return matrix
+        bias_grad = bias.grad if bias.grad is not None else torch.zeros_like(bias)
+        return torch.cat([matrix, bias_grad.reshape(-1, 1)], dim=1)
+
+    def set_grad_matrix(self, matrix: Tensor) -> None:
+        """Write a (d_G, d_A) matrix back into ``.grad`` of the weight (and bias), in place."""
+        weight_grad = self.weight.grad
+        if weight_grad is None:
+            raise RuntimeError("set_grad_matrix needs the weight's gradient (grad_matrix returned None)")
+        d_in = weight_grad[0].numel()
+        weight_grad.copy_(matrix[:, :d_in].reshape(weight_grad.shape))
+        bias = self.bias
+        if bias is not None and bias.requires_grad:
+            if bias.grad is None:
+                bias.grad = torch.zeros_like(bias)
+            bias.grad.copy_(matrix[:, d_in])
+
+
+def append_ones(rows: Tensor) -> Tensor:
+    """``rows`` (N, d) with a column of ones appended: the bias input."""
+    return torch.cat([rows, rows.new_ones(rows.shape[0], 1)], dim=1)

@@ -1,0 +1,154 @@
+"""``rkfac.KFAC`` and ``rkfac.SENG``: a preconditioner followed by SGD, one wrapper for both.
+
+Per step, for every parameter p with gradient::
+
+    d ← preconditioned gradient                      (preconditioner.step(), rewrites .grad)
+    d ← d + weight_decay · p     once steps ≥ weight_decay_start
+    b ← momentum · b + d;  d ← b                      (if momentum > 0)
+    p ← p − lr · d
+
+Weight decay is added after preconditioning (and K-FAC's clipping), as in both papers' code
+(the K-FAC paper also starts it at step 200: ``weight_decay_start=200``). ``lr``, ``momentum``
+and ``weight_decay`` live in the param group, so torch LR schedulers work; each may also be a
+callable of the (0-based) step, e.g. SENG's reference
+``lr=lambda step: 0.05 * (1 - step / (75 * steps_per_epoch)) ** 6``, which is then written into
+the param group at every step. Every option is keyword-only; the preconditioner is
+``opt.preconditioner`` (a :class:`rkfac.protocol.Preconditioner`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from rkfac.kfac import KFACPreconditioner
+from rkfac.options import KFACOptions, SENGOptions, UpdateOptions, split_options
+from rkfac.protocol import Preconditioner
+from rkfac.schedules import at_step_float
+from rkfac.seng import SENGPreconditioner
+from rkfac.sgd import sgd_update
+from rkfac.timing import PhaseTimer
+
+_SCHEDULED = ("lr", "momentum", "weight_decay")
+
+
+class PreconditionedSGD(torch.optim.Optimizer):
+    """A preconditioner on ``model``, then SGD on all its parameters that require grad.
+
+    Subclasses say which preconditioner (``_preconditioner``), which options it takes
+    (``method_options``) and any defaults of the SGD step that differ (``update_defaults``).
+    """
+
+    method_options: ClassVar[type[Any]]
+    update_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        process_group: torch.distributed.ProcessGroup | None = None,
+        timer: PhaseTimer | None = None,
+        **options: Any,
+    ) -> None:
+        update_given, method_given = split_options(options, UpdateOptions, self.method_options)
+        self.update = UpdateOptions(**{**self.update_defaults, **update_given})
+        params = [p for p in model.parameters() if p.requires_grad]
+        super().__init__(params, {name: self._value(name, 0) for name in _SCHEDULED})
+        self.preconditioner: Preconditioner = self._preconditioner(model, method_given, grad_scaler, process_group, timer)
+
+    def _preconditioner(
+        self,
+        model: nn.Module,
+        options: dict[str, Any],
+        grad_scaler: torch.amp.GradScaler | None,
+        process_group: torch.distributed.ProcessGroup | None,
+        timer: PhaseTimer | None,
+    ) -> Preconditioner:
+        raise NotImplementedError
+
+    def _value(self, name: str, step: int) -> float:
+        bounds: dict[str, Any] = {"low": 0.0}
+        if name == "momentum":
+            bounds.update(high=1.0, high_inclusive=False)
+        return at_step_float(getattr(self.update, name), step, name, **bounds)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        step = self.preconditioner.steps
+        for name in _SCHEDULED:
+            if callable(getattr(self.update, name)):
+                value = self._value(name, step)
+                for group in self.param_groups:
+                    group[name] = value
+        decay_on = step >= self.update.weight_decay_start
+        self.preconditioner.step()
+        sgd_update(self.param_groups, self.state, decay_on)
+        return loss
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["preconditioner"] = self.preconditioner.state_dict()
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        state_dict = dict(state_dict)
+        preconditioner_state = state_dict.pop("preconditioner", None)
+        if preconditioner_state is None:
+            raise ValueError(f"state_dict has no 'preconditioner' entry: it was not saved by rkfac.{type(self).__name__}")
+        super().load_state_dict(state_dict)
+        self.preconditioner.load_state_dict(preconditioner_state)
+
+
+class KFAC(PreconditionedSGD):
+    """K-FAC + SGD: the paper's optimizer. Options: those of :class:`rkfac.options.UpdateOptions`
+    (lr 0.1, momentum 0, weight_decay 0, weight_decay_start 0) and of
+    :class:`rkfac.options.KFACOptions`. The preconditioner's "kl" clip follows the group's lr.
+    With ``fisher="mc"`` call ``opt.preconditioner.sample_fisher(logits)`` before the backward.
+    """
+
+    method_options = KFACOptions
+
+    def _preconditioner(
+        self,
+        model: nn.Module,
+        options: dict[str, Any],
+        grad_scaler: torch.amp.GradScaler | None,
+        process_group: torch.distributed.ProcessGroup | None,
+        timer: PhaseTimer | None,
+    ) -> Preconditioner:
+        return KFACPreconditioner(
+            model,
+            lr=lambda _step: self.param_groups[0]["lr"],
+            grad_scaler=grad_scaler,
+            process_group=process_group,
+            timer=timer,
+            **options,
+        )
+
+
+class SENG(PreconditionedSGD):
+    """SENG + SGD (spec section 5) on all parameters that require grad. Options: those of
+    :class:`rkfac.options.UpdateOptions`, with SENG's reference momentum 0.9 and weight decay
+    1e-2 as defaults, and of :class:`rkfac.options.SENGOptions`. ``damping`` may be a callable
+    of the step; it is read at each curvature rebuild (every ``update_freq`` steps)."""
+
+    method_options = SENGOptions
+    update_defaults: ClassVar[dict[str, Any]] = {"momentum": 0.9, "weight_decay": 1e-2}
+
+    def _preconditioner(
+        self,
+        model: nn.Module,
+        options: dict[str, Any],
+        grad_scaler: torch.amp.GradScaler | None,
+        process_group: torch.distributed.ProcessGroup | None,
+        timer: PhaseTimer | None,
+    ) -> Preconditioner:
+        return SENGPreconditioner(model, grad_scaler=grad_scaler, process_group=process_group, timer=timer, **options)
