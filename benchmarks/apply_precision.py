@@ -20,12 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from preset_runs import batch_at, model_and_optimizer
-from rkfac import layers
 from rkfac.damping import factor_dampings
 from rkfac.experiments.datasets import load_dataset
 from rkfac.experiments.presets import resolve_config
+from rkfac.kfac import LOW_PRECISION_MIN_DIM
 from rkfac.lowrank import kronecker_solve
-from rkfac.preconditioner import LOW_PRECISION_MIN_DIM
 
 
 def main() -> None:
@@ -46,12 +45,12 @@ def main() -> None:
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(model(images), labels).backward()
         if step >= 1 and step % args.every == 0:  # eigenpairs exist from step 0 on
-            for layer in pre._layers:
-                grad = layers.grad_matrix(layer.module)
-                if grad is None or min(grad.shape) < LOW_PRECISION_MIN_DIM:
+            for layer in pre.layers:
+                grad = layer.kind.grad_matrix()
+                if grad is None or min(grad.shape) < LOW_PRECISION_MIN_DIM or layer.a.pairs is None or layer.g.pairs is None:
                     continue
-                a_pairs, g_pairs = layer.eigen["A"], layer.eigen["G"]
-                a_damping, g_damping = factor_dampings(pre.damping_mode, config.damping, a_pairs, g_pairs)  # type: ignore[arg-type]
+                a_pairs, g_pairs = layer.a.pairs, layer.g.pairs
+                a_damping, g_damping = factor_dampings(pre.options.damping_mode, config.damping, a_pairs, g_pairs)  # type: ignore[arg-type]
                 timings = []
                 results = []
                 for dtype in (None, torch.bfloat16):
@@ -66,7 +65,7 @@ def main() -> None:
     print("| layer | d_G × d_A | median rel. error | max | float32 ms | bfloat16 ms |")
     print("|---|---|---|---|---|---|")
     for name, values in errors.items():
-        grad = layers.grad_matrix(pre._layer_by_name[name].module)
+        grad = next(layer.kind.grad_matrix() for layer in pre.layers if layer.name == name)
         shape = "—" if grad is None else f"{grad.shape[0]} × {grad.shape[1]}"
         f32, bf16 = (1000 * statistics.median(seconds[name][i::2]) for i in (0, 1))
         print(f"| {name} | {shape} | {statistics.median(values):.2%} | {max(values):.2%} | {f32:.1f} | {bf16:.1f} |")

@@ -33,9 +33,12 @@ def factor_memory(optimizer: Any) -> int:
     """Bytes of the dense factors and the eigenpairs the preconditioner keeps."""
     pre = optimizer.preconditioner
     total = 0
-    for layer in pre._layers:
-        total += sum(t.numel() * t.element_size() for t in layer.factors.values())
-        total += sum(p.vectors.numel() * p.vectors.element_size() + p.values.numel() * 4 for p in layer.eigen.values())
+    for layer in pre.layers:
+        for factor in (layer.a, layer.g):
+            if factor.factor is not None:
+                total += factor.factor.numel() * factor.factor.element_size()
+            if factor.pairs is not None:
+                total += factor.pairs.vectors.numel() * factor.pairs.vectors.element_size() + factor.pairs.values.numel() * 4
     return total
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from rkfac.experiments.models import build_model
-from rkfac.layers import factor_dims, is_supported
+from rkfac.layers import kind_for
 
 MODELS = {
     "fashion-mlp-wide": ("mlp", (1, 28, 28), 10, {"widths": [2048, 2048]}),
@@ -27,7 +27,7 @@ MODELS = {
 def factor_widths(name: str) -> list[int]:
     model_name, shape, classes, options = MODELS[name]
     model = build_model(model_name, shape, classes, **options)
-    return [d for module in model.modules() if is_supported(module) for d in factor_dims(module)]  # type: ignore[arg-type]
+    return [d for module in model.modules() if (kind := kind_for(module)) is not None for d in kind.factor_dims]
 
 
 def mib(numbers: int) -> float:

@@ -7,8 +7,8 @@ import random
 
 import pytest
 
-from rkfac.assignment import assign_longest_first, rank_loads
 from rkfac.decompositions import ExactEigh, SymmetricRandomizedEVD
+from rkfac.distributed.assignment import assign_longest_first, rank_loads
 
 
 def test_hand_worked_example():

@@ -7,9 +7,9 @@ import torch
 from torch import Tensor, nn
 
 import rkfac
-from rkfac import layers
 from rkfac.brand import batch_columns, brand_refresh, brand_update, reproject_subset
-from rkfac.capture import StatisticSums
+from rkfac.kfac.statistics import StatisticSums
+from rkfac.layers import kind_for
 from rkfac.lowrank import Eigenpairs
 
 DTYPE = torch.float64
@@ -197,7 +197,7 @@ def test_bias_corner_is_one_and_bias_column_the_mean_input() -> None:
     decay, pairs, mean = 0.9, None, torch.zeros(5, dtype=DTYPE)
     for step in range(4):
         inputs = torch.randn(7, 5, generator=generator, dtype=DTYPE) + 1.0
-        columns = batch_columns(layers.input_rows(layer, inputs), "A", samples=7, loss_reduction="mean")
+        columns = batch_columns(kind_for(layer).input_rows(inputs), "A", samples=7, loss_reduction="mean")
         pairs = brand_update(pairs, columns, decay, rank=6)
         mean = inputs.mean(0) if step == 0 else decay * mean + (1 - decay) * inputs.mean(0)
         factor = pairs.dense()
@@ -214,8 +214,8 @@ def test_batch_columns_reproduce_statistic_sums(loss_reduction: str, conv: bool)
     layer = layer.to(DTYPE)
     inputs = torch.randn(5, 2, 4, 4, dtype=DTYPE) if conv else torch.randn(5, 6, dtype=DTYPE)
     output = layer(inputs)
-    a_rows = layers.input_rows(layer, inputs)
-    g_rows = layers.output_grad_rows(layer, torch.randn_like(output))
+    a_rows = kind_for(layer).input_rows(inputs)
+    g_rows = kind_for(layer).output_grad_rows(torch.randn_like(output))
     sums = StatisticSums()
     sums.add_inputs(a_rows)
     sums.add_output_grads(g_rows, samples=5, group=0)

@@ -42,9 +42,10 @@ def test_untruncated_b_kfac_equals_exact_k_fac():
     _, exact, exact_directions = run(rkfac.ExactEigh())
     _, brand, brand_directions = run(rkfac.BrandUpdate(rank=1000, fallback=rkfac.ExactEigh()))
     # Linear layers with batch 12 narrower than the factor go online; the conv and fc2's G (width 4) stay dense
-    assert brand._layer_by_name["3"].online == {"A": True, "G": True}
-    assert brand._layer_by_name["5"].online == {"A": True, "G": False}
-    assert brand._layer_by_name["0"].online == {}
+    views = {layer.name: layer for layer in brand.layers}
+    assert (views["3"].a.online, views["3"].g.online) == (True, True)
+    assert (views["5"].a.online, views["5"].g.online) == (True, False)
+    assert (views["0"].a.online, views["0"].g.online) == (False, False)  # a convolution: dense
     assert set(brand.factors()) == {"0"}  # online factors keep no d × d average
     for mine, theirs in zip(brand_directions, exact_directions, strict=True):
         for a, b in zip(mine, theirs, strict=True):
@@ -70,7 +71,7 @@ def test_b_r_kfac_refreshes_from_the_dense_factor():
     fallback = rkfac.SymmetricRandomizedEVD(rank=8, oversample=2, power_iters=2)
     _, exact, _ = run(rkfac.ExactEigh(), steps=4)
     _, refreshed, _ = run(rkfac.BrandUpdate(rank=8, fallback=fallback, refresh_every=3), steps=4)
-    a_dense = refreshed._layer_by_name["3"].factors["A"]  # B-R keeps the dense average too
+    a_dense = next(layer.a.factor for layer in refreshed.layers if layer.name == "3")  # B-R keeps the dense average too
     torch.testing.assert_close(a_dense, exact.factors()["3"][0])
     # step 3 refreshed (U, D) from the dense factor with the fallback, sketch keyed like any decomposition
     generator = torch.Generator().manual_seed(rkfac.seeding.derived_seed(0, "sketch", 1, 0, 3))
@@ -81,7 +82,7 @@ def test_b_r_kfac_refreshes_from_the_dense_factor():
 def test_b_kfac_c_reprojection_does_not_increase_the_error():
     _, plain, _ = run(rkfac.BrandUpdate(rank=8, fallback=rkfac.ExactEigh(), refresh_every=10**6))
     _, corrected, _ = run(rkfac.BrandUpdate(rank=8, fallback=rkfac.ExactEigh(), reproject_every=1, reproject_count=4))
-    dense = corrected._layer_by_name["3"].factors["A"]
+    dense = next(layer.a.factor for layer in corrected.layers if layer.name == "3")
     before = (dense - plain.eigenpairs()["3"][0].dense()).norm()
     after = (dense - corrected.eigenpairs()["3"][0].dense()).norm()
     assert after <= before + 1e-12

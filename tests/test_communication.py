@@ -1,4 +1,4 @@
-"""Collectives of rkfac.communication: packing, 2-process gloo runs, the single-process path."""
+"""Collectives of rkfac.distributed.communicator: packing, 2-process gloo runs, the single-process path."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rkfac.communication import Communicator, pack_upper, unpack_upper
+from rkfac.distributed.communicator import Communicator, pack_upper, unpack_upper
 from rkfac.lowrank import Eigenpairs
 
 

@@ -69,8 +69,12 @@ def test_sample_fisher_is_a_no_op_off_factor_steps_and_refused_for_empirical() -
     pre.sample_fisher(logits)
     F.cross_entropy(logits, y).backward()
     pre.step()
+    after_first = {name: (a.clone(), g.clone()) for name, (a, g) in pre.factors().items()}
     logits = model(x)  # step 1 is not a factor step: nothing captured, nothing sampled
     pre.sample_fisher(logits)
-    assert all(not s.has_inputs and not s.has_output_grads for s in pre._capture.sums.values())
+    F.cross_entropy(logits, y).backward()
+    pre.step()  # inputs captured without sampled gradients would raise here
+    for name, (a, g) in pre.factors().items():
+        assert torch.equal(a, after_first[name][0]) and torch.equal(g, after_first[name][1])
     with pytest.raises(ValueError, match="sample_fisher is for fisher='mc'"):
         rkfac.KFACPreconditioner(model).sample_fisher(logits)

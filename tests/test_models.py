@@ -15,6 +15,7 @@ from torch import nn
 import rkfac
 from rkfac import layers
 from rkfac.experiments.models import MODELS, build_model, scaled
+from rkfac.layers import kind_for
 
 FASHION = (1, 28, 28)
 CIFAR = (3, 32, 32)
@@ -152,7 +153,7 @@ def test_cnn_pooling_floors_odd_sizes(height: int, width: int) -> None:
 def test_cnn_widest_kfac_factor_reaches_2048() -> None:
     """The fashion-cnn exists to have a factor wider than 2048: the first Linear's A is 3137."""
     model = build_model("cnn", FASHION, 10)
-    dims = [layers.factor_dims(m) for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    dims = [kind_for(m).factor_dims for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
     assert dims == [(10, 32), (289, 64), (3137, 512), (513, 10)]
     assert max(max(d) for d in dims) == 3137 >= 2048
 
@@ -195,7 +196,7 @@ def test_narrow_vgg16_bn_takes_a_kfac_step() -> None:
     for name, module in model.named_modules():
         if isinstance(module, (nn.Linear, nn.Conv2d)):
             a, g = factors[name]
-            assert (a.shape[0], g.shape[0]) == layers.factor_dims(module)
+            assert (a.shape[0], g.shape[0]) == kind_for(module).factor_dims
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 

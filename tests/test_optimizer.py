@@ -51,7 +51,7 @@ def test_lr_scheduler_reaches_the_kl_clip() -> None:
     F.cross_entropy(model(x), y).backward()
     opt.step()
     scheduler.step()
-    assert opt.preconditioner.lr(0) == pytest.approx(0.1)
+    assert opt.preconditioner.options.lr(0) == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize(
@@ -75,3 +75,29 @@ def test_load_state_dict_without_preconditioner_is_refused() -> None:
     plain = torch.optim.SGD(model.parameters(), lr=0.1).state_dict()
     with pytest.raises(ValueError, match="no 'preconditioner' entry"):
         opt.load_state_dict(plain)
+
+
+def test_unknown_or_doubled_options_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"unknown option 'dampnig'.*'damping'"):
+        rkfac.KFAC(make_model(), dampnig=0.1)
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['rank'\]"):
+        rkfac.KFACPreconditioner(make_model(), rank=10)
+    with pytest.raises(ValueError, match="not both"):
+        rkfac.KFACPreconditioner(make_model(), options=rkfac.KFACOptions(), damping=0.2)
+
+
+def test_kfac_and_seng_take_options_objects_and_schedules_alike() -> None:
+    """Both wrappers: keyword options, or the options object; lr as a callable of the step."""
+    model = make_model()
+    pre = rkfac.KFACPreconditioner(model, options=rkfac.KFACOptions(damping=0.2, factor_every=1))
+    assert pre.options.damping == 0.2 and pre.options.factor_every == 1
+    for optimizer_class in (rkfac.KFAC, rkfac.SENG):
+        model = make_model()
+        opt = optimizer_class(model, lr=lambda step: 0.1 / (step + 1), momentum=0.5)
+        x, y = batch(0)
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.05)
+        assert isinstance(opt.preconditioner, rkfac.Preconditioner)

@@ -11,8 +11,8 @@ from torch import nn
 from torch.func import functional_call, grad, vmap
 
 import rkfac
-from rkfac import per_sample
-from rkfac.layers import grad_matrix
+from rkfac.layers import kind_for
+from rkfac.seng import per_sample
 
 
 def per_sample_grad_matrices(model: nn.Module, layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -31,6 +31,13 @@ def per_sample_grad_matrices(model: nn.Module, layer: nn.Module, x: torch.Tensor
     weight = grads[f"{prefix}.weight"].flatten(2)
     bias = grads.get(f"{prefix}.bias")
     return weight if bias is None else torch.cat([weight, bias.unsqueeze(2)], dim=2)
+
+
+def grad_matrix(layer: nn.Module) -> torch.Tensor:
+    """[∇W | ∇b] of a Linear or Conv2d layer."""
+    matrix = kind_for(layer).grad_matrix()
+    assert matrix is not None
+    return matrix
 
 
 def dense_direction(u_rows: torch.Tensor, g: torch.Tensor, damping: float) -> torch.Tensor:
@@ -80,7 +87,7 @@ def test_hook_factors_give_the_per_sample_gradients_of_torch_func(make_model):
 
     layer.register_forward_hook(keep)
     backward(model, x, y)
-    gy, cols = per_sample.per_sample_factors(layer, captured["x"], captured["g"], scale=7.0)
+    gy, cols = per_sample.per_sample_factors(kind_for(layer), captured["x"], captured["g"], scale=7.0)
     expected = per_sample_grad_matrices(model, layer, x, y)
     torch.testing.assert_close(per_sample.explicit(gy, cols), expected.flatten(1))
 
@@ -89,7 +96,7 @@ def test_linear_on_token_inputs_sums_positions():
     layer = nn.Linear(3, 2).double()
     x = torch.randn(4, 5, 3, dtype=torch.float64)
     g = torch.randn(4, 5, 2, dtype=torch.float64)
-    gy, cols = per_sample.per_sample_factors(layer, x, g, scale=1.0)
+    gy, cols = per_sample.per_sample_factors(kind_for(layer), x, g, scale=1.0)
     expected = torch.stack([torch.cat([g[i].T @ x[i], g[i].sum(0, keepdim=True).T], dim=1) for i in range(4)])
     torch.testing.assert_close(per_sample.explicit(gy, cols), expected.flatten(1))
 
@@ -328,3 +335,37 @@ def test_grad_scaler_gives_the_unscaled_direction():
         results.append([p.detach().clone() for p in model.parameters()])
     for plain, scaled in zip(*results, strict=True):
         torch.testing.assert_close(scaled, plain, rtol=1e-5, atol=1e-6)
+
+
+class TwiceCalled(nn.Module):
+    """A Linear applied twice in one forward (weight sharing), between two ordinary layers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.first = nn.Linear(6, 5)
+        self.shared = nn.Linear(5, 5)
+        self.head = nn.Linear(5, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(torch.tanh(self.first(x)))))))
+
+
+@pytest.mark.parametrize("sketch_threshold", [1e9, 20.0], ids=["exact", "sketched"])
+def test_a_layer_called_twice_gets_the_summed_per_sample_gradient(sketch_threshold: float) -> None:
+    """The shared capture counts the two calls as positions of the same samples, as K-FAC does:
+    U's row i is sample i's whole gradient of the shared weight (both uses), by torch.func."""
+    torch.manual_seed(0)
+    model = TwiceCalled().double()
+    damping = 0.6
+    # sketched: col_sample_size covers every row, so the sketch is exact and the oracle still applies
+    pre = rkfac.SENGPreconditioner(model, damping=damping, update_freq=1, sketch_threshold=sketch_threshold, col_sample_size=64)
+    generator = torch.Generator().manual_seed(4)
+    x, y = torch.randn(7, 6, generator=generator, dtype=torch.float64), torch.randint(0, 4, (7,), generator=generator)
+    layers = [model.first, model.shared, model.head]
+    rows = {id(layer): per_sample_grad_matrices(model, layer, x, y).flatten(1) for layer in layers}
+    backward(model, x, y)
+    raw = {id(layer): grad_matrix(layer).clone() for layer in layers}
+    pre.step()
+    for layer in layers:
+        expected = dense_direction(rows[id(layer)], raw[id(layer)], damping)
+        torch.testing.assert_close(grad_matrix(layer), expected, rtol=1e-9, atol=1e-12)

@@ -55,8 +55,8 @@ def test_spectrum_from_a_saved_run_uses_its_factors(tmp_path: Path) -> None:
     assert main(["train", "--optimizer", "kfac", *SMALL, "--out", str(run)]) == 0
     assert main(["spectrum", "--from", str(run), "--ranks", "5", "--out", str(tmp_path / "s")]) == 0
     summary = json.loads((tmp_path / "s" / "spectrum.json").read_text())
-    factors = RunDirectory(run).load_checkpoint()["optimizer"]["preconditioner"]["layers"]["3"]["factors"]
-    expected = factor_spectrum(factors["A"].double(), (5,))
+    saved = RunDirectory(run).load_checkpoint()["optimizer"]["preconditioner"]["layers"]["3"]
+    expected = factor_spectrum(saved["A"]["factor"].double(), (5,))
     assert summary["widths"]["1"]["layers"]["3"]["A"] == {"dim": expected.dim, "modes_above": expected.modes_above}
     assert (tmp_path / "s" / "spectrum.png").exists()
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import rkfac
-from rkfac import layers
+from rkfac.layers import kind_for
 
 DTYPE = torch.float64
 
@@ -194,5 +194,5 @@ def test_conv_rows_of_channels_last_and_unbatched_inputs_match_explicit_windows(
     conv = nn.Conv2d(3, 4, kernel_size=3, stride=2, padding=1).to(DTYPE)
     x = torch.randn(2, 3, 7, 6, dtype=DTYPE)
     expected = with_ones(explicit_patches(x, conv, F.pad(x, conv._reversed_padding_repeated_twice)))
-    torch.testing.assert_close(layers.input_rows(conv, x.to(memory_format=torch.channels_last)), expected)
-    torch.testing.assert_close(layers.input_rows(conv, x[1]), expected[len(expected) // 2 :])
+    torch.testing.assert_close(kind_for(conv).input_rows(x.to(memory_format=torch.channels_last)), expected)
+    torch.testing.assert_close(kind_for(conv).input_rows(x[1]), expected[len(expected) // 2 :])

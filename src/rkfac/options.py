@@ -40,7 +40,9 @@ class KFACOptions:
     decomposition: Decomposition = option(
         SymmetricRandomizedEVD(), "how factors are decomposed (default: the paper's SRE, r = 220)", kind="any"
     )
-    damping: FloatSchedule = option(0.1, "damping δ > 0 (number or callable of the step)", low=0.0, low_inclusive=False, schedule=True)
+    damping: FloatSchedule = option(
+        0.1, "damping δ > 0 (number or callable of the step)", low=0.0, low_inclusive=False, schedule=True
+    )
     damping_mode: str = option("relative", "relative: λ = δ·λ_max per factor; pi: factored Tikhonov", choices=DAMPING_MODES)
     factor_decay: float = option(0.95, "ρ of the factors' exponential average", low=0.0, high=1.0, high_inclusive=False)
     factor_every: IntSchedule = option(10, "steps between factor updates", kind="int", low=1, schedule=True)
@@ -53,16 +55,16 @@ class KFACOptions:
     loss_reduction: str = option("mean", "how the user's loss combines samples (sets the scale of G)", choices=LOSS_REDUCTIONS)
     skip: tuple[SkipRule, ...] = option((), "layers left alone: name patterns or module types", kind="any")
     seed: int = option(0, "seeds every sketch and sampled label", kind="int", low=-(2**63))
-    apply_dtype: torch.dtype | None = option(None, "dtype of the per-step solve's large products (None: the factors')", kind="any")
+    apply_dtype: torch.dtype | None = option(
+        None, "dtype of the per-step solve's large products (None: the factors')", kind="any"
+    )
 
     def __post_init__(self) -> None:
         if self.decomposition is None:  # None asks for the default, as it always has
             object.__setattr__(self, "decomposition", SymmetricRandomizedEVD())
         validate(self)
         if not isinstance(self.decomposition, Decomposition):
-            raise ValueError(
-                f"decomposition must be an rkfac Decomposition (e.g. rkfac.ExactEigh()), got {self.decomposition!r}"
-            )
+            raise ValueError(f"decomposition must be an rkfac Decomposition (e.g. rkfac.ExactEigh()), got {self.decomposition!r}")
         skip = (self.skip,) if isinstance(self.skip, (str, type)) else tuple(self.skip)
         for rule in skip:
             if not (isinstance(rule, str) or (isinstance(rule, type) and issubclass(rule, nn.Module))):

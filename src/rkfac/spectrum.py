@@ -24,8 +24,8 @@ import torch
 from torch import Tensor
 
 from rkfac.damping import factor_dampings
-from rkfac.lowrank import Eigenpairs, kronecker_solve
 from rkfac.kfac import KFACPreconditioner
+from rkfac.lowrank import Eigenpairs, kronecker_solve
 
 DEFAULT_THRESHOLD = 10**-1.5
 

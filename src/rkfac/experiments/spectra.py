@@ -23,6 +23,7 @@ from rkfac.experiments.config import KFAC_OPTIMIZERS, RunConfig
 from rkfac.experiments.optimizers import damping_at
 from rkfac.experiments.rundir import RunDirectory
 from rkfac.experiments.train import Trainer
+from rkfac.kfac.state import saved_factors
 from rkfac.spectrum import FactorSpectrum, LayerSpectrum, factor_spectrum, layer_spectra
 
 
@@ -77,13 +78,11 @@ def from_run(run_dir: Path, *, ranks: list[int], threshold: float) -> dict[str, 
     if saved is None:
         raise ValueError(f"{run_dir} was not trained with a K-FAC optimizer: its checkpoint has no factors")
     layers = {}
-    for name, layer in saved["layers"].items():
-        if layer["factors"]:
-            a, g = (layer["factors"][key].to(torch.float64) for key in ("A", "G"))
-            layers[name] = {
-                "A": _factor_json(factor_spectrum(a, ranks, threshold)),
-                "G": _factor_json(factor_spectrum(g, ranks, threshold)),
-            }
+    for name, (a, g) in saved_factors(saved).items():
+        layers[name] = {
+            "A": _factor_json(factor_spectrum(a.to(torch.float64), ranks, threshold)),
+            "G": _factor_json(factor_spectrum(g.to(torch.float64), ranks, threshold)),
+        }
     width = state.get("config", {}).get("width_scale", 1.0)
     return {"width_scale": width, "threshold": threshold, "ranks": ranks, "records": [{"step": saved["steps"], "layers": layers}]}
 

@@ -5,4 +5,12 @@ from rkfac.kfac.preconditioner import LOW_PRECISION_MIN_DIM, KFACPreconditioner
 from rkfac.kfac.state import FactorView, LayerView
 from rkfac.kfac.trackers import BrandTracker, DenseTracker, FactorTracker
 
-__all__ = ["LOW_PRECISION_MIN_DIM", "BrandTracker", "DenseTracker", "FactorTracker", "FactorView", "KFACPreconditioner", "LayerView"]
+__all__ = [
+    "LOW_PRECISION_MIN_DIM",
+    "BrandTracker",
+    "DenseTracker",
+    "FactorTracker",
+    "FactorView",
+    "KFACPreconditioner",
+    "LayerView",
+]

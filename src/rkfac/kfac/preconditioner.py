@@ -213,7 +213,8 @@ class KFACPreconditioner:
         scale = self._loss_scale()
         if scale != 1.0:
             statistics = {
-                name: (a, Statistic(g.value / (scale if g.columns else scale**2), g.columns)) for name, (a, g) in statistics.items()
+                name: (a, Statistic(g.value / (scale if g.columns else scale**2), g.columns))
+                for name, (a, g) in statistics.items()
             }
         return average_statistics(self._comm, statistics)
 
@@ -238,9 +239,8 @@ class KFACPreconditioner:
         seed = self.options.seed
         for layer in self._layers:
             for f in Factor:
-                layer.trackers[f.value].maintain(
-                    step, lambda device, i=layer.index, j=f.value: keyed_generator(device, seed, "reproject", i, j, step)
-                )
+                keys = (seed, "reproject", layer.index, f.value, step)
+                layer.trackers[f.value].maintain(step, functools.partial(_keyed, keys))
 
         def decompose(job: int) -> Eigenpairs | None:
             layer, f = jobs[job]
@@ -366,6 +366,10 @@ class KFACPreconditioner:
             f"{type(self).__name__}(decomposition={options.decomposition!r}, damping_mode={options.damping_mode!r}, "
             f"factor_decay={options.factor_decay}, clip={options.clip!r}, fisher={options.fisher!r}, layers={self.layer_names})"
         )
+
+
+def _keyed(keys: tuple[int | str, ...], device: torch.device) -> torch.Generator:
+    return keyed_generator(device, *keys)
 
 
 __all__ = ["LOW_PRECISION_MIN_DIM", "KFACPreconditioner"]

@@ -100,6 +100,17 @@ def load_layers(layers: list[LayerState], state: dict[str, Any]) -> None:
             layer.trackers[f.value].load_state_dict(saved, device)
 
 
+def saved_factors(state: dict[str, Any]) -> dict[str, tuple[Tensor, Tensor]]:
+    """``{layer: (A, G)}`` of the layers that kept both dense factors in a saved ``state_dict``
+    (any supported version): for reading a checkpoint without building the model."""
+    found = {}
+    for name, saved in _migrated(state).items():
+        a, g = saved["A"].get("factor"), saved["G"].get("factor")
+        if a is not None and g is not None:
+            found[name] = (a, g)
+    return found
+
+
 def _migrated(state: dict[str, Any]) -> dict[str, Any]:
     version = state.get("version", 1)
     if version == STATE_VERSION:

@@ -61,7 +61,7 @@ class FactorTracker(ABC):
     def due(self, step: int, scheduled: bool) -> bool:
         """Whether ``method`` should decompose ``factor`` at ``step`` (``scheduled``: an inverse step)."""
 
-    def maintain(self, step: int, generator: Callable[[torch.device], torch.Generator]) -> None:
+    def maintain(self, step: int, generator: Callable[[torch.device], torch.Generator]) -> None:  # noqa: B027
         """Work between decompositions (B-KFAC-c's reprojection); nothing by default.
 
         ``generator(device)`` makes the step's keyed generator when randomness is needed."""
@@ -76,7 +76,9 @@ class FactorTracker(ABC):
         pairs = self.pairs
         return {
             "factor": self.factor,
-            "pairs": None if pairs is None else {"vectors": pairs.vectors, "values": pairs.values, "trace": pairs.trace, "top": pairs.top},
+            "pairs": None
+            if pairs is None
+            else {"vectors": pairs.vectors, "values": pairs.values, "trace": pairs.trace, "top": pairs.top},
             "online": self.online,
         }
 
@@ -85,8 +87,10 @@ class FactorTracker(ABC):
         factor = state.get("factor")
         self.factor = None if factor is None else factor.to(device, copy=True)
         pairs = state.get("pairs")
-        self.pairs = None if pairs is None else Eigenpairs(
-            pairs["vectors"].to(device), pairs["values"].to(device), float(pairs["trace"]), float(pairs["top"])
+        self.pairs = (
+            None
+            if pairs is None
+            else Eigenpairs(pairs["vectors"].to(device), pairs["values"].to(device), float(pairs["trace"]), float(pairs["top"]))
         )
 
 

@@ -22,7 +22,7 @@ from rkfac.layers.linear import LinearKind
 #: The layer types rkfac preconditions, in the order they are tried.
 KINDS: tuple[type[LayerKind], ...] = (LinearKind, Conv2dKind)
 
-SUPPORTED_TEXT = "nn.Linear and nn.Conv2d (groups=1)"
+SUPPORTED_TEXT = "nn.Linear or nn.Conv2d (groups=1)"
 
 SkipRule = str | type[nn.Module]
 

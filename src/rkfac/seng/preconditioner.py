@@ -181,7 +181,9 @@ class SENGPreconditioner:
             d_a, d_g = layer.kind.factor_dims
             form = "sketched" if layer.sketched else "exact"
             lines.append(f"{layer.name or '(model)'}: {layer.kind.label}, {d_g} × {d_a} per-sample gradients ({form})")
-        return "\n".join(lines + ([f"divided by (1 + λ): {len(self._other_params)} other parameters"] if self._other_params else []))
+        return "\n".join(
+            lines + ([f"divided by (1 + λ): {len(self._other_params)} other parameters"] if self._other_params else [])
+        )
 
     def sample_fisher(self, outputs: Tensor) -> None:
         raise ValueError("SENG uses the empirical Fisher of the user's backward; it has no fisher='mc'")
@@ -208,7 +210,9 @@ class SENGPreconditioner:
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             scale /= float(self.grad_scaler.get_scale())  # per-sample gradients of the unscaled loss
         with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False), maybe_phase(self.timer, "statistics"):
-            grad_columns, input_columns = per_sample.per_sample_factors(layer.kind, inputs.to(dtype), grad_output.to(dtype), scale)
+            grad_columns, input_columns = per_sample.per_sample_factors(
+                layer.kind, inputs.to(dtype), grad_output.to(dtype), scale
+            )
             if layer.sketched:
                 grad_columns, input_columns = per_sample.truncate(grad_columns, input_columns, self.options.sketch_rank)
                 layer.pieces.append(_Piece(call.group, grad_columns=grad_columns, input_columns=input_columns))
@@ -216,6 +220,7 @@ class SENGPreconditioner:
                 layer.pieces.append(_Piece(call.group, grad_columns=grad_columns, input_columns=input_columns))
             else:
                 layer.pieces.append(_Piece(call.group, rows=per_sample.explicit(grad_columns, input_columns)))
+
     # -- rebuild --------------------------------------------------------------------------
 
     def _gradients_of(self, layer: _SENGLayer) -> PerSampleGradients:
