@@ -25,10 +25,11 @@ from torch import Tensor
 
 from rkfac import layers
 from rkfac.damping import factor_dampings
+from rkfac.decompositions import MODE_THRESHOLD
 from rkfac.lowrank import Eigenpairs, kronecker_solve
 from rkfac.preconditioner import KFACPreconditioner
 
-DEFAULT_THRESHOLD = 10**-1.5
+DEFAULT_THRESHOLD = MODE_THRESHOLD  # the paper's cut, shared with the adaptive rank
 
 
 @dataclass(frozen=True)
