@@ -35,7 +35,13 @@ import torch
 from torch import Tensor
 
 from rkfac.lowrank import Eigenpairs
-from rkfac.schedules import IntSchedule, at_step_int, check_float, check_int, int_schedule
+from rkfac.schedules import IntSchedule, at_step_int
+from rkfac.schema import default_of, option, validate
+
+# The paper's cut between the modes that matter and the tail: eigenvalues below 10^-1.5 λ_max.
+# The adaptive rank aims at it (``_Randomized.threshold``) and the spectrum diagnostics count
+# the modes above it (:data:`rkfac.spectrum.DEFAULT_THRESHOLD`).
+MODE_THRESHOLD = 10**-1.5
 
 if TYPE_CHECKING:
     from rkfac.kfac.trackers import FactorTracker
@@ -109,11 +115,10 @@ def _orthonormal_basis(matrix: Tensor) -> Tensor:
 class ExactEigh(Decomposition):
     """Full ``torch.linalg.eigh``: the K-FAC baseline, O(d³). ``rank=None`` keeps every mode."""
 
-    rank: int | None = None
+    rank: int | None = option(None, "eigenpairs kept (None: all)", kind="int", low=1)
 
     def __post_init__(self) -> None:
-        if self.rank is not None:
-            check_int(self.rank, "rank", low=1)
+        validate(self)
 
     def rank_at(self, step: int) -> int:
         return self.rank if self.rank is not None else 2**62
@@ -142,25 +147,26 @@ class _Randomized(Decomposition):
       it, within [``min_rank``, ``rank``]. The first decomposition uses ``rank``.
     """
 
-    rank: IntSchedule = 220
-    oversample: int = 10
-    power_iters: int = 4
-    warm_start: bool = False
-    warm_power_iters: int = 1
-    adaptive_rank: bool = False
-    min_rank: int = 32
-    threshold: float = 10**-1.5
+    rank: IntSchedule = option(
+        220, "target rank r (the most, with adaptive_rank); a number or a callable of the step", kind="int", low=1, schedule=True
+    )
+    oversample: int = option(10, "oversampling p: the sketch has r + p columns", kind="int", low=0)
+    power_iters: int = option(4, "power iterations q", kind="int", low=0)
+    warm_start: bool = option(False, "start the range finder from the previous eigenvectors", kind="bool")
+    warm_power_iters: int = option(1, "power iterations of a warm start", kind="int", low=0)
+    adaptive_rank: bool = option(False, "the rank follows the spectrum (smallest kept ≈ threshold·λ_max)", kind="bool")
+    min_rank: int = option(32, "the smallest adaptive rank (rank is the largest)", kind="int", low=1)
+    threshold: float = option(
+        MODE_THRESHOLD,
+        "the adaptive rank keeps the modes above this fraction of λ_max",
+        low=0.0,
+        low_inclusive=False,
+        high=1.0,
+        high_inclusive=False,
+    )
 
     def __post_init__(self) -> None:
-        int_schedule(self.rank, "rank", low=1)
-        check_int(self.oversample, "oversample", low=0)
-        check_int(self.power_iters, "power_iters", low=0)
-        check_int(self.warm_power_iters, "warm_power_iters", low=0)
-        check_int(self.min_rank, "min_rank", low=1)
-        check_float(self.threshold, "threshold", low=0.0, low_inclusive=False, high=1.0, high_inclusive=False)
-        for name in ("warm_start", "adaptive_rank"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        validate(self)
 
     def rank_at(self, step: int) -> int:
         return at_step_int(self.rank, step, "rank", low=1)
@@ -267,22 +273,28 @@ class BrandUpdate(Decomposition):
       Rayleigh–Ritz step on the dense factor every k steps (:func:`rkfac.brand.reproject_subset`).
 
     ``decompose`` on a dense factor is the fallback's.
+
+    ``refresh_every=None``, the default, is plain B-KFAC: it needs no period and keeps no
+    dense factor for its online factors. B-R-KFAC is this class given a period; no period is
+    right for every model, so the caller chooses it.
     """
 
-    rank: int = 220
-    fallback: Decomposition = SymmetricRandomizedEVD()
-    refresh_every: int | None = None
-    reproject_every: int | None = None
-    reproject_count: int = 16
+    rank: int = option(default_of(SymmetricRandomizedEVD, "rank"), "rank r of the online (U, D)", kind="int", low=1)
+    fallback: Decomposition = option(
+        SymmetricRandomizedEVD(), "the dense method for the factors that are not updated online", kind="any"
+    )
+    refresh_every: int | None = option(
+        None, "B-R-KFAC: steps between refreshes of (U, D) from the dense factor (None: never)", kind="int", low=1
+    )
+    reproject_every: int | None = option(
+        None, "B-KFAC-c: steps between Rayleigh–Ritz corrections (None: never)", kind="int", low=1
+    )
+    reproject_count: int = option(16, "B-KFAC-c: eigenvectors corrected each time", kind="int", low=1)
 
     def __post_init__(self) -> None:
-        check_int(self.rank, "rank", low=1)
+        validate(self)
         if not isinstance(self.fallback, Decomposition) or isinstance(self.fallback, BrandUpdate):
             raise ValueError(f"fallback must be a dense rkfac Decomposition, got {self.fallback!r}")
-        for name in ("refresh_every", "reproject_every"):
-            if getattr(self, name) is not None:
-                check_int(getattr(self, name), name, low=1)
-        check_int(self.reproject_count, "reproject_count", low=1)
 
     @property
     def keeps_factor(self) -> bool:

@@ -88,3 +88,14 @@ def from_options(cls: type[Any], given: dict[str, Any], owner: str) -> Any:
     if unknown:
         raise ValueError(f"{owner} got unknown option(s) {unknown}; its options are {sorted(known)}")
     return cls(**given)
+
+
+def default_of(cls: type[Any], name: str) -> Any:
+    """The default of option ``name`` of the dataclass ``cls``, for code that must name it
+    without writing it again (a preset, another class's default)."""
+    for field in dataclasses.fields(cls):
+        if field.name == name:
+            if field.default_factory is not dataclasses.MISSING:
+                return field.default_factory()
+            return field.default
+    raise ValueError(f"{cls.__name__} has no option {name!r}")

@@ -24,10 +24,11 @@ import torch
 from torch import Tensor
 
 from rkfac.damping import factor_dampings
+from rkfac.decompositions import MODE_THRESHOLD
 from rkfac.kfac import KFACPreconditioner
 from rkfac.lowrank import Eigenpairs, kronecker_solve
 
-DEFAULT_THRESHOLD = 10**-1.5
+DEFAULT_THRESHOLD = MODE_THRESHOLD  # the paper's cut, shared with the adaptive rank
 
 
 @dataclass(frozen=True)

@@ -1,27 +1,33 @@
-"""The ``rkfac`` command: ``train``, ``bench`` and ``plot``.
+"""The ``rkfac`` command: ``train``, ``bench``, ``spectrum`` and ``plot``.
 
-Flags that are not given take the preset's value (``--preset``), else the optimizer family's
-default (rkfac.experiments.presets), else RunConfig's. Schedulable values (lr, damping, rank,
-factor-every, inverse-every) take a number or ``epoch:value`` pairs: ``--lr 1:0.3,2:0.2,3:0.1``.
+The run flags are generated from :class:`rkfac.experiments.config.RunConfig`'s fields (the
+flag ``--refresh-every`` for the field ``refresh_every``, its help and reading from the field's
+metadata) and checked by ``RunConfig.validate``. Flags that are not given take the preset's
+value (``--preset``), else the optimizer family's default (rkfac.experiments.presets), else
+RunConfig's, which for the library's options is the library's. Schedulable values (lr, damping,
+rank, factor-every, inverse-every) take a number or ``epoch:value`` pairs:
+``--lr 1:0.3,2:0.2,3:0.1``. Lists are comma-separated; ``none`` is None where None is a value.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from rkfac.experiments.config import RunConfig, parse_schedule
 from rkfac.experiments.presets import PRESETS, RUNNABLE, resolve_config
+from rkfac.spectrum import DEFAULT_THRESHOLD
 
 
 def _optional_int(text: str) -> int | None:
     return None if text.lower() in ("none", "0") else int(text)
 
 
-def _clip(text: str) -> str | None:
+def _optional_choice(text: str) -> str | None:
     return None if text.lower() == "none" else text
 
 
@@ -37,49 +43,64 @@ def _strings(text: str) -> list[str]:
     return [item for item in text.split(",") if item]
 
 
-# (flag, RunConfig field, parser, help). Every field is reachable from the command line.
+_LISTS: dict[str, Callable[[str], Any]] = {"int": _ints, "float": _floats, "str": _strings}
+_SCALARS: dict[str, Callable[[str], Any]] = {"int": int, "float": float}
+# RunConfig fields with flags of their own, per command (--optimizer's choices differ, bench
+# takes --seeds for --seed); every other field is a flag of train, bench and spectrum.
+_OWN_FLAGS = ("optimizer", "seed", "preset")
+
+
+def _parser(field: dataclasses.Field[Any]) -> Any:
+    """How the flag of a RunConfig field reads its text: from the field's kind, whether it is a
+    list or an epoch schedule, and whether None is a value (written ``none``)."""
+    meta = field.metadata
+    kind = meta["kind"]
+    if meta["epochs"]:
+        return parse_schedule
+    if meta["items"]:
+        return _LISTS[kind]
+    if kind == "bool":
+        return bool
+    if kind == "choice":
+        return _optional_choice if None in meta["choices"] else str
+    if kind == "int" and field.default is None:
+        return _optional_int
+    return _SCALARS.get(kind, str)
+
+
+def _help(field: dataclasses.Field[Any]) -> str:
+    meta = field.metadata
+    text = meta["help"]
+    names = ["none" if choice is None else str(choice) for choice in meta["choices"] or ()]
+    if names and not all(name in text.lower() for name in names):  # unless the help names them
+        text += ": " + " | ".join(names)
+    if meta["epochs"]:
+        text += "; a number or epoch:value pairs (1:0.3,13:0.03)"
+    return text.replace("%", "%%")  # argparse formats help with %
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+# (flag, RunConfig field, parser, help), generated from RunConfig's field metadata: every field
+# is reachable from the command line, and its checks are RunConfig.validate's.
 RUN_FLAGS: list[tuple[str, str, Any, str]] = [
-    ("--model", "model", str, "mlp | cnn | vgg16_bn"),
-    ("--widths", "widths", _ints, "MLP hidden widths, e.g. 2048,2048"),
-    ("--width-scale", "width_scale", float, "multiply every hidden width"),
-    ("--dataset", "dataset", str, "fashion-mnist | cifar10 | synthetic"),
-    ("--data-dir", "data_dir", str, "where the dataset files are (else $RKFAC_DATA, system paths, download)"),
-    ("--synthetic-train", "synthetic_train", int, "synthetic training set size"),
-    ("--synthetic-test", "synthetic_test", int, "synthetic test set size"),
-    ("--epochs", "epochs", int, "epochs to train"),
-    ("--max-steps", "max_steps", _optional_int, "stop after this many optimizer steps in total"),
-    ("--batch-size", "batch_size", int, "samples per step"),
-    ("--lr", "lr", parse_schedule, "learning rate or epoch:value schedule"),
-    ("--momentum", "momentum", float, "momentum"),
-    ("--weight-decay", "weight_decay", float, "weight decay"),
-    ("--weight-decay-start", "weight_decay_start", int, "K-FAC: first step with weight decay"),
-    ("--damping", "damping", parse_schedule, "K-FAC damping δ (SENG λ) or schedule"),
-    ("--damping-mode", "damping_mode", str, "relative | pi"),
-    ("--rank", "rank", parse_schedule, "RS/SRE target rank or schedule"),
-    ("--oversample", "oversample", int, "RS/SRE oversampling p"),
-    ("--power-iters", "power_iters", int, "RS/SRE power iterations q"),
-    ("--warm-start", "warm_start", bool, "RS/SRE: start the range finder from the previous eigenvectors"),
-    ("--warm-power-iters", "warm_power_iters", int, "RS/SRE: power iterations of a warm start"),
-    ("--adaptive-rank", "adaptive_rank", bool, "RS/SRE: rank follows the spectrum (smallest kept ≈ 10^-1.5 λ_max)"),
-    ("--refresh-every", "refresh_every", int, "b-r-kfac: steps between refreshes of (U, D) from the dense factor"),
-    ("--min-rank", "min_rank", int, "RS/SRE: the smallest adaptive rank (--rank is the largest)"),
-    ("--factor-decay", "factor_decay", float, "exponential average ρ of the factors"),
-    ("--factor-every", "factor_every", parse_schedule, "steps between factor updates"),
-    ("--inverse-every", "inverse_every", parse_schedule, "steps between decompositions"),
-    ("--clip", "clip", _clip, "rms | kl | none"),
-    ("--clip-value", "clip_value", float, "κ of the clip"),
-    ("--fisher", "fisher", str, "empirical | mc"),
-    ("--update-freq", "update_freq", int, "SENG: steps between curvature rebuilds"),
-    ("--col-sample-size", "col_sample_size", int, "SENG: rows sampled per side of large layers"),
-    ("--sketch-threshold", "sketch_threshold", float, "SENG: sketch layers with more weights than this"),
-    ("--sketch-rank", "sketch_rank", int, "SENG: rank of compressed conv output-gradient maps"),
-    ("--apply-dtype", "apply_dtype", str, "K-FAC: dtype of the per-step solve's large products: float32 | bfloat16"),
-    ("--skip", "skip", _strings, "layer name patterns K-FAC leaves alone, comma-separated"),
-    ("--device", "device", str, "auto | cpu | cuda"),
-    ("--target-acc", "target_acc", _floats, "test accuracies to time, e.g. 0.86,0.88"),
-    ("--evals-per-epoch", "evals_per_epoch", int, "test-set evaluations per epoch (targets are timed at these)"),
-    ("--checkpoint-every", "checkpoint_every", int, "epochs between checkpoints (0: none)"),
+    (_flag(field.name), field.name, _parser(field), _help(field))
+    for field in dataclasses.fields(RunConfig)
+    if field.name not in _OWN_FLAGS
 ]
+_FIELDS = {field.name: field for field in dataclasses.fields(RunConfig)}
+DEFAULT_OPTIMIZER = str(_FIELDS["optimizer"].default)
+
+
+def parse_setting(name: str, text: str) -> Any:
+    """The value of RunConfig field ``name`` written as ``text``, read as its flag reads it
+    (for scripts that take settings as text, such as ``benchmarks/phase_profile.py``)."""
+    if name not in _FIELDS:
+        raise ValueError(f"unknown setting {name!r}; the settings are {sorted(_FIELDS)}")
+    reader = _parser(_FIELDS[name])
+    return text.lower() in ("1", "true") if reader is bool else reader(text)
 
 
 def _add_run_flags(parser: argparse.ArgumentParser, *, with_seed: bool = True) -> None:
@@ -89,8 +110,8 @@ def _add_run_flags(parser: argparse.ArgumentParser, *, with_seed: bool = True) -
         else:
             parser.add_argument(flag, dest=dest, type=kind, default=argparse.SUPPRESS, help=text)
     if with_seed:
-        parser.add_argument("--seed", dest="seed", type=int, default=argparse.SUPPRESS, help="seed of init, data order, sketches")
-    parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="start from a named preset")
+        parser.add_argument("--seed", dest="seed", type=int, default=argparse.SUPPRESS, help=_help(_FIELDS["seed"]))
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help=_help(_FIELDS["preset"]))
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -104,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
 
     train = commands.add_parser("train", help="one training run into a run directory")
-    train.add_argument("--optimizer", default=None, choices=RUNNABLE, help="default: sre-kfac")
+    train.add_argument("--optimizer", default=None, choices=RUNNABLE, help=f"default: {DEFAULT_OPTIMIZER}")
     train.add_argument("--out", default=None, help="run directory (default runs/<preset or model>-<optimizer>-seed<seed>)")
     train.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its checkpoint")
     _add_run_flags(train)
@@ -121,12 +142,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_flags(bench, with_seed=False)
 
     spectrum = commands.add_parser("spectrum", help="record the factors' spectra while training (or from a run's checkpoint)")
-    spectrum.add_argument("--optimizer", default=None, choices=("kfac", "rs-kfac", "sre-kfac"), help="default: sre-kfac")
+    spectrum.add_argument(
+        "--optimizer", default=None, choices=("kfac", "rs-kfac", "sre-kfac"), help=f"default: {DEFAULT_OPTIMIZER}"
+    )
     spectrum.add_argument("--out", default=None, help="output directory (default runs/spectrum-<preset or model>)")
     spectrum.add_argument("--from", dest="from_run", default=None, metavar="RUN_DIR", help="use the factors saved in RUN_DIR")
     spectrum.add_argument("--record-every", type=int, default=50, help="steps between recordings")
     spectrum.add_argument("--ranks", type=_ints, default=[50, 100, 220], help="ranks for the truncation errors")
-    spectrum.add_argument("--threshold", type=float, default=10**-1.5, help="count modes above this fraction of λ_max")
+    spectrum.add_argument(
+        "--threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help="count modes above this fraction of λ_max (default: the paper's cut, 10^-1.5)",
+    )
     spectrum.add_argument("--width-scales", type=_floats, default=None, help="repeat for these width scales, e.g. 1,1.5,2")
     _add_run_flags(spectrum)
 
@@ -162,7 +190,7 @@ def _train(args: argparse.Namespace) -> int:
         summary = train(config, args.resume, resume=True, quiet=args.quiet)
         out = args.resume
     else:
-        name = args.optimizer or "sre-kfac"
+        name = args.optimizer or DEFAULT_OPTIMIZER
         config = resolve_config(name, args.preset, _overrides(args))
         out = args.out or f"runs/{config.preset or config.model}-{name}-seed{config.seed}"
         summary = train(config, out, quiet=args.quiet)
@@ -199,7 +227,7 @@ def _spectrum(args: argparse.Namespace) -> int:
         out = Path(args.out or Path(args.from_run) / "spectrum")
         summary = spectra.write_summary([result], out)
     else:
-        config = resolve_config(args.optimizer or "sre-kfac", args.preset, _overrides(args))
+        config = resolve_config(args.optimizer or DEFAULT_OPTIMIZER, args.preset, _overrides(args))
         out = Path(args.out or f"runs/spectrum-{config.preset or config.model}")
         scales = args.width_scales or [config.width_scale]
         summary = spectra.run_spectrum(

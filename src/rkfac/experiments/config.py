@@ -1,116 +1,176 @@
 """One schema for a training run, shared by the CLI, the presets and the run directory.
 
+:class:`RunConfig` is flat (one field per setting, ``config.json`` one key per field) and its
+fields are of two kinds, both declared with :func:`rkfac.schema.option` metadata (default,
+help, bounds, choices), from which :mod:`rkfac.experiments.cli` generates the flags and
+:meth:`RunConfig.validate` its checks:
+
+- the library's options (lr, damping, rank, update_freq, ...): :func:`library_option` takes
+  the default, help, bounds and choices of the library's own field (in
+  :class:`rkfac.KFACOptions`, :class:`rkfac.SENGOptions`, :class:`rkfac.UpdateOptions` or a
+  decomposition), so each default is written once, there;
+- the experiment's own (model, dataset, epochs, device, ...), declared here with
+  :func:`run_option`.
+
 A value that the paper schedules by epoch (lr, damping, rank, factor_every, inverse_every) is
 either a number or an epoch schedule ``{first_epoch: value, ...}`` (epochs counted from 1,
 each value holding from its epoch until the next key), written on the command line as
-``1:0.3,2:0.2,3:0.1``. Settings resolve in this order, later ones winning: the defaults here,
-the preset's common settings, the preset's settings for the chosen optimizer, the flags given
-on the command line.
+``1:0.3,2:0.2,3:0.1``; every value of a schedule is checked like the number it stands for.
+Settings resolve in this order, later ones winning: the defaults here, the optimizer family's
+(:data:`rkfac.experiments.presets.FAMILY_DEFAULTS`), the preset's common settings, the preset's
+settings for the chosen optimizer, the flags given on the command line.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeAlias
 
-from rkfac.clipping import CLIP_MODES
-from rkfac.damping import DAMPING_MODES
+import torch
+
+from rkfac.decompositions import BrandUpdate, SymmetricRandomizedEVD
 from rkfac.experiments.datasets import DATASETS
 from rkfac.experiments.models import MODELS
-from rkfac.options import FISHER_TYPES
-from rkfac.schedules import check_choice, check_float, check_int
+from rkfac.options import KFACOptions, SENGOptions, UpdateOptions
+from rkfac.schedules import check_int
+from rkfac.schema import check_field, option
 
-APPLY_DTYPES = ("float32", "bfloat16")
+# The command line's names for KFACOptions.apply_dtype: float32 is None, the factors' own dtype.
+APPLY_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torch.bfloat16}
 
 EpochSchedule: TypeAlias = float | dict[int, float]
 
 OPTIMIZERS = ("sgd", "adam", "kfac", "rs-kfac", "sre-kfac", "b-kfac", "b-r-kfac", "seng")
 KFAC_OPTIMIZERS = ("kfac", "rs-kfac", "sre-kfac", "b-kfac", "b-r-kfac")
 PRECONDITIONED = (*KFAC_OPTIMIZERS, "seng")  # optimizers with a preconditioner (and a phase timer)
-SCHEDULED = ("lr", "damping", "rank", "factor_every", "inverse_every")
+
+# Which optimizers read the options of each library class, prefixed to their help.
+_SCOPES: dict[type, str] = {
+    UpdateOptions: "",
+    KFACOptions: "K-FAC: ",
+    SymmetricRandomizedEVD: "RS/SRE: ",
+    BrandUpdate: "",  # its helps name the variant (B-R-KFAC, B-KFAC-c)
+    SENGOptions: "SENG: ",
+}
 
 
-@dataclass
+def run_option(
+    default: Any = dataclasses.MISSING,
+    help: str = "",
+    *,
+    items: bool = False,
+    default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
+    **check: Any,
+) -> Any:
+    """A field of the experiment's own, declared like a library option (see :func:`rkfac.schema.option`).
+
+    ``items=True``: a list (comma-separated on the command line) whose every item is checked
+    against ``check``. ``kind="str"``: a string (checked here; the library has none).
+    """
+    kind = check.pop("kind", "float")
+    base = option(default, help, default_factory=default_factory, kind="any" if kind == "str" else kind, **check)
+    metadata = {**base.metadata, "kind": "str" if kind == "str" else base.metadata["kind"]}
+    return _field(base.default, base.default_factory, metadata, epochs=False, items=items, source=None)
+
+
+def library_option(
+    owner: type, name: str, *, help: str | None = None, scope: str | None = None, epochs: bool = False, **changes: Any
+) -> Any:
+    """RunConfig's field for the library option ``owner.name``: the library's default, help,
+    bounds and choices. ``epochs=True`` lets it take an epoch schedule; ``help`` and ``scope``
+    (the prefix saying which optimizers read it) replace the library's wording where the run
+    uses the option more widely (damping is SENG's λ too). A sequence option (``skip``) is a
+    list here, ``changes`` override metadata keys (its items' ``kind``)."""
+    source = {field.name: field for field in dataclasses.fields(owner)}[name]
+    metadata = {**source.metadata, "schedule": False, **changes}
+    metadata["help"] = (_SCOPES[owner] if scope is None else scope) + (help or source.metadata["help"])
+    origin = f"{owner.__name__}.{name}"
+    if isinstance(source.default, tuple):
+        default = source.default
+        return _field(dataclasses.MISSING, lambda: list(default), metadata, epochs=False, items=True, source=origin)
+    return _field(source.default, dataclasses.MISSING, metadata, epochs=epochs, items=False, source=origin)
+
+
+def _field(default: Any, factory: Any, metadata: dict[str, Any], *, epochs: bool, items: bool, source: str | None) -> Any:
+    full = {**metadata, "epochs": epochs, "items": items, "source": source}
+    if factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=factory, metadata=full)
+    return dataclasses.field(default=default, metadata=full)
+
+
+@dataclass(frozen=True)
 class RunConfig:
-    """Every setting of one run; ``config.json`` in the run directory is this, resolved."""
+    """Every setting of one run; ``config.json`` in the run directory is this, resolved.
 
-    optimizer: str = "sre-kfac"
-    model: str = "mlp"
-    widths: list[int] | None = None
-    width_scale: float = 1.0
-    dataset: str = "fashion-mnist"
-    data_dir: str | None = None
-    synthetic_train: int = 512
-    synthetic_test: int = 256
-    epochs: int = 1
-    max_steps: int | None = None
-    batch_size: int = 256
-    lr: EpochSchedule = 0.1
-    momentum: float = 0.0
-    weight_decay: float = 0.0
-    weight_decay_start: int = 0
-    damping: EpochSchedule = 0.1
-    damping_mode: str = "relative"
-    rank: EpochSchedule = 220
-    oversample: int = 10
-    power_iters: int = 4
-    warm_start: bool = False
-    warm_power_iters: int = 1
-    adaptive_rank: bool = False
-    min_rank: int = 32
-    refresh_every: int = 50
-    factor_decay: float = 0.95
-    factor_every: EpochSchedule = 10
-    inverse_every: EpochSchedule = 50
-    clip: str | None = "rms"
-    clip_value: float = 0.07
-    fisher: str = "empirical"
-    update_freq: int = 200
-    col_sample_size: int = 128
-    sketch_threshold: float = 7e5
-    sketch_rank: int = 16
-    apply_dtype: str = "float32"
-    skip: list[str] = field(default_factory=list)
-    seed: int = 0
-    device: str = "auto"
-    target_acc: list[float] = field(default_factory=list)
-    evals_per_epoch: int = 1
-    checkpoint_every: int = 1
-    preset: str | None = None
+    ``refresh_every`` keeps BrandUpdate's default, None: B-KFAC (``b-kfac``) has no period and
+    ignores the field; ``b-r-kfac`` is B-KFAC with a period, which its family defaults give
+    (50) and :meth:`validate` requires.
+    """
+
+    optimizer: str = run_option("sre-kfac", "the optimizer", choices=OPTIMIZERS)
+    model: str = run_option("mlp", "the network", choices=MODELS)
+    widths: list[int] | None = run_option(None, "MLP hidden widths, e.g. 2048,2048", kind="int", low=1, items=True)
+    width_scale: float = run_option(1.0, "multiply every hidden width", low=0.0, low_inclusive=False)
+    dataset: str = run_option("fashion-mnist", "the data", choices=DATASETS)
+    data_dir: str | None = run_option(None, "where the dataset files are (else $RKFAC_DATA, system paths, download)", kind="str")
+    synthetic_train: int = run_option(512, "synthetic training set size", kind="int", low=1)
+    synthetic_test: int = run_option(256, "synthetic test set size", kind="int", low=1)
+    epochs: int = run_option(1, "epochs to train", kind="int", low=1)
+    max_steps: int | None = run_option(None, "stop after this many optimizer steps in total (none: no limit)", kind="int", low=1)
+    batch_size: int = run_option(256, "samples per step", kind="int", low=1)
+    lr: EpochSchedule = library_option(UpdateOptions, "lr", epochs=True)
+    momentum: float = library_option(UpdateOptions, "momentum")
+    weight_decay: float = library_option(UpdateOptions, "weight_decay")
+    weight_decay_start: int = library_option(UpdateOptions, "weight_decay_start", scope="K-FAC: ")
+    damping: EpochSchedule = library_option(KFACOptions, "damping", epochs=True, scope="", help="K-FAC damping δ > 0 (SENG: λ)")
+    damping_mode: str = library_option(KFACOptions, "damping_mode")
+    rank: EpochSchedule = library_option(
+        SymmetricRandomizedEVD,
+        "rank",
+        epochs=True,
+        help="target rank r, the most with --adaptive-rank (b-kfac: the first epoch's)",
+    )
+    oversample: int = library_option(SymmetricRandomizedEVD, "oversample")
+    power_iters: int = library_option(SymmetricRandomizedEVD, "power_iters")
+    warm_start: bool = library_option(SymmetricRandomizedEVD, "warm_start")
+    warm_power_iters: int = library_option(SymmetricRandomizedEVD, "warm_power_iters")
+    adaptive_rank: bool = library_option(SymmetricRandomizedEVD, "adaptive_rank")
+    min_rank: int = library_option(SymmetricRandomizedEVD, "min_rank")
+    refresh_every: int | None = library_option(BrandUpdate, "refresh_every")
+    factor_decay: float = library_option(KFACOptions, "factor_decay")
+    factor_every: EpochSchedule = library_option(KFACOptions, "factor_every", epochs=True)
+    inverse_every: EpochSchedule = library_option(KFACOptions, "inverse_every", epochs=True)
+    clip: str | None = library_option(KFACOptions, "clip")
+    clip_value: float = library_option(KFACOptions, "clip_value")
+    fisher: str = library_option(KFACOptions, "fisher")
+    update_freq: int = library_option(SENGOptions, "update_freq")
+    col_sample_size: int = library_option(SENGOptions, "col_sample_size")
+    sketch_threshold: float = library_option(SENGOptions, "sketch_threshold")
+    sketch_rank: int = library_option(SENGOptions, "sketch_rank")
+    apply_dtype: str = run_option(
+        "float32", "K-FAC: dtype of the per-step solve's large products (float32: the factors')", choices=tuple(APPLY_DTYPES)
+    )
+    skip: list[str] = library_option(KFACOptions, "skip", kind="str", help="layer name patterns left alone, comma-separated")
+    seed: int = library_option(KFACOptions, "seed", scope="", help="seed of init, data order, sketches and sampled labels")
+    device: str = run_option("auto", "where to train", choices=("auto", "cpu", "cuda"))
+    target_acc: list[float] = run_option(
+        default_factory=list, help="test accuracies to time, e.g. 0.86,0.88", low=0.0, high=1.0, items=True
+    )
+    evals_per_epoch: int = run_option(1, "test-set evaluations per epoch (targets are timed at these)", kind="int", low=1)
+    checkpoint_every: int = run_option(1, "epochs between checkpoints (0: none)", kind="int", low=0)
+    preset: str | None = run_option(None, "start from a named preset", kind="str")
+
+    def __post_init__(self) -> None:
+        self.validate()
 
     def validate(self) -> RunConfig:
-        """Raise ValueError naming the first bad value; return self."""
-        check_choice(self.optimizer, "optimizer", OPTIMIZERS)
-        check_choice(self.model, "model", MODELS)
-        check_choice(self.dataset, "dataset", DATASETS)
-        check_choice(self.damping_mode, "damping_mode", DAMPING_MODES)
-        check_choice(self.clip, "clip", CLIP_MODES)
-        check_choice(self.fisher, "fisher", FISHER_TYPES)
-        check_float(self.width_scale, "width_scale", low=0.0, low_inclusive=False)
-        check_int(self.epochs, "epochs", low=1)
-        check_int(self.batch_size, "batch_size", low=1)
-        if self.max_steps is not None:
-            check_int(self.max_steps, "max_steps", low=1)
-        check_int(self.checkpoint_every, "checkpoint_every", low=0)
-        check_int(self.evals_per_epoch, "evals_per_epoch", low=1)
-        check_int(self.warm_power_iters, "warm_power_iters", low=0)
-        check_int(self.min_rank, "min_rank", low=1)
-        check_int(self.refresh_every, "refresh_every", low=1)
-        check_int(self.update_freq, "update_freq", low=1)
-        check_int(self.col_sample_size, "col_sample_size", low=1)
-        check_float(self.sketch_threshold, "sketch_threshold", low=0.0)
-        check_int(self.sketch_rank, "sketch_rank", low=1)
-        check_choice(self.device, "device", ("auto", "cpu", "cuda"))
-        check_choice(self.apply_dtype, "apply_dtype", APPLY_DTYPES)
-        for target in self.target_acc:
-            check_float(target, "target_acc", low=0.0, high=1.0)
-        for name in SCHEDULED:
-            value = getattr(self, name)
-            for epoch, item in value.items() if isinstance(value, dict) else [(1, value)]:
-                check_int(epoch, f"{name} schedule epoch", low=1)
-                check_float(item, name, low=0.0)
+        """Raise ValueError naming the first bad value (checked against its field's metadata); return self."""
+        for field in dataclasses.fields(self):
+            check_setting(field, getattr(self, field.name))
+        if self.optimizer == "b-r-kfac" and self.refresh_every is None:
+            raise ValueError("b-r-kfac refreshes (U, D) every refresh_every steps: give refresh_every >= 1, got None")
         return self
 
     def to_json(self) -> dict[str, Any]:
@@ -118,18 +178,67 @@ class RunConfig:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
+        """The config of a run directory's ``config.json``, written by this version or an older one.
+
+        config.json has been flat, one key per field, in every version. Older versions wrote
+        fewer keys; a missing key takes its default, which is what the version that wrote it
+        did (each later field is a feature off by default: warm_start, adaptive_rank,
+        refresh_every, apply_dtype float32, evals_per_epoch 1). A key this version does not
+        know is refused: the file comes from a newer version or was edited by hand.
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"config.json must hold an object of settings, got {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
         if unknown:
-            raise ValueError(f"unknown config keys {sorted(unknown)}")
+            raise ValueError(
+                f"config.json has settings {unknown} that this version of rkfac does not know: it was written by a "
+                f"newer version or edited by hand (known: {sorted(fields)})"
+            )
         values = dict(data)
-        for name in SCHEDULED:
-            if isinstance(values.get(name), dict):  # JSON keys are strings
-                values[name] = {int(epoch): value for epoch, value in values[name].items()}
+        for name, value in data.items():
+            if fields[name].metadata["epochs"] and isinstance(value, dict):  # JSON keys are strings
+                values[name] = {int(epoch): item for epoch, item in value.items()}
         return cls(**values)
 
     def updated(self, **changes: Any) -> RunConfig:
         return dataclasses.replace(self, **changes)
+
+
+SCHEDULED = tuple(field.name for field in dataclasses.fields(RunConfig) if field.metadata["epochs"])
+
+
+def check_setting(field: dataclasses.Field[Any], value: Any) -> None:
+    """Check one RunConfig ``value`` against its ``field``: a number, a choice, a list of
+    items or an epoch schedule, each item checked by :func:`rkfac.schema.check_field`."""
+    meta, name = field.metadata, field.name
+    if value is None and field.default is None:
+        return
+    if meta["epochs"] and isinstance(value, dict):
+        for epoch, item in value.items():
+            check_int(epoch, f"{name} schedule epoch", low=1)
+            _check_item(field, item)
+        if 1 not in value:
+            raise ValueError(f"{name} schedule must start at epoch 1, got {value!r}")
+        return
+    if meta["items"]:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        for item in value:
+            _check_item(field, item)
+        return
+    _check_item(field, value)
+
+
+def _check_item(field: dataclasses.Field[Any], value: Any) -> None:
+    kind = field.metadata["kind"]
+    if kind == "str":
+        if not isinstance(value, str):
+            raise ValueError(f"{field.name} must be a string, got {value!r}")
+        return
+    if kind == "int" and field.metadata["epochs"] and isinstance(value, float) and value.is_integer():
+        value = int(value)  # epoch schedules parse as floats; a whole number stands for an int
+    check_field(field, value)
 
 
 def value_at_epoch(schedule: EpochSchedule, epoch: int) -> float:

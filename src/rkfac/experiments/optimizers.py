@@ -6,14 +6,15 @@ import torch
 from torch import nn
 
 import rkfac
-from rkfac.experiments.config import KFAC_OPTIMIZERS, RunConfig, step_schedule, value_at_epoch
+from rkfac.experiments.config import APPLY_DTYPES, KFAC_OPTIMIZERS, RunConfig, step_schedule, value_at_epoch
 from rkfac.timing import PhaseTimer
 
 
 def decomposition_for(config: RunConfig, steps_per_epoch: int) -> rkfac.Decomposition:
     """The decomposition of a K-FAC optimizer. B-KFAC (b-kfac, b-r-kfac) falls back to SRE with
     the run's settings for the factors it cannot update online; its own rank is the first
-    epoch's value of ``rank``."""
+    epoch's value of ``rank``. Only b-r-kfac refreshes (every ``refresh_every`` steps): b-kfac
+    ignores the field, as it always has."""
     if config.optimizer == "kfac":
         return rkfac.ExactEigh()
     if config.optimizer in ("b-kfac", "b-r-kfac"):
@@ -63,7 +64,7 @@ def build_optimizer(
             fisher=config.fisher,
             skip=config.skip,
             seed=config.seed,
-            apply_dtype=None if config.apply_dtype == "float32" else getattr(torch, config.apply_dtype),
+            apply_dtype=APPLY_DTYPES[config.apply_dtype],
             timer=timer,
         )
     if config.optimizer == "seng":

@@ -1,19 +1,10 @@
-"""One training run: data order, timing, evaluation, checkpoints, resume.
+"""One training run: data order, the loop, evaluation, checkpoints, resume.
 
-Time accounting (``metrics.jsonl``, per step, seconds):
-
-- ``data``: indexing the batch and augmenting it;
-- ``forward_backward``: forward, loss and backward, minus the hooks' statistics;
-- ``statistics``: the K-FAC hooks' Gram products (measured inside the hooks);
-- ``decomposition``: factor averaging and eigendecompositions (``pre.step``);
-- ``precondition``: the damped solve, clipping and writing ``.grad``;
-- ``optimizer``: the rest of ``optimizer.step()`` (the SGD/Adam update).
-
-Training time is the sum of these; evaluation (on the test set, at each epoch's end and
-``evals_per_epoch - 1`` evenly spaced points inside it) is never counted. A target accuracy
-is timed at the first evaluation that reaches it, so finer evaluation gives finer times to
-target; evaluation runs in eval mode and draws no random numbers, so it never changes the
-trajectory. On CUDA every boundary synchronises so that the split is real.
+What each step and evaluation records (the time split, collective traffic, health, the
+summary) is :mod:`rkfac.experiments.metrics`. Training time is the sum of each step's split;
+evaluation (on the test set, at each epoch's end and ``evals_per_epoch - 1`` evenly spaced
+points inside it) is never counted, runs in eval mode and draws no random numbers, so it never
+changes the trajectory. A target accuracy is timed at the first evaluation that reaches it.
 
 Reproducibility: the data order of epoch e is a permutation drawn from a generator seeded by
 (seed, "order", e), the augmentation of step s from (seed, "augment", s), and the model's own
@@ -23,16 +14,14 @@ The last incomplete batch of an epoch is dropped, so every step sees ``batch_siz
 
 Under ``torchrun`` (see :mod:`rkfac.experiments.distributed`) each rank trains on its share of
 every global batch, the logged loss is the global batch's, rank 0 alone evaluates and writes,
-and each step records the bytes its collectives carried: factor statistics, decompositions
-(both from the preconditioner's counter) and the gradients DDP all-reduces.
+and each step records the bytes its collectives carried.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +30,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from rkfac.experiments import metrics
 from rkfac.experiments.config import KFAC_OPTIMIZERS, PRECONDITIONED, EpochSchedule, RunConfig, step_schedule
 from rkfac.experiments.datasets import ImageDataset, load_dataset
 from rkfac.experiments.distributed import mean_over_ranks, placement_from_environment, start
+from rkfac.experiments.metrics import Progress, StepClock, TrafficLedger, preconditioner_of
 from rkfac.experiments.models import build_model
 from rkfac.experiments.optimizers import build_optimizer
 from rkfac.experiments.rundir import RunDirectory, environment
@@ -57,34 +48,12 @@ class TrainingDivergedError(RuntimeError):
     """The training loss became NaN or infinite; the last checkpoint is kept intact."""
 
 
-@dataclass
-class Progress:
-    """Counters saved in checkpoints. ``epoch`` and ``batch`` point at the next batch to run."""
-
-    epoch: int = 0
-    batch: int = 0
-    step: int = 0
-    train_time: float = 0.0
-    epoch_loss_sum: float = 0.0
-    epoch_loss_count: int = 0
-    epoch_time: float = 0.0
-    reached: dict[str, dict[str, float]] = field(default_factory=dict)
-    phase_totals: dict[str, float] = field(default_factory=dict)
-    # bytes through collectives: statistics / decomposition totals and the steps that sent any
-    traffic: dict[str, int] = field(default_factory=dict)
-
-
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False")
     return torch.device(name)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 @torch.no_grad()
@@ -135,9 +104,13 @@ class Trainer:
         if self.placement.active:
             device_ids = [self.device] if self.device.type == "cuda" else None
             self.model = nn.parallel.DistributedDataParallel(self.net, device_ids=device_ids)
-        self._gradient_bytes = sum(p.numel() * p.element_size() for p in self.net.parameters() if p.requires_grad)
         self.timer = PhaseTimer(synchronize=self.device.type == "cuda") if config.optimizer in PRECONDITIONED else None
         self.optimizer = build_optimizer(config, self.model, self.steps_per_epoch, self.timer)
+        self.preconditioner = preconditioner_of(self.optimizer)
+        # with the MC Fisher, the preconditioner samples labels from each forward's logits
+        self._label_sampler = self.preconditioner if config.fisher == "mc" and config.optimizer in KFAC_OPTIMIZERS else None
+        gradient_bytes = sum(p.numel() * p.element_size() for p in self.net.parameters() if p.requires_grad)
+        self.traffic = TrafficLedger(self.preconditioner, gradient_bytes if self.placement.active else 0)
         self.progress = Progress()
         # batches (counted within the epoch) after which to evaluate, besides the epoch's end
         self._eval_batches = {i * self.steps_per_epoch // config.evals_per_epoch for i in range(1, config.evals_per_epoch)} - {0}
@@ -235,94 +208,39 @@ class Trainer:
             self._end_epoch(bar)
 
     def _train_step(self, index: Tensor) -> dict[str, Any]:
-        config, progress, device = self.config, self.progress, self.device
+        config, progress = self.config, self.progress
         step = progress.step
         lr = _at(self._lr, step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        _sync(device)
-        start = time.perf_counter()
+        clock = StepClock(self.device)
+        clock.start = clock.now()
         images, labels = self.train_images[index], self.train_labels[index]
         if self.data.augment is not None:
-            images = self.data.augment(images, keyed_generator(device, config.seed, "augment", step))
-        _sync(device)
-        data_done = time.perf_counter()
-        traffic_before = self._traffic()
+            images = self.data.augment(images, keyed_generator(self.device, config.seed, "augment", step))
+        clock.data_done = clock.now()
+        self.traffic.begin()
         self.optimizer.zero_grad(set_to_none=True)
         logits = self.model(images)
-        if config.fisher == "mc" and config.optimizer in KFAC_OPTIMIZERS:
-            self.optimizer.preconditioner.sample_fisher(logits)  # type: ignore[attr-defined]
+        if self._label_sampler is not None:
+            self._label_sampler.sample_fisher(logits)
         loss = F.cross_entropy(logits, labels)
         loss.backward()
-        _sync(device)
-        backward_done = optimizer_start = time.perf_counter()
+        clock.backward_done = clock.optimizer_start = clock.now()
         if self.after_backward is not None:
             self.after_backward(step)
-            optimizer_start = time.perf_counter()
+            clock.optimizer_start = clock.now(synchronize=False)
         self.optimizer.step()
-        _sync(device)
-        step_done = time.perf_counter()
+        clock.step_done = clock.now()
 
-        traffic = self._traffic_since(traffic_before)
-        phases = self.timer.reset() if self.timer is not None else {}
-        statistics, decomposition, precondition = (phases.get(k, 0.0) for k in ("statistics", "decomposition", "precondition"))
-        times = {
-            "data": data_done - start,
-            "forward_backward": backward_done - data_done - statistics,
-            "statistics": statistics,
-            "decomposition": decomposition,
-            "precondition": precondition,
-            "optimizer": step_done - optimizer_start - decomposition - precondition,
-        }
-        elapsed = (backward_done - start) + (step_done - optimizer_start)
-        loss_value = mean_over_ranks(float(loss.detach()), self.placement, device)
-        progress.train_time += elapsed
-        progress.epoch_time += elapsed
-        progress.epoch_loss_sum += loss_value
-        progress.epoch_loss_count += 1
-        for name, seconds in times.items():
-            progress.phase_totals[name] = progress.phase_totals.get(name, 0.0) + seconds
+        traffic = self.traffic.end(progress.traffic)
+        times = clock.split(self.timer.reset() if self.timer is not None else {})
+        loss_value = mean_over_ranks(float(loss.detach()), self.placement, self.device)
+        progress.add_step(loss_value, times, clock.elapsed())
         progress.step += 1
         progress.batch += 1
-        return {
-            "kind": "step",
-            "step": step,
-            "epoch": progress.epoch + 1,
-            "loss": loss_value,
-            "lr": lr,
-            "damping": None if self._damping is None else _at(self._damping, step),
-            "time": times,
-            "bytes": traffic,
-        }
-
-    def _traffic(self) -> tuple[int, int]:
-        counter = getattr(getattr(self.optimizer, "preconditioner", None), "traffic", None)
-        return (0, 0) if counter is None else (counter.statistics_bytes, counter.decomposition_bytes)
-
-    def _traffic_since(self, before: tuple[int, int]) -> dict[str, int]:
-        """This step's bytes per collective; also added to the run's totals."""
-        now = self._traffic()
-        step_bytes = {
-            "statistics": now[0] - before[0],
-            "decomposition": now[1] - before[1],
-            "gradients": self._gradient_bytes if self.placement.active else 0,
-        }
-        totals = self.progress.traffic
-        for kind in ("statistics", "decomposition"):
-            if step_bytes[kind]:
-                totals[kind] = totals.get(kind, 0) + step_bytes[kind]
-                totals[f"{kind}_steps"] = totals.get(f"{kind}_steps", 0) + 1
-        return step_bytes
-
-    def _health(self) -> dict[str, int] | None:
-        """The K-FAC preconditioner's fault counts (skipped statistics, failed decompositions, …)."""
-        health = getattr(getattr(self.optimizer, "preconditioner", None), "health", None)
-        return None if health is None else health.as_dict()
-
-    def _ranks(self) -> dict[str, list[int]] | None:
-        """Eigenpairs kept per K-FAC layer, [k_A, k_G] (they move with --adaptive-rank)."""
-        ranks = getattr(getattr(self.optimizer, "preconditioner", None), "ranks", None)
-        return None if ranks is None else {name: list(pair) for name, pair in ranks().items()}
+        damping = None if self._damping is None else _at(self._damping, step)
+        return metrics.step_record(step, progress.epoch + 1, loss_value, lr, damping, times, traffic)
 
     def _evaluate(self) -> tuple[float, float]:
         """Test loss and accuracy; rank 0 alone evaluates in a distributed run (others get NaN)."""
@@ -330,88 +248,43 @@ class Trainer:
             return math.nan, math.nan
         return evaluate(self.net, self.test_images, self.test_labels)
 
-    def _note_targets(self, test_acc: float, epoch: float) -> None:
-        """Record the training time and (fractional) epoch at which each target is first met."""
-        for target in self.config.target_acc:
-            key = f"{target:g}"
-            if key not in self.progress.reached and test_acc >= target:
-                self.progress.reached[key] = {"time": self.progress.train_time, "epoch": epoch}
-
     def _evaluate_inside_epoch(self) -> dict[str, Any]:
-        progress = self.progress
         test_loss, test_acc = self._evaluate()
-        epoch = progress.step / self.steps_per_epoch
-        self._note_targets(test_acc, epoch)
-        return {
-            "kind": "eval",
-            "epoch": epoch,
-            "step": progress.step,
-            "test_loss": test_loss,
-            "test_acc": test_acc,
-            "train_time": progress.train_time,
-        }
+        epoch = self.progress.step / self.steps_per_epoch
+        self.progress.note_targets(self.config.target_acc, test_acc, epoch)
+        return metrics.eval_record(self.progress, epoch, test_loss, test_acc)
 
     def _end_epoch(self, bar: tqdm) -> None:
         config, progress = self.config, self.progress
         test_loss, test_acc = self._evaluate()
         epoch = progress.epoch + 1
-        self._note_targets(test_acc, epoch)
-        self.run_dir.append_metrics(
-            [
-                {
-                    "kind": "epoch",
-                    "epoch": epoch,
-                    "step": progress.step,
-                    "train_loss": progress.epoch_loss_sum / max(progress.epoch_loss_count, 1),
-                    "test_loss": test_loss,
-                    "test_acc": test_acc,
-                    "epoch_time": progress.epoch_time,
-                    "train_time": progress.train_time,
-                    "health": self._health(),
-                    "ranks": self._ranks(),
-                }
-            ]
-        )
-        bar.set_postfix(loss=f"{progress.epoch_loss_sum / max(progress.epoch_loss_count, 1):.3f}", acc=f"{test_acc:.4f}")
-        progress.epoch, progress.batch = epoch, 0
-        progress.epoch_loss_sum, progress.epoch_loss_count, progress.epoch_time = 0.0, 0, 0.0
+        progress.note_targets(config.target_acc, test_acc, epoch)
+        self.run_dir.append_metrics([metrics.epoch_record(progress, epoch, test_loss, test_acc, self.preconditioner)])
+        bar.set_postfix(loss=f"{progress.epoch_loss:.3f}", acc=f"{test_acc:.4f}")
+        progress.start_epoch(epoch)
         if config.checkpoint_every and epoch % config.checkpoint_every == 0:
             self.run_dir.save_checkpoint(self.checkpoint_state())
 
     def _write_summary(self, status: str) -> dict[str, Any]:
-        progress = self.progress
         epochs = list(self.run_dir.metrics("epoch"))
-        if epochs and epochs[-1]["step"] == progress.step:
-            final_loss, final_acc = epochs[-1]["test_loss"], epochs[-1]["test_acc"]
+        if epochs and epochs[-1]["step"] == self.progress.step:
+            final = epochs[-1]["test_loss"], epochs[-1]["test_acc"]
         else:  # stopped inside an epoch (max_steps, divergence): evaluate where it stopped
-            final_loss, final_acc = self._evaluate()
-        epochs_run = progress.step / self.steps_per_epoch
-        summary = {
-            "optimizer": self.config.optimizer,
-            "preset": self.config.preset,
-            "status": status,
-            "steps": progress.step,
-            "epochs": epochs_run,
-            "train_time": progress.train_time,
-            "seconds_per_epoch": progress.train_time / epochs_run if epochs_run else None,
-            "epoch_times": [record["epoch_time"] for record in epochs],
-            "final_test_loss": final_loss,
-            "final_test_acc": final_acc,
-            "best_test_acc": max([record["test_acc"] for record in epochs], default=final_acc),
-            "targets": {f"{t:g}": progress.reached.get(f"{t:g}") for t in self.config.target_acc},
-            "phase_seconds": progress.phase_totals,
-            "world_size": self.placement.world_size,
-            "health": self._health(),
-            "bytes_per_factor_step": _per_step(progress.traffic, "statistics"),
-            "bytes_per_inverse_step": _per_step(progress.traffic, "decomposition"),
-        }
+            final = self._evaluate()
+        summary = metrics.build_summary(
+            self.progress,
+            optimizer=self.config.optimizer,
+            preset=self.config.preset,
+            status=status,
+            targets=self.config.target_acc,
+            epochs=epochs,
+            final=final,
+            steps_per_epoch=self.steps_per_epoch,
+            world_size=self.placement.world_size,
+            pre=self.preconditioner,
+        )
         self.run_dir.write_json("summary.json", summary)
         return summary
-
-
-def _per_step(totals: dict[str, int], kind: str) -> float | None:
-    steps = totals.get(f"{kind}_steps", 0)
-    return totals[kind] / steps if steps else None
 
 
 def _at(schedule: EpochSchedule | Callable[[int], float], step: int) -> float:
