@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 import torch
-from rkfac.communication import TrafficCounter
+from rkfac.distributed import TrafficCounter
 from torch import nn
 
 import rkfac

@@ -150,7 +150,7 @@ class StepClock:
 class TrafficLedger:
     """Bytes one rank puts into collectives per step, and the run's totals.
 
-    The preconditioner counts cumulative bytes (:class:`rkfac.communication.TrafficCounter`);
+    The preconditioner counts cumulative bytes (:class:`rkfac.distributed.TrafficCounter`);
     :meth:`begin` reads the counter before a step and :meth:`end` returns the difference per
     kind, plus the bytes of the gradients DDP all-reduces every step (``gradient_bytes``,
     given as 0 in a single process).
@@ -198,21 +198,15 @@ def bytes_per_step(totals: Mapping[str, int], kind: str) -> float | None:
 
 
 def health_record(preconditioner: Preconditioner | None) -> dict[str, int] | None:
-    """The preconditioner's fault counts (skipped statistics, failed decompositions, …).
-
-    None without a preconditioner, or for one that keeps no counts (today's SENG).
-    """
-    health = getattr(preconditioner, "health", None)
-    return None if health is None else health.as_dict()
+    """The preconditioner's fault counts (skipped statistics, failed decompositions, …); None
+    without one (SGD, Adam). SENG skips nothing, so its counts are all 0."""
+    return None if preconditioner is None else preconditioner.health.as_dict()
 
 
 def ranks_record(preconditioner: Preconditioner | None) -> dict[str, list[int]] | None:
-    """Eigenpairs kept per K-FAC layer, ``{layer: [k_A, k_G]}`` (they move with --adaptive-rank).
-
-    None without a preconditioner, or for one without ranks (today's SENG).
-    """
-    ranks = getattr(preconditioner, "ranks", None)
-    return None if ranks is None else {name: list(pair) for name, pair in ranks().items()}
+    """Eigenpairs kept per K-FAC layer, ``{layer: [k_A, k_G]}`` (they move with --adaptive-rank);
+    None without a preconditioner, empty for SENG (which keeps no decompositions)."""
+    return None if preconditioner is None else {name: list(pair) for name, pair in preconditioner.ranks().items()}
 
 
 def step_record(

@@ -23,6 +23,7 @@ from rkfac.experiments.config import KFAC_OPTIMIZERS, RunConfig
 from rkfac.experiments.optimizers import damping_at
 from rkfac.experiments.rundir import RunDirectory
 from rkfac.experiments.train import Trainer
+from rkfac.kfac import KFACPreconditioner
 from rkfac.kfac.state import saved_factors
 from rkfac.spectrum import FactorSpectrum, LayerSpectrum, factor_spectrum, layer_spectra
 
@@ -53,7 +54,8 @@ def record_run(
     if record_every < 1:
         raise ValueError(f"record_every must be >= 1, got {record_every}")
     trainer = Trainer(config, out, quiet=quiet)
-    pre = trainer.optimizer.preconditioner  # type: ignore[attr-defined]
+    pre = trainer.preconditioner
+    assert isinstance(pre, KFACPreconditioner)  # the K-FAC optimizers checked above build one
     records: list[dict[str, Any]] = []
 
     def record(step: int) -> None:
