@@ -9,10 +9,10 @@ from typing import Any
 
 import pytest
 import torch
-from rkfac.distributed import TrafficCounter
 from torch import nn
 
 import rkfac
+from rkfac.distributed import TrafficCounter
 from rkfac.experiments.metrics import (
     PHASES,
     Progress,
