@@ -58,16 +58,12 @@ class PreconditionedSGD(torch.optim.Optimizer):
         self.update = UpdateOptions(**{**self.update_defaults, **update_given})
         params = [p for p in model.parameters() if p.requires_grad]
         super().__init__(params, {name: self._value(name, 0) for name in _SCHEDULED})
-        self.preconditioner: Preconditioner = self._preconditioner(model, method_given, grad_scaler, process_group, timer)
+        objects = {"grad_scaler": grad_scaler, "process_group": process_group, "timer": timer}
+        self.preconditioner: Preconditioner = self._preconditioner(model, method_given, objects)
 
-    def _preconditioner(
-        self,
-        model: nn.Module,
-        options: dict[str, Any],
-        grad_scaler: torch.amp.GradScaler | None,
-        process_group: torch.distributed.ProcessGroup | None,
-        timer: PhaseTimer | None,
-    ) -> Preconditioner:
+    def _preconditioner(self, model: nn.Module, options: dict[str, Any], objects: dict[str, Any]) -> Preconditioner:
+        """The method's preconditioner on ``model`` with its ``options`` and the ``objects``
+        (grad_scaler, process_group, timer)."""
         raise NotImplementedError
 
     def _value(self, name: str, step: int) -> float:
@@ -116,22 +112,8 @@ class KFAC(PreconditionedSGD):
 
     method_options = KFACOptions
 
-    def _preconditioner(
-        self,
-        model: nn.Module,
-        options: dict[str, Any],
-        grad_scaler: torch.amp.GradScaler | None,
-        process_group: torch.distributed.ProcessGroup | None,
-        timer: PhaseTimer | None,
-    ) -> Preconditioner:
-        return KFACPreconditioner(
-            model,
-            lr=lambda _step: self.param_groups[0]["lr"],
-            grad_scaler=grad_scaler,
-            process_group=process_group,
-            timer=timer,
-            **options,
-        )
+    def _preconditioner(self, model: nn.Module, options: dict[str, Any], objects: dict[str, Any]) -> Preconditioner:
+        return KFACPreconditioner(model, lr=lambda _step: self.param_groups[0]["lr"], **objects, **options)
 
 
 class SENG(PreconditionedSGD):
@@ -143,12 +125,5 @@ class SENG(PreconditionedSGD):
     method_options = SENGOptions
     update_defaults: ClassVar[dict[str, Any]] = {"momentum": 0.9, "weight_decay": 1e-2}
 
-    def _preconditioner(
-        self,
-        model: nn.Module,
-        options: dict[str, Any],
-        grad_scaler: torch.amp.GradScaler | None,
-        process_group: torch.distributed.ProcessGroup | None,
-        timer: PhaseTimer | None,
-    ) -> Preconditioner:
-        return SENGPreconditioner(model, grad_scaler=grad_scaler, process_group=process_group, timer=timer, **options)
+    def _preconditioner(self, model: nn.Module, options: dict[str, Any], objects: dict[str, Any]) -> Preconditioner:
+        return SENGPreconditioner(model, **objects, **options)

@@ -81,6 +81,22 @@ def validate(instance: Any) -> None:
         object.__setattr__(instance, field.name, check_field(field, getattr(instance, field.name)))
 
 
+def options_from(cls: type[Any], options: Any, given: dict[str, Any], owner: str) -> Any:
+    """A constructor's options: the ready ``options`` object, or ``cls(**given)`` from its keywords."""
+    if options is not None and given:
+        raise ValueError(f"pass options= or keyword options, not both (got options= and {sorted(given)})")
+    if options is not None and not isinstance(options, cls):
+        raise ValueError(f"options must be a {cls.__name__}, got {options!r}")
+    return options if options is not None else from_options(cls, given, owner)
+
+
+def check_instance(value: Any, kind: type[Any], name: str) -> Any:
+    """``value`` if it is None or a ``kind``, else a ValueError naming it."""
+    if value is not None and not isinstance(value, kind):
+        raise ValueError(f"{name} must be a {kind.__module__}.{kind.__qualname__}, got {value!r}")
+    return value
+
+
 def from_options(cls: type[Any], given: dict[str, Any], owner: str) -> Any:
     """``cls(**given)``, with unknown names refused by a ValueError that lists the known ones."""
     known = {field.name for field in dataclasses.fields(cls)}

@@ -22,15 +22,8 @@ def decomposition_for(config: RunConfig, steps_per_epoch: int) -> rkfac.Decompos
         refresh = config.refresh_every if config.optimizer == "b-r-kfac" else None
         return rkfac.BrandUpdate(rank=int(value_at_epoch(config.rank, 1)), fallback=fallback, refresh_every=refresh)
     method = rkfac.RandomizedSVD if config.optimizer == "rs-kfac" else rkfac.SymmetricRandomizedEVD
-    return method(
-        rank=step_schedule(config.rank, steps_per_epoch, cast=int),
-        oversample=config.oversample,
-        power_iters=config.power_iters,
-        warm_start=config.warm_start,
-        warm_power_iters=config.warm_power_iters,
-        adaptive_rank=config.adaptive_rank,
-        min_rank=config.min_rank,
-    )
+    plain = ("oversample", "power_iters", "warm_start", "warm_power_iters", "adaptive_rank", "min_rank")
+    return method(rank=step_schedule(config.rank, steps_per_epoch, cast=int), **{name: getattr(config, name) for name in plain})
 
 
 def build_optimizer(

@@ -47,7 +47,7 @@ from rkfac.lowrank import Eigenpairs, kronecker_solve
 from rkfac.mc_fisher import sampled_loss
 from rkfac.options import KFACOptions
 from rkfac.schedules import at_step_float, at_step_int
-from rkfac.schema import from_options
+from rkfac.schema import check_instance, options_from
 from rkfac.seeding import keyed_generator
 from rkfac.timing import PhaseTimer, maybe_phase
 
@@ -86,12 +86,8 @@ class KFACPreconditioner:
         timer: PhaseTimer | None = None,
         **given: Any,
     ) -> None:
-        if options is not None and given:
-            raise ValueError(f"pass options= or keyword options, not both (got options= and {sorted(given)})")
-        self.options = options if options is not None else from_options(KFACOptions, given, "KFACPreconditioner")
-        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
-            raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {grad_scaler!r}")
-        self.grad_scaler = grad_scaler
+        self.options = options_from(KFACOptions, options, given, "KFACPreconditioner")
+        self.grad_scaler = check_instance(grad_scaler, torch.amp.GradScaler, "grad_scaler")
         self.timer = timer
         self.steps = 0
         self._comm = Communicator(process_group)

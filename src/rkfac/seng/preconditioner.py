@@ -60,7 +60,7 @@ from rkfac.layers import Call, LayerCapture, LayerKind
 from rkfac.layers.selection import select_layers, unwrap
 from rkfac.options import SENGOptions
 from rkfac.schedules import at_step_float
-from rkfac.schema import from_options
+from rkfac.schema import check_instance, options_from
 from rkfac.seeding import keyed_generator
 from rkfac.seng import per_sample
 from rkfac.seng.gradients import ExplicitGradients, FactoredGradients, PerSampleGradients, from_tensors, sample_rows
@@ -130,12 +130,8 @@ class SENGPreconditioner:
         timer: PhaseTimer | None = None,
         **given: Any,
     ) -> None:
-        if options is not None and given:
-            raise ValueError(f"pass options= or keyword options, not both (got options= and {sorted(given)})")
-        self.options = options if options is not None else from_options(SENGOptions, given, "SENGPreconditioner")
-        if grad_scaler is not None and not isinstance(grad_scaler, torch.amp.GradScaler):
-            raise ValueError(f"grad_scaler must be a torch.amp.GradScaler, got {grad_scaler!r}")
-        self.grad_scaler = grad_scaler
+        self.options = options_from(SENGOptions, options, given, "SENGPreconditioner")
+        self.grad_scaler = check_instance(grad_scaler, torch.amp.GradScaler, "grad_scaler")
         self.timer = timer
         self.steps = 0
         self._built_damping: float | None = None
