@@ -16,7 +16,6 @@ or ``sre-adaptive=sre-kfac:adaptive_rank=1``.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import statistics
 import time
 from typing import Any
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from preset_runs import batch_at, model_and_optimizer
-from rkfac.experiments.config import RunConfig
+from rkfac.experiments.cli import parse_setting
 from rkfac.experiments.datasets import load_dataset
 from rkfac.experiments.presets import resolve_config
 from rkfac.timing import PhaseTimer
@@ -34,24 +33,16 @@ PHASES = ("forward_backward", "statistics", "decomposition", "precondition", "st
 
 
 def parse_variant(text: str) -> tuple[str, str, dict[str, Any]]:
-    """``label=optimizer:field=value,...`` → (label, optimizer, overrides) typed by RunConfig."""
+    """``label=optimizer:field=value,...`` → (label, optimizer, overrides), each value read as
+    its command-line flag reads it."""
     head, _, settings = text.partition(":")
     label, _, optimizer = head.rpartition("=")
     label = label or optimizer
-    types = {f.name: f.type for f in dataclasses.fields(RunConfig)}
     overrides: dict[str, Any] = {}
     for item in filter(None, settings.split(",")):
         key, _, value = item.partition("=")
-        overrides[key] = _typed(str(types[key]), value)
+        overrides[key] = parse_setting(key, value)
     return label, optimizer, overrides
-
-
-def _typed(kind: str, value: str) -> Any:
-    if kind == "bool":
-        return value in ("1", "true", "True")
-    if kind in ("int", "float"):
-        return int(value) if kind == "int" else float(value)
-    return float(value) if kind == "EpochSchedule" else value
 
 
 def measure(preset: str, variants: list[str], steps: int, warmup: int, chunk: int) -> dict[str, dict[str, float]]:
