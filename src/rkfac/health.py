@@ -37,12 +37,16 @@ class Health:
       result) and were retried in float64.
     - ``failed_decompositions``: those that failed in float64 too; the last good
       decomposition stayed in use.
+    - ``layers_without_statistics``: preconditioned layers that had received no statistics by
+      a factor step on which other layers did (a layer the forward never called, or one used
+      through a functional call); they keep their plain gradient until they do.
     """
 
     skipped_statistics: int = 0
     skipped_gradients: int = 0
     failed_decompositions: int = 0
     float64_retries: int = 0
+    layers_without_statistics: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return asdict(self)

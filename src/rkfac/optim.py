@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from rkfac.kfac import KFACPreconditioner
+from rkfac.layers.selection import check_model
 from rkfac.options import KFACOptions, SENGOptions, UpdateOptions, split_options
 from rkfac.protocol import Preconditioner
 from rkfac.schedules import at_step_float
@@ -54,6 +55,7 @@ class PreconditionedSGD(torch.optim.Optimizer):
         timer: PhaseTimer | None = None,
         **options: Any,
     ) -> None:
+        check_model(model, f"rkfac.{type(self).__name__}")
         update_given, method_given = split_options(options, UpdateOptions, self.method_options)
         self.update = UpdateOptions(**{**self.update_defaults, **update_given})
         params = [p for p in model.parameters() if p.requires_grad]

@@ -47,7 +47,7 @@ class KFACOptions:
     factor_decay: float = option(0.95, "ρ of the factors' exponential average", low=0.0, high=1.0, high_inclusive=False)
     factor_every: IntSchedule = option(10, "steps between factor updates", kind="int", low=1, schedule=True)
     inverse_every: IntSchedule = option(50, "steps between decompositions", kind="int", low=1, schedule=True)
-    clip: str | None = option("rms", "scaling of the directions: rms, kl or None", choices=CLIP_MODES)
+    clip: str | None = option("rms", "scaling of the directions: rms, kl or none (None)", choices=(*CLIP_MODES, "none"))
     clip_value: float = option(0.07, "κ of the clip", low=0.0, low_inclusive=False)
     lr: FloatSchedule = option(0.1, "the learning rate the kl clip assumes (rkfac.KFAC keeps it in sync)", low=0.0, schedule=True)
     fisher: str = option("empirical", "empirical (the user's backward) or mc (sampled labels)", choices=FISHER_TYPES)
@@ -55,6 +55,7 @@ class KFACOptions:
     loss_reduction: str = option("mean", "how the user's loss combines samples (sets the scale of G)", choices=LOSS_REDUCTIONS)
     skip: tuple[SkipRule, ...] = option((), "layers left alone: name patterns or module types", kind="any")
     seed: int = option(0, "seeds every sketch and sampled label", kind="int", low=-(2**63))
+    batch_dim: int = option(0, "where the samples are in inputs with shared dims (1: sequence-first)", kind="int", low=0)
     apply_dtype: torch.dtype | None = option(
         None, "dtype of the per-step solve's large products (None: the factors')", kind="any"
     )
@@ -65,6 +66,8 @@ class KFACOptions:
         validate(self)
         if not isinstance(self.decomposition, Decomposition):
             raise ValueError(f"decomposition must be an rkfac Decomposition (e.g. rkfac.ExactEigh()), got {self.decomposition!r}")
+        if self.clip == "none":  # the command line's spelling of None, accepted everywhere
+            object.__setattr__(self, "clip", None)
         skip = (self.skip,) if isinstance(self.skip, (str, type)) else tuple(self.skip)
         for rule in skip:
             if not (isinstance(rule, str) or (isinstance(rule, type) and issubclass(rule, nn.Module))):
@@ -85,6 +88,7 @@ class SENGOptions:
     sketch_threshold: float = option(7e5, "sketch layers with more weights than this", low=0.0)
     sketch_rank: int = option(16, "rank of compressed conv output-gradient maps", kind="int", low=1)
     loss_reduction: str = option("mean", "how the user's loss combines samples", choices=LOSS_REDUCTIONS)
+    batch_dim: int = option(0, "where the samples are in inputs with shared dims (1: sequence-first)", kind="int", low=0)
     seed: int = option(0, "seeds the column samples", kind="int", low=0)
 
     def __post_init__(self) -> None:

@@ -49,6 +49,25 @@ class Guard:
     def __init__(self) -> None:
         self.health = Health()
         self._warned = False
+        self._never_captured: set[str] = set()
+
+    def missing_statistics(self, names: list[str], step: int) -> None:
+        """Count (and say, the first time) layers with no statistics on a factor step where others had them."""
+        new = [name for name in names if name not in self._never_captured]
+        if not new:
+            return
+        first_time = not self._never_captured
+        self._never_captured.update(new)
+        self.health.layers_without_statistics = len(self._never_captured)
+        if first_time:
+            listed = ", ".join(repr(name or "<root>") for name in new)
+            warnings.warn(
+                f"layers {listed} are listed as preconditioned but received no statistics at factor step {step} "
+                "(never called by the forward, or applied through a functional call the hooks do not see); "
+                "they keep their plain gradient until they do. Counted in KFACPreconditioner.health.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
 
     def check(self, statistics: dict[str, tuple[Statistic, Statistic]], gradients: list[tuple[str, Tensor]], step: int) -> Faults:
         """The faults among this step's statistics and gradients, counted and (once) warned about."""

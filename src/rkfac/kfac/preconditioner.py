@@ -42,7 +42,16 @@ from rkfac.kfac.guards import Fault, Faults, Guard
 from rkfac.kfac.state import STATE_VERSION, Factor, LayerState, LayerView, layers_state_dict, load_layers, view
 from rkfac.kfac.statistics import Statistic, StatisticsCollector
 from rkfac.layers import SUPPORTED_TEXT, LayerCapture
-from rkfac.layers.selection import select_layers, skip_rules, unsupported_layers, unwrap
+from rkfac.layers.selection import (
+    check_model,
+    display_name,
+    frozen_layers,
+    select_layers,
+    skip_rules,
+    unmatched_rules,
+    unsupported_layers,
+    unwrap,
+)
 from rkfac.lowrank import Eigenpairs, kronecker_solve
 from rkfac.mc_fisher import sampled_loss
 from rkfac.options import KFACOptions
@@ -91,9 +100,13 @@ class KFACPreconditioner:
         self.timer = timer
         self.steps = 0
         self._comm = Communicator(process_group)
-        model = unwrap(model)
+        model = unwrap(check_model(model, "KFACPreconditioner"))
         rules = skip_rules(self.options.skip)
+        unmatched = unmatched_rules(model, rules)
+        if unmatched:
+            warnings.warn(f"skip rules {unmatched!r} match no module of the model", UserWarning, stacklevel=2)
         selected = select_layers(model, rules)
+        self.frozen = frozen_layers(model, rules)
         if not selected:
             raise ValueError(
                 f"model {type(model).__name__} has no {SUPPORTED_TEXT} layer to precondition"
@@ -117,7 +130,7 @@ class KFACPreconditioner:
         for layer in self._layers:  # B-KFAC's online factors take the rows, not their Gram products
             self._collector.sums[layer.name].keep_rows = any(t.takes_columns for t in layer.trackers)
         self._collector.capture_output_grads = self.options.fisher == "empirical"
-        self._capture = LayerCapture(selected, self._collector, root=model)
+        self._capture = LayerCapture(selected, self._collector, root=model, batch_dim=self.options.batch_dim)
         self._mc_generator: torch.Generator | None = None
         self._guard = Guard()
 
@@ -162,9 +175,11 @@ class KFACPreconditioner:
         lines = []
         for layer in self._layers:
             d_a, d_g = layer.kind.factor_dims
-            lines.append(f"{layer.name or '(model)'}: {layer.kind.label}, A {d_a} × {d_a}, G {d_g} × {d_g}")
+            lines.append(f"{display_name(layer.name)}: {layer.kind.label}, A {d_a} × {d_a}, G {d_g} × {d_g}")
         skipped = [f"{name} ({kind})" for name, kind in self.unsupported]
-        return "\n".join(lines + ([f"not preconditioned: {', '.join(skipped)}"] if skipped else []))
+        lines += [f"not preconditioned: {', '.join(skipped)}"] if skipped else []
+        lines += [f"frozen, left out: {', '.join(map(display_name, self.frozen))}"] if self.frozen else []
+        return "\n".join(lines)
 
     # ------------------------------------------------------------------ the step
 
@@ -175,6 +190,8 @@ class KFACPreconditioner:
         with torch.no_grad():
             with maybe_phase(self.timer, "decomposition"):
                 statistics = self._take_statistics()
+                if statistics:
+                    self._note_missing(statistics, step)
                 faults = self._guard.check(statistics, self._gradients(), step)
                 self._update_factors(statistics, faults)
                 self._decompose(step)
@@ -213,6 +230,16 @@ class KFACPreconditioner:
                 for name, (a, g) in statistics.items()
             }
         return average_statistics(self._comm, statistics)
+
+    def _note_missing(self, statistics: dict[str, tuple[Statistic, Statistic]], step: int) -> None:
+        """Layers that have never had statistics although others have them at this factor step."""
+        missing = [
+            layer.name
+            for layer in self._layers
+            if layer.name not in statistics and all(t.factor is None and t.pairs is None for t in layer.trackers)
+        ]
+        if missing:
+            self._guard.missing_statistics(missing, step)
 
     def _gradients(self) -> list[tuple[str, Tensor]]:
         return [
@@ -322,10 +349,10 @@ class KFACPreconditioner:
         if self.options.fisher != "mc":
             return
         sums = self._collector.sums.values()
-        if any(s.has_inputs for s in sums) and not any(s.has_output_grads for s in sums):
+        if self._collector.uncaptured_grads and not any(s.has_output_grads for s in sums):
             self._collector.clear()
             raise RuntimeError(
-                "fisher='mc' captured layer inputs but no sampled-label gradients on this factor step: "
+                "fisher='mc' saw the backward of this factor step but no sampled-label gradients: "
                 "call pre.sample_fisher(outputs) after the forward and before loss.backward()"
             )
 

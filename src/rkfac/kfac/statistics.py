@@ -1,8 +1,12 @@
 """K-FAC's batch statistics: running sums of the layers' rows, collected through the shared hooks.
 
 :class:`StatisticsCollector` is the :class:`~rkfac.layers.capture.CaptureSink` of K-FAC: on a
-factor step it adds ``aᵀa`` of each layer input to a running sum when the forward runs, and
-``gᵀg`` of the output gradient when the backward reaches it. Sums (not averages) are kept so
+factor step it computes ``aᵀa`` of each layer input when the forward runs, and adds it to a
+running sum, together with ``gᵀg`` of the output gradient, when the backward reaches that
+call's output. Statistics pair by backward: a forward whose output never receives a gradient
+before ``step()`` (a logging forward with grad enabled, a loop that skips ``backward()`` after a
+non-finite loss, an output that does not require grad) contributes nothing, so A and G always
+describe the same samples. Sums (not averages) are kept so
 that several forward/backward passes before one optimizer step (gradient accumulation) combine
 into the statistics of the concatenated batch. The scaling is fixed in
 :mod:`rkfac.layers.base`; with T calls of a layer in one forward (weight sharing, see
@@ -29,6 +33,16 @@ from torch import Tensor
 
 from rkfac.layers import Call, LayerKind
 from rkfac.timing import PhaseTimer, maybe_phase
+
+
+@dataclass
+class PendingInputs:
+    """One layer call's A-side contribution, held until a gradient reaches its output."""
+
+    gram: Tensor | None  # Σ a aᵀ of the call; None when the rows themselves are kept
+    rows: Tensor | None  # the rows (B-KFAC's online factors)
+    count: int  # N, the rows of the call
+    committed: bool = False
 
 
 @dataclass(frozen=True)
@@ -64,13 +78,25 @@ class StatisticSums:
         self.keep_rows = keep_rows
         self.clear()
 
-    def add_inputs(self, rows: Tensor) -> None:
+    def pending(self, rows: Tensor) -> PendingInputs:
+        """One call's input rows as they will be added (their Gram product unless ``keep_rows``)."""
         if self.keep_rows:
-            self._input_parts.append(rows)
-        else:
-            gram = _gram(rows)
-            self.input_sum = gram if self.input_sum is None else self.input_sum.add_(gram)
-        self.input_rows += rows.shape[0]
+            return PendingInputs(None, rows, rows.shape[0])
+        return PendingInputs(_gram(rows), None, rows.shape[0])
+
+    def commit(self, pending: PendingInputs) -> None:
+        """Add a call's inputs (once: later gradients of the same output add only to G)."""
+        if pending.committed:
+            return
+        pending.committed = True
+        if pending.rows is not None:
+            self._input_parts.append(pending.rows)
+        elif pending.gram is not None:
+            self.input_sum = pending.gram if self.input_sum is None else self.input_sum.add_(pending.gram)
+        self.input_rows += pending.count
+
+    def add_inputs(self, rows: Tensor) -> None:
+        self.commit(self.pending(rows))
 
     def add_output_grads(self, rows: Tensor, samples: int, group: int) -> None:
         """Add the rows of one call; ``samples`` count once per sample ``group`` (one model call)."""
@@ -126,7 +152,8 @@ class StatisticsCollector:
     """K-FAC's capture sink: one :class:`StatisticSums` per layer, filled on factor steps.
 
     ``capture_output_grads`` is read when the backward reaches a layer: the preconditioner
-    clears it in "mc" mode so that the user's own backward adds nothing to G.
+    clears it in "mc" mode so that the user's own backward adds nothing to G; such gradients
+    are counted in ``uncaptured_grads`` (so that a forgotten ``sample_fisher`` can be told).
     """
 
     def __init__(self, names: list[str], is_factor_step: Callable[[], bool], timer: PhaseTimer | None) -> None:
@@ -134,20 +161,26 @@ class StatisticsCollector:
         self.is_factor_step = is_factor_step
         self.timer = timer
         self.capture_output_grads = True
+        self.uncaptured_grads = 0
 
     def capturing(self) -> bool:
         return self.is_factor_step()
 
-    def on_input(self, name: str, layer: LayerKind, inputs: Tensor) -> None:
+    def on_input(self, name: str, layer: LayerKind, inputs: Tensor) -> PendingInputs:
         with torch.no_grad(), maybe_phase(self.timer, "statistics"):
-            self.sums[name].add_inputs(layer.input_rows(inputs).to(layer.statistics_dtype))
+            return self.sums[name].pending(layer.input_rows(inputs).to(layer.statistics_dtype))
 
     def on_output_grad(self, name: str, layer: LayerKind, grad: Tensor, call: Call) -> None:
-        if self.capture_output_grads:
-            with torch.no_grad(), maybe_phase(self.timer, "statistics"):
-                rows = layer.output_grad_rows(grad).to(layer.statistics_dtype)
-                self.sums[name].add_output_grads(rows, call.samples, call.group)
+        if not self.capture_output_grads:
+            self.uncaptured_grads += 1
+            return
+        with torch.no_grad(), maybe_phase(self.timer, "statistics"):
+            rows = layer.output_grad_rows(grad).to(layer.statistics_dtype)
+            sums = self.sums[name]
+            sums.commit(call.context)
+            sums.add_output_grads(rows, call.samples, call.group)
 
     def clear(self) -> None:
         for sums in self.sums.values():
             sums.clear()
+        self.uncaptured_grads = 0

@@ -78,6 +78,19 @@ class LayerKind(ABC):
         """n: the first dimension of the layer input (1 for an unbatched input)."""
         return inputs.shape[0] if inputs.dim() > 1 else 1
 
+    def batch_first(self, tensor: Tensor, batch_dim: int) -> Tensor:
+        """``tensor`` (an input or output gradient) with its sample dimension first.
+
+        ``batch_dim`` says where the samples are in inputs with shared dimensions (1 for the
+        sequence-first layout of ``nn.Transformer*`` with ``batch_first=False``). Kinds whose
+        inputs always lead with the batch (convolutions) ignore it.
+        """
+        return tensor
+
+    def samples(self, inputs: Tensor, batch_dim: int) -> int:
+        """n of one call: the size of the sample dimension (see :meth:`batch_first`)."""
+        return self.sample_count(self.batch_first(inputs, batch_dim))
+
     @abstractmethod
     def input_rows(self, inputs: Tensor) -> Tensor:
         """The A-statistic rows ``a`` (N, d_A) of one forward input."""

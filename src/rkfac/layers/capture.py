@@ -63,8 +63,11 @@ class CaptureSink(Protocol):
 class LayerCapture:
     """Installs and owns the hooks on ``layers`` (and on ``root`` for the sample groups)."""
 
-    def __init__(self, layers: dict[str, LayerKind], sink: CaptureSink, root: nn.Module | None = None) -> None:
+    def __init__(
+        self, layers: dict[str, LayerKind], sink: CaptureSink, root: nn.Module | None = None, batch_dim: int = 0
+    ) -> None:
         self.sink = sink
+        self.batch_dim = batch_dim  # where the samples are in inputs with shared dimensions
         self._group = 0  # the current sample group
         self._model_depth = 0  # > 0 while the root model's forward runs
         self._handles: list[RemovableHandle] = [
@@ -97,7 +100,7 @@ class LayerCapture:
             if not (module.training and torch.is_grad_enabled() and sink.capturing()):
                 return
             x = inputs[0].detach()
-            samples = LayerKind.sample_count(x)
+            samples = layer.samples(x, self.batch_dim)
             context = sink.on_input(name, layer, x)
             if output.requires_grad:
                 call = Call(samples, self._sample_group(), context)

@@ -20,6 +20,12 @@ class LinearKind(LayerKind):
     def accepts(cls, module: nn.Module) -> bool:
         return isinstance(module, nn.Linear)
 
+    def batch_first(self, tensor: Tensor, batch_dim: int) -> Tensor:
+        """Inputs with shared dimensions (n, ..., d_in) may hold the samples elsewhere, e.g.
+        (seq, n, d_in); the rows are the same set either way, only n and the per-sample grouping
+        depend on it."""
+        return tensor.movedim(batch_dim, 0) if batch_dim and tensor.dim() > 2 else tensor
+
     def input_rows(self, inputs: Tensor) -> Tensor:
         rows = inputs.reshape(-1, inputs.shape[-1])
         return append_ones(rows) if self.has_bias else rows

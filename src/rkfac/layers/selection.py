@@ -1,11 +1,24 @@
 """Which modules of a model a curvature method handles: supported kinds, skip rules, the rest named.
 
 :data:`KINDS` lists the layer types rkfac has a :class:`~rkfac.layers.base.LayerKind` for; a new
-type is added there. ``skip`` rules are glob patterns matched against the qualified module name
-(``fnmatch``, case-sensitive, the whole name) or ``nn.Module`` types. Layers that hold trainable
-parameters but that no kind accepts are returned by name so that the caller can say so (a
-parameter rkfac does not handle is always named); normalisation layers are left out of that list,
-as their plain gradient is the standard choice.
+type is added there. Listed means preconditioned, so three kinds of module are never selected:
+
+- frozen layers (weight with ``requires_grad=False``): they have no gradient to precondition;
+  :func:`frozen_layers` names them;
+- layers a parent applies through a functional call, which the hooks never see: the
+  ``out_proj`` Linear of ``nn.MultiheadAttention`` (attention calls ``F.linear`` with its weight);
+- skipped layers.
+
+``skip`` rules are ``nn.Module`` types or glob patterns (``fnmatch``, case-sensitive) on qualified
+module names. A pattern skips a module when it matches the module's name or the name of one of
+its parents, and a pattern ending in ``.*`` also matches the module it names: ``"classifier.*"``
+and ``"classifier"`` both skip a Linear named ``classifier`` and everything inside a module of
+that name. The root module's name is empty; messages call it ``<root>``.
+
+Modules that hold trainable parameters of their own but are not selected (nor skipped, nor
+normalisation layers, whose plain gradient is the standard choice) are returned by
+:func:`unsupported_layers` with the reason, so that a parameter rkfac does not handle is always
+named.
 """
 
 from __future__ import annotations
@@ -27,6 +40,16 @@ SUPPORTED_TEXT = "nn.Linear or nn.Conv2d (groups=1)"
 SkipRule = str | type[nn.Module]
 
 _NORMALIZATION = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
+
+#: Parents that apply their submodules' weights through functional calls (no hooks fire).
+_FUNCTIONAL_PARENTS = (nn.MultiheadAttention,)
+
+ROOT_NAME = "<root>"
+
+
+def display_name(name: str) -> str:
+    """A qualified module name as messages show it (the root's is empty)."""
+    return name or ROOT_NAME
 
 
 def kind_for(module: nn.Module) -> LayerKind | None:
@@ -50,13 +73,48 @@ def skip_rules(skip: Iterable[SkipRule] | SkipRule) -> list[SkipRule]:
     return rules
 
 
+def _pattern_matches(pattern: str, name: str) -> bool:
+    """Whether ``pattern`` names ``name`` or one of its parents (see the module docstring)."""
+    parts = name.split(".") if name else []
+    names = {".".join(parts[:end]) for end in range(1, len(parts) + 1)} or {""}
+    patterns = [pattern] + ([pattern[:-2]] if pattern.endswith(".*") else [])
+    return any(fnmatch.fnmatchcase(candidate, p) for candidate in names for p in patterns)
+
+
 def is_skipped(name: str, module: nn.Module, rules: list[SkipRule]) -> bool:
     for rule in rules:
-        if isinstance(rule, str) and fnmatch.fnmatchcase(name, rule):
+        if isinstance(rule, str) and _pattern_matches(rule, name):
             return True
         if isinstance(rule, type) and isinstance(module, rule):
             return True
     return False
+
+
+def unmatched_rules(model: nn.Module, rules: list[SkipRule]) -> list[SkipRule]:
+    """The rules that skip no module of ``model`` (likely a typo)."""
+    modules = list(model.named_modules())
+    return [rule for rule in rules if not any(is_skipped(name, module, [rule]) for name, module in modules)]
+
+
+def _applied_functionally(model: nn.Module) -> set[int]:
+    """ids of submodules whose weights a parent applies through a functional call."""
+    return {
+        id(child)
+        for parent in model.modules()
+        if isinstance(parent, _FUNCTIONAL_PARENTS)
+        for child in parent.modules()
+        if child is not parent
+    }
+
+
+def check_model(model: object, owner: str) -> nn.Module:
+    """``model`` if it is an ``nn.Module``; the torch.optim habit of passing parameters is refused."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"{owner} takes the model (an nn.Module), not {type(model).__name__}: it hooks the model's layers "
+            "to capture their inputs and output gradients, so it needs the modules, e.g. rkfac.KFAC(model, lr=0.1)"
+        )
+    return model
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -64,21 +122,33 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def select_layers(model: nn.Module, rules: list[SkipRule], *, trainable_only: bool = False) -> dict[str, LayerKind]:
-    """``{qualified name: kind}`` of the supported, not skipped layers, in model order."""
+def select_layers(model: nn.Module, rules: list[SkipRule]) -> dict[str, LayerKind]:
+    """``{qualified name: kind}`` of the supported, trainable, not skipped layers whose calls the
+    hooks see, in model order."""
+    functional = _applied_functionally(model)
     selected = {}
     for name, module in model.named_modules():
-        if is_skipped(name, module, rules):
+        if id(module) in functional or is_skipped(name, module, rules):
             continue
         kind = kind_for(module)
-        if kind is not None and (kind.weight.requires_grad or not trainable_only):
+        if kind is not None and kind.weight.requires_grad:
             selected[name] = kind
     return selected
 
 
+def frozen_layers(model: nn.Module, rules: list[SkipRule]) -> list[str]:
+    """Names of supported, not skipped layers left out because their weight is frozen."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if (kind := kind_for(module)) is not None and not kind.weight.requires_grad and not is_skipped(name, module, rules)
+    ]
+
+
 def unsupported_layers(model: nn.Module, selected: dict[str, LayerKind], rules: list[SkipRule]) -> list[tuple[str, str]]:
-    """(name, type) of layers with trainable weights that no kind handles (normalisation and
-    skipped layers left out)."""
+    """(name, what) of modules with trainable parameters of their own that are not selected
+    (normalisation and skipped layers left out), ``what`` saying why."""
+    functional = _applied_functionally(model)
     found = []
     for name, module in model.named_modules():
         if name in selected or isinstance(module, _NORMALIZATION) or is_skipped(name, module, rules):
@@ -87,5 +157,9 @@ def unsupported_layers(model: nn.Module, selected: dict[str, LayerKind], rules: 
             label = type(module).__name__
             if isinstance(module, nn.Conv2d):
                 label += f" groups={module.groups}"
-            found.append((name, label))
+            if id(module) in functional:
+                label += ", applied by its parent through a functional call that hooks do not see"
+            elif kind_for(module) is not None:
+                label += ", frozen weight with a trainable bias"
+            found.append((display_name(name), label))
     return found

@@ -57,7 +57,7 @@ from torch import Tensor, nn
 from rkfac.distributed import Communicator, TrafficCounter
 from rkfac.health import Health
 from rkfac.layers import Call, LayerCapture, LayerKind
-from rkfac.layers.selection import select_layers, unwrap
+from rkfac.layers.selection import check_model, display_name, select_layers, unwrap
 from rkfac.options import SENGOptions
 from rkfac.schedules import at_step_float
 from rkfac.schema import check_instance, options_from
@@ -138,8 +138,8 @@ class SENGPreconditioner:
         self._inverses: Tensor | None = None  # (L, n, n): K⁻¹ for the layers in self._built
         self._built: list[_SENGLayer] = []
         self._comm = Communicator(process_group)
-        model = unwrap(model)
-        selected = select_layers(model, [], trainable_only=True)
+        model = unwrap(check_model(model, "SENGPreconditioner"))
+        selected = select_layers(model, [])
         if not selected:
             raise ValueError("model has no Linear or Conv2d layer with trainable weights for SENG to precondition")
         positions = {name: index for index, (name, _) in enumerate(model.named_modules())}
@@ -151,7 +151,7 @@ class SENGPreconditioner:
         covered = {id(p) for layer in self._layers for p in layer.kind.module.parameters(recurse=False)}
         self._other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
         self._by_name = {layer.name: layer for layer in self._layers}
-        self._capture = LayerCapture(selected, self, root=model)
+        self._capture = LayerCapture(selected, self, root=model, batch_dim=self.options.batch_dim)
 
     @property
     def layer_names(self) -> list[str]:
@@ -176,7 +176,7 @@ class SENGPreconditioner:
         for layer in self._layers:
             d_a, d_g = layer.kind.factor_dims
             form = "sketched" if layer.sketched else "exact"
-            lines.append(f"{layer.name or '(model)'}: {layer.kind.label}, {d_g} × {d_a} per-sample gradients ({form})")
+            lines.append(f"{display_name(layer.name)}: {layer.kind.label}, {d_g} × {d_a} per-sample gradients ({form})")
         return "\n".join(
             lines + ([f"divided by (1 + λ): {len(self._other_params)} other parameters"] if self._other_params else [])
         )
@@ -206,9 +206,9 @@ class SENGPreconditioner:
         if self.grad_scaler is not None and self.grad_scaler.is_enabled():
             scale /= float(self.grad_scaler.get_scale())  # per-sample gradients of the unscaled loss
         with torch.no_grad(), torch.autocast(inputs.device.type, enabled=False), maybe_phase(self.timer, "statistics"):
-            grad_columns, input_columns = per_sample.per_sample_factors(
-                layer.kind, inputs.to(dtype), grad_output.to(dtype), scale
-            )
+            batch_dim = self.options.batch_dim
+            inputs, grad_output = (layer.kind.batch_first(t.to(dtype), batch_dim) for t in (inputs, grad_output))
+            grad_columns, input_columns = per_sample.per_sample_factors(layer.kind, inputs, grad_output, scale)
             if layer.sketched:
                 grad_columns, input_columns = per_sample.truncate(grad_columns, input_columns, self.options.sketch_rank)
                 layer.pieces.append(_Piece(call.group, grad_columns=grad_columns, input_columns=input_columns))
