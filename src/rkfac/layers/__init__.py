@@ -3,6 +3,7 @@ its data captured by the one set of hooks in :mod:`.capture`."""
 
 from rkfac.layers.base import LayerKind
 from rkfac.layers.capture import Call, CaptureSink, LayerCapture
+from rkfac.layers.conv1d import Conv1dKind
 from rkfac.layers.conv2d import Conv2dKind
 from rkfac.layers.linear import LinearKind
 from rkfac.layers.selection import KINDS, SUPPORTED_TEXT, SkipRule, is_supported, kind_for, select_layers
@@ -12,6 +13,7 @@ __all__ = [
     "SUPPORTED_TEXT",
     "Call",
     "CaptureSink",
+    "Conv1dKind",
     "Conv2dKind",
     "LayerCapture",
     "LayerKind",

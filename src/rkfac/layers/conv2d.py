@@ -22,6 +22,10 @@ class Conv2dKind(LayerKind):
     def accepts(cls, module: nn.Module) -> bool:
         return isinstance(module, nn.Conv2d) and module.groups == 1
 
+    def samples(self, inputs: Tensor, batch_dim: int) -> int:
+        """n: an unbatched input is (c_in, H, W), one sample."""
+        return 1 if inputs.dim() == 3 else inputs.shape[0]
+
     def _padded(self, inputs: Tensor) -> Tensor:
         """The batched input padded exactly as the layer pads it.
 

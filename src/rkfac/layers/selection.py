@@ -29,13 +29,14 @@ from collections.abc import Iterable
 from torch import nn
 
 from rkfac.layers.base import LayerKind
+from rkfac.layers.conv1d import Conv1dKind
 from rkfac.layers.conv2d import Conv2dKind
 from rkfac.layers.linear import LinearKind
 
 #: The layer types rkfac preconditions, in the order they are tried.
-KINDS: tuple[type[LayerKind], ...] = (LinearKind, Conv2dKind)
+KINDS: tuple[type[LayerKind], ...] = (LinearKind, Conv2dKind, Conv1dKind)
 
-SUPPORTED_TEXT = "nn.Linear or nn.Conv2d (groups=1)"
+SUPPORTED_TEXT = "nn.Linear or nn.Conv2d / nn.Conv1d (groups=1)"
 
 SkipRule = str | type[nn.Module]
 
@@ -155,7 +156,7 @@ def unsupported_layers(model: nn.Module, selected: dict[str, LayerKind], rules: 
             continue
         if any(p.requires_grad for p in module.parameters(recurse=False)):
             label = type(module).__name__
-            if isinstance(module, nn.Conv2d):
+            if isinstance(module, nn.modules.conv._ConvNd):
                 label += f" groups={module.groups}"
             if id(module) in functional:
                 label += ", applied by its parent through a functional call that hooks do not see"
