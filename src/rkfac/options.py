@@ -29,6 +29,7 @@ from rkfac.schema import option, validate
 
 FISHER_TYPES = ("empirical", "mc")
 LOSS_REDUCTIONS = ("mean", "sum")
+KFAC_APPROX = ("expand", "reduce")
 
 SkipRule = str | type[nn.Module]
 
@@ -56,6 +57,7 @@ class KFACOptions:
     skip: tuple[SkipRule, ...] = option((), "layers left alone: name patterns or module types", kind="any")
     seed: int = option(0, "seeds every sketch and sampled label", kind="int", low=-(2**63))
     batch_dim: int = option(0, "where the samples are in inputs with shared dims (1: sequence-first)", kind="int", low=0)
+    kfac_approx: str = option("expand", "shared rows (tokens, positions) as samples, or reduced per sample", choices=KFAC_APPROX)
     apply_dtype: torch.dtype | None = option(
         None, "dtype of the per-step solve's large products (None: the factors')", kind="any"
     )

@@ -126,7 +126,9 @@ class KFACPreconditioner:
                 UserWarning,
                 stacklevel=2,
             )
-        self._collector = StatisticsCollector(list(selected), self._is_factor_step, timer)
+        self._collector = StatisticsCollector(
+            list(selected), self._is_factor_step, timer, self.options.kfac_approx == "reduce", self.options.batch_dim
+        )
         for layer in self._layers:  # B-KFAC's online factors take the rows, not their Gram products
             self._collector.sums[layer.name].keep_rows = any(t.takes_columns for t in layer.trackers)
         self._collector.capture_output_grads = self.options.fisher == "empirical"

@@ -19,6 +19,17 @@ Counting the n samples once per call instead (as for micro-batches) would make S
 larger with a mean loss and T times smaller with a sum loss, so the two reductions would no
 longer agree.
 
+K-FAC-expand and K-FAC-reduce (Eschenhagen et al. 2023; option ``kfac_approx``). The above is
+"expand": every shared row (token, output position) is a sample of the Kronecker statistics.
+"reduce" first aggregates each call's rows over its shared positions, per sample:
+ā = mean_r a_r and ḡ = Σ_r g_r, so that a call contributes n rows, and then
+
+    S_A = Σ_samples ā āᵀ / n,    S_G = n Σ_samples ḡ ḡᵀ   (mean loss; Σ ḡ ḡᵀ / n for a sum),
+
+which is exact for a linear weight-sharing layer whose loss sees only the aggregate, and costs R×
+less in the Gram products. (These are curvlinops' ``kfac_approx`` names and scalings.) Several
+calls of one layer in a forward stay separate rows under both.
+
 Statistics are summed in float32 (float64 for a float64 layer), whatever the activation dtype,
 so autocast does not degrade them.
 """
@@ -156,8 +167,17 @@ class StatisticsCollector:
     are counted in ``uncaptured_grads`` (so that a forgotten ``sample_fisher`` can be told).
     """
 
-    def __init__(self, names: list[str], is_factor_step: Callable[[], bool], timer: PhaseTimer | None) -> None:
+    def __init__(
+        self,
+        names: list[str],
+        is_factor_step: Callable[[], bool],
+        timer: PhaseTimer | None,
+        reduce: bool = False,
+        batch_dim: int = 0,
+    ) -> None:
         self.sums = {name: StatisticSums() for name in names}
+        self.reduce = reduce  # K-FAC-reduce: aggregate each call's shared rows per sample first
+        self.batch_dim = batch_dim
         self.is_factor_step = is_factor_step
         self.timer = timer
         self.capture_output_grads = True
@@ -168,14 +188,23 @@ class StatisticsCollector:
 
     def on_input(self, name: str, layer: LayerKind, inputs: Tensor) -> PendingInputs:
         with torch.no_grad(), maybe_phase(self.timer, "statistics"):
-            return self.sums[name].pending(layer.input_rows(inputs).to(layer.statistics_dtype))
+            if not self.reduce:
+                return self.sums[name].pending(layer.input_rows(inputs).to(layer.statistics_dtype))
+            batched = layer.batch_first(inputs, self.batch_dim)
+            rows = layer.input_rows(batched).to(layer.statistics_dtype)
+            samples = layer.samples(inputs, self.batch_dim)
+            return self.sums[name].pending(rows.reshape(samples, -1, rows.shape[1]).mean(1))
 
     def on_output_grad(self, name: str, layer: LayerKind, grad: Tensor, call: Call) -> None:
         if not self.capture_output_grads:
             self.uncaptured_grads += 1
             return
         with torch.no_grad(), maybe_phase(self.timer, "statistics"):
-            rows = layer.output_grad_rows(grad).to(layer.statistics_dtype)
+            if self.reduce:
+                rows = layer.output_grad_rows(layer.batch_first(grad, self.batch_dim)).to(layer.statistics_dtype)
+                rows = rows.reshape(call.samples, -1, rows.shape[1]).sum(1)
+            else:
+                rows = layer.output_grad_rows(grad).to(layer.statistics_dtype)
             sums = self.sums[name]
             sums.commit(call.context)
             sums.add_output_grads(rows, call.samples, call.group)
