@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import math
 
-from rkfac.lowrank import Eigenpairs
+from rkfac.lowrank import FactorInverse
 
 DAMPING_MODES = ("relative", "pi")
 
 
-def factor_dampings(mode: str, damping: float, a_pairs: Eigenpairs, g_pairs: Eigenpairs) -> tuple[float, float]:
+def factor_dampings(mode: str, damping: float, a_pairs: FactorInverse, g_pairs: FactorInverse) -> tuple[float, float]:
     """(λ_A, λ_G) for damping δ = ``damping`` > 0."""
     if mode == "relative":
         return _relative(damping, a_pairs.top), _relative(damping, g_pairs.top)

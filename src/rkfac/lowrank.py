@@ -16,6 +16,7 @@ eigendecomposition is the case k = d of the same formula, so every method shares
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -36,6 +37,8 @@ class Eigenpairs:
     trace: float
     top: float
 
+    low_precision: ClassVar[bool] = True  # the solve's large products may run in bfloat16
+
     @property
     def dim(self) -> int:
         return self.vectors.shape[0]
@@ -50,6 +53,58 @@ class Eigenpairs:
     def dense(self) -> Tensor:
         """The d × d matrix the pairs represent (for tests and analysis, never on the hot path)."""
         return (self.vectors * self.values) @ self.vectors.T
+
+    def inverse_left(self, matrix: Tensor, damping: float) -> Tensor:
+        """``(X + λI)⁻¹ @ matrix``."""
+        return damped_inverse_left(self, damping, matrix)
+
+    def inverse_right(self, matrix: Tensor, damping: float) -> Tensor:
+        """``matrix @ (X + λI)⁻¹``."""
+        return damped_inverse_right(self, damping, matrix)
+
+
+@dataclass(frozen=True)
+class DiagonalFactor:
+    """A diagonal factor ``X = diag(values)`` (an embedding's A: token frequencies), never formed.
+
+    Its eigenpairs are the unit vectors, so it needs no decomposition; ``top`` and ``trace``
+    serve the damping modes as for :class:`Eigenpairs`, and the damped inverse is a scaling:
+    (X + λI)⁻¹ M scales row j of M by 1/(x_j + λ), O(d m) for a d × m matrix.
+    """
+
+    values: Tensor
+    trace: float
+    top: float
+
+    low_precision: ClassVar[bool] = False  # nothing large to round: the solve is a scaling
+
+    @classmethod
+    def of(cls, values: Tensor) -> DiagonalFactor:
+        return cls(values, float(values.sum()), float(values.max()) if values.numel() else 0.0)
+
+    @property
+    def dim(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def rank(self) -> int:
+        return self.values.shape[0]
+
+    def to(self, device: torch.device | str | None = None) -> DiagonalFactor:
+        return DiagonalFactor(self.values.to(device), self.trace, self.top)
+
+    def dense(self) -> Tensor:
+        return torch.diag(self.values)
+
+    def inverse_left(self, matrix: Tensor, damping: float) -> Tensor:
+        return matrix / (self.values + damping).unsqueeze(1)
+
+    def inverse_right(self, matrix: Tensor, damping: float) -> Tensor:
+        return matrix / (self.values + damping)
+
+
+#: What a factor's damped inverse is applied through.
+FactorInverse = Eigenpairs | DiagonalFactor
 
 
 def _inverse_correction(values: Tensor, damping: float) -> Tensor:
@@ -73,9 +128,9 @@ def damped_inverse_right(pairs: Eigenpairs, damping: float, matrix: Tensor) -> T
 
 def kronecker_solve(
     grad: Tensor,
-    g_pairs: Eigenpairs,
+    g_pairs: FactorInverse,
     g_damping: float,
-    a_pairs: Eigenpairs,
+    a_pairs: FactorInverse,
     a_damping: float,
     compute_dtype: torch.dtype | None = None,
 ) -> Tensor:
@@ -83,10 +138,13 @@ def kronecker_solve(
 
     Cost O(d_G d_A (k_G + k_A)); memory O(d_G d_A + d k) beyond the inputs. With a
     ``compute_dtype`` narrower than ``grad``'s (bfloat16), the four d_G × d_A × k products
-    run in it (see :func:`_kronecker_solve_low_precision`).
+    run in it (see :func:`_kronecker_solve_low_precision`). Either factor may be a
+    :class:`DiagonalFactor` (then the solve runs in the working dtype).
     """
     if compute_dtype is None or compute_dtype == grad.dtype:
-        return damped_inverse_right(a_pairs, a_damping, damped_inverse_left(g_pairs, g_damping, grad))
+        return a_pairs.inverse_right(g_pairs.inverse_left(grad, g_damping), a_damping)
+    if not (isinstance(g_pairs, Eigenpairs) and isinstance(a_pairs, Eigenpairs)):
+        raise ValueError("a low-precision Kronecker solve needs eigenpairs on both sides, not a diagonal factor")
     return _kronecker_solve_low_precision(grad, g_pairs, g_damping, a_pairs, a_damping, compute_dtype)
 
 

@@ -77,6 +77,16 @@ class Communicator:
             start += size
         return out
 
+    def average_flat(self, tensors: Sequence[Tensor]) -> list[Tensor]:
+        """The mean over ranks of each tensor (diagonal factors' statistics), in one all-reduce."""
+        if not self.active or not tensors:
+            return list(tensors)
+        flat = torch.cat([tensor.reshape(-1) for tensor in tensors])
+        dist.all_reduce(flat, group=self.group)
+        flat /= self.world_size
+        self.traffic.statistics_bytes += flat.numel() * flat.element_size()
+        return [part.view_as(tensor) for part, tensor in zip(flat.split([t.numel() for t in tensors]), tensors, strict=True)]
+
     def gather_rows(self, tensor: Tensor) -> Tensor:
         """Every rank's ``tensor`` concatenated along dim 0, in rank order (equal shapes).
 

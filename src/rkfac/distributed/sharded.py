@@ -28,11 +28,15 @@ def average_statistics(
     """Every statistic averaged over the ranks (see the module docstring); local without a group."""
     if not comm.active:
         return statistics
-    dense = [(name, i) for name, pair in statistics.items() for i, s in enumerate(pair) if not s.columns]
+    dense = [(name, i) for name, pair in statistics.items() for i, s in enumerate(pair) if not (s.columns or s.diagonal)]
+    diagonal = [(name, i) for name, pair in statistics.items() for i, s in enumerate(pair) if s.diagonal]
     averaged = iter(comm.average_symmetric([statistics[name][i].value for name, i in dense]))
+    averaged_diagonals = iter(comm.average_flat([statistics[name][i].value for name, i in diagonal]))
     updated = {name: list(pair) for name, pair in statistics.items()}
     for name, i in dense:
         updated[name][i] = Statistic(next(averaged))
+    for name, i in diagonal:
+        updated[name][i] = Statistic(next(averaged_diagonals))
     for pair in updated.values():
         for i, statistic in enumerate(pair):
             if statistic.columns:
@@ -58,7 +62,7 @@ def decompose_across_ranks(
     for job, tracker in enumerate(trackers):
         if owners[job] == comm.rank:
             pairs = decompose(job)
-            owned[job] = pairs if pairs is not None else tracker.pairs or _empty_pairs(tracker)
+            owned[job] = pairs if pairs is not None else tracker.eigenpairs or _empty_pairs(tracker)
     factor = trackers[0].factor
     assert factor is not None  # due() holds only for trackers with a dense factor
     shared = comm.share_eigenpairs(owned, owners, dims, factor.dtype, factor.device)

@@ -41,6 +41,7 @@ from rkfac.health import Health, decompose_with_retry
 from rkfac.kfac.guards import Fault, Faults, Guard
 from rkfac.kfac.state import STATE_VERSION, Factor, LayerState, LayerView, layers_state_dict, load_layers, view
 from rkfac.kfac.statistics import Statistic, StatisticsCollector
+from rkfac.kfac.trackers import DiagonalTracker
 from rkfac.layers import SUPPORTED_TEXT, LayerCapture
 from rkfac.layers.selection import (
     check_model,
@@ -52,7 +53,7 @@ from rkfac.layers.selection import (
     unsupported_layers,
     unwrap,
 )
-from rkfac.lowrank import Eigenpairs, kronecker_solve
+from rkfac.lowrank import Eigenpairs, FactorInverse, kronecker_solve
 from rkfac.mc_fisher import sampled_loss
 from rkfac.options import KFACOptions
 from rkfac.schedules import at_step_float, at_step_int
@@ -114,7 +115,15 @@ class KFACPreconditioner:
             )
         method = self.options.decomposition
         self._layers = [
-            LayerState(name, index, kind, (method.tracker(kind.online_updates), method.tracker(kind.online_updates)))
+            LayerState(
+                name,
+                index,
+                kind,
+                (
+                    DiagonalTracker(method) if kind.diagonal_input else method.tracker(kind.online_updates),
+                    method.tracker(kind.online_updates),
+                ),
+            )
             for index, (name, kind) in enumerate(selected.items())
         ]
         self.unsupported = unsupported_layers(model, selected, rules)
@@ -164,8 +173,9 @@ class KFACPreconditioner:
         dense = {layer.name: tuple(t.factor for t in layer.trackers) for layer in self._layers}
         return {name: (a, g) for name, (a, g) in dense.items() if a is not None and g is not None}
 
-    def eigenpairs(self) -> dict[str, tuple[Eigenpairs, Eigenpairs]]:
-        """The decompositions in use, ``{layer_name: (A pairs, G pairs)}``."""
+    def eigenpairs(self) -> dict[str, tuple[FactorInverse, FactorInverse]]:
+        """The decompositions in use, ``{layer_name: (A pairs, G pairs)}`` (an embedding's A is a
+        :class:`rkfac.lowrank.DiagonalFactor`)."""
         return {layer.name: pairs for layer in self._layers if (pairs := layer.pairs()) is not None}
 
     def ranks(self) -> dict[str, tuple[int, int]]:
@@ -273,7 +283,7 @@ class KFACPreconditioner:
             factor = tracker.factor
             assert factor is not None
             generator = functools.partial(keyed_generator, factor.device, seed, "sketch", layer.index, f.value, step)
-            pairs, retried = decompose_with_retry(tracker.method, factor, generator, step, tracker.pairs)
+            pairs, retried = decompose_with_retry(tracker.method, factor, generator, step, tracker.eigenpairs)
             self._guard.decomposition(retried, pairs is None, layer.name, f.name, step, tracker.pairs is not None)
             return pairs
 
@@ -296,7 +306,8 @@ class KFACPreconditioner:
             a_pairs, g_pairs = pairs
             grad = grad.to(a_pairs.values.dtype)
             a_damping, g_damping = factor_dampings(self.options.damping_mode, damping, a_pairs, g_pairs)
-            updated.append((layer, kronecker_solve(grad, g_pairs, g_damping, a_pairs, a_damping, self._apply_dtype_for(grad))))
+            dtype = self._solve_dtype(grad, pairs)
+            updated.append((layer, kronecker_solve(grad, g_pairs, g_damping, a_pairs, a_damping, dtype)))
             grads.append(grad)
         options = self.options
         lr = at_step_float(options.lr, step, "lr", low=0.0) if options.clip == "kl" else 0.0
@@ -309,6 +320,10 @@ class KFACPreconditioner:
         layers gain no time from it and lose the most accuracy (an output layer's G has a few
         dominant modes, where bfloat16's rounding is amplified most)."""
         return self.options.apply_dtype if min(grad.shape) >= LOW_PRECISION_MIN_DIM else None
+
+    def _solve_dtype(self, grad: Tensor, pairs: tuple[FactorInverse, FactorInverse]) -> torch.dtype | None:
+        """:meth:`_apply_dtype_for`, and None where a factor is diagonal (a scaling has no large product)."""
+        return self._apply_dtype_for(grad) if all(p.low_precision for p in pairs) else None
 
     def _loss_scale(self) -> float:
         """The GradScaler's scale in the user's backward (1 without one, or with the MC Fisher)."""

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from rkfac.kfac.trackers import FactorTracker
 from rkfac.layers import LayerKind
-from rkfac.lowrank import Eigenpairs
+from rkfac.lowrank import FactorInverse
 
 STATE_VERSION = 2
 
@@ -44,7 +44,7 @@ class LayerState:
     kind: LayerKind
     trackers: tuple[FactorTracker, FactorTracker]  # (A, G)
 
-    def pairs(self) -> tuple[Eigenpairs, Eigenpairs] | None:
+    def pairs(self) -> tuple[FactorInverse, FactorInverse] | None:
         """(A pairs, G pairs) when both factors have a decomposition, else None."""
         a, g = self.trackers[0].pairs, self.trackers[1].pairs
         return None if a is None or g is None else (a, g)
@@ -56,7 +56,7 @@ class FactorView:
 
     dim: int
     factor: Tensor | None  # the dense average; None before the first statistic or when not kept (B-KFAC)
-    pairs: Eigenpairs | None  # the decomposition in use
+    pairs: FactorInverse | None  # the decomposition in use (a DiagonalFactor for a diagonal factor)
     online: bool  # updated by Brand's update rather than decomposed
 
 
@@ -95,9 +95,11 @@ def load_layers(layers: list[LayerState], state: dict[str, Any]) -> None:
         for f, dim in zip(Factor, layer.kind.factor_dims, strict=True):
             saved = saved_layers[layer.name][f.name]
             factor = saved.get("factor")
-            if factor is not None and factor.shape != (dim, dim):
-                raise ValueError(f"factor {f.name} of layer {layer.name!r} has shape {tuple(factor.shape)}, expected {dim}²")
-            layer.trackers[f.value].load_state_dict(saved, device)
+            tracker = layer.trackers[f.value]
+            expected = tracker.factor_shape(dim)
+            if factor is not None and tuple(factor.shape) != expected:
+                raise ValueError(f"factor {f.name} of layer {layer.name!r} has shape {tuple(factor.shape)}, expected {expected}")
+            tracker.load_state_dict(saved, device)
 
 
 def saved_factors(state: dict[str, Any]) -> dict[str, tuple[Tensor, Tensor]]:

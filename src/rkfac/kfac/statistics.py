@@ -58,11 +58,15 @@ class PendingInputs:
 
 @dataclass(frozen=True)
 class Statistic:
-    """One factor's batch statistic: S itself (d × d), or its columns C (d × N, S = C Cᵀ) for
-    a factor that B-KFAC updates online."""
+    """One factor's batch statistic: S itself (d × d; its diagonal (d,) for a diagonal factor),
+    or its columns C (d × N, S = C Cᵀ) for a factor that B-KFAC updates online."""
 
     value: Tensor
     columns: bool = False
+
+    @property
+    def diagonal(self) -> bool:
+        return self.value.dim() == 1
 
 
 def _gram(rows: Tensor) -> Tensor:
@@ -188,6 +192,9 @@ class StatisticsCollector:
 
     def on_input(self, name: str, layer: LayerKind, inputs: Tensor) -> PendingInputs:
         with torch.no_grad(), maybe_phase(self.timer, "statistics"):
+            if layer.diagonal_input:  # an embedding: Σ e eᵀ is diagonal, kept as token counts
+                counts, count = layer.input_diagonal(inputs, layer.statistics_dtype)
+                return PendingInputs(counts, None, count)
             if not self.reduce:
                 return self.sums[name].pending(layer.input_rows(inputs).to(layer.statistics_dtype))
             batched = layer.batch_first(inputs, self.batch_dim)
@@ -200,7 +207,7 @@ class StatisticsCollector:
             self.uncaptured_grads += 1
             return
         with torch.no_grad(), maybe_phase(self.timer, "statistics"):
-            if self.reduce:
+            if self.reduce and not layer.diagonal_input:
                 rows = layer.output_grad_rows(layer.batch_first(grad, self.batch_dim)).to(layer.statistics_dtype)
                 rows = rows.reshape(call.samples, -1, rows.shape[1]).sum(1)
             else:

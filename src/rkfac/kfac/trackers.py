@@ -12,6 +12,8 @@ decomposition due; here is the new one) and never which kind it has:
   dense average is kept too only by the B-R (``refresh_every``) and B-KFAC-c
   (``reproject_every``) variants, to correct against. A factor that is not narrower behaves
   exactly like a :class:`DenseTracker` on the fallback decomposition.
+- :class:`DiagonalTracker`: a diagonal factor (an embedding's A) kept as a vector; it needs no
+  decomposition, its damped inverse is a scaling (:class:`rkfac.lowrank.DiagonalFactor`).
 
 Trackers are made by the decomposition (:meth:`rkfac.Decomposition.tracker`), so a new online
 method is one new tracker class.
@@ -29,7 +31,7 @@ from torch import Tensor
 from rkfac.brand import brand_update, reproject_subset
 from rkfac.decompositions import BrandUpdate, Decomposition
 from rkfac.kfac.statistics import Statistic
-from rkfac.lowrank import Eigenpairs
+from rkfac.lowrank import DiagonalFactor, Eigenpairs, FactorInverse
 
 
 class FactorTracker(ABC):
@@ -39,7 +41,15 @@ class FactorTracker(ABC):
     def __init__(self, method: Decomposition) -> None:
         self.method = method  # the decomposition applied to the dense factor
         self.factor: Tensor | None = None
-        self.pairs: Eigenpairs | None = None
+        self.pairs: FactorInverse | None = None
+
+    @property
+    def eigenpairs(self) -> Eigenpairs | None:
+        """``pairs`` of a tracker that decomposes (every one but :class:`DiagonalTracker`)."""
+        pairs = self.pairs
+        if isinstance(pairs, DiagonalFactor):
+            raise TypeError(f"{type(self).__name__} holds a diagonal factor, not eigenpairs")
+        return pairs
 
     #: Whether this tracker wants its statistic as columns C (S = C Cᵀ) rather than S.
     takes_columns = False
@@ -66,6 +76,10 @@ class FactorTracker(ABC):
 
         ``generator(device)`` makes the step's keyed generator when randomness is needed."""
 
+    def factor_shape(self, dim: int) -> tuple[int, ...]:
+        """The shape of ``factor`` for a factor of width ``dim``."""
+        return (dim, dim)
+
     def _average(self, statistic: Tensor, decay: float) -> None:
         if self.factor is None:
             self.factor = statistic
@@ -73,7 +87,7 @@ class FactorTracker(ABC):
             self.factor.mul_(decay).add_(statistic, alpha=1.0 - decay)
 
     def state_dict(self) -> dict[str, Any]:
-        pairs = self.pairs
+        pairs = self.eigenpairs  # DiagonalTracker saves its own
         return {
             "factor": self.factor,
             "pairs": None
@@ -92,6 +106,32 @@ class FactorTracker(ABC):
             if pairs is None
             else Eigenpairs(pairs["vectors"].to(device), pairs["values"].to(device), float(pairs["trace"]), float(pairs["top"]))
         )
+
+
+class DiagonalTracker(FactorTracker):
+    """A diagonal factor: the exponential average of diagonal statistics, used as it is."""
+
+    def __init__(self, method: Decomposition) -> None:
+        super().__init__(method)  # kept for the cost model only: nothing is ever decomposed
+
+    def factor_shape(self, dim: int) -> tuple[int, ...]:
+        return (dim,)
+
+    def update(self, statistic: Statistic, decay: float) -> None:
+        self._average(statistic.value, decay)
+        assert self.factor is not None
+        self.pairs = DiagonalFactor.of(self.factor.clone())
+
+    def due(self, step: int, scheduled: bool) -> bool:
+        return False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"factor": self.factor, "pairs": None, "online": False}
+
+    def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
+        factor = state.get("factor")
+        self.factor = None if factor is None else factor.to(device, copy=True)
+        self.pairs = None if self.factor is None else DiagonalFactor.of(self.factor.clone())
 
 
 class DenseTracker(FactorTracker):
@@ -127,7 +167,7 @@ class BrandTracker(FactorTracker):
         if not statistic.columns:
             self._average(statistic.value, decay)
             return
-        self.pairs = brand_update(self.pairs, statistic.value, decay, self.brand.rank)
+        self.pairs = brand_update(self.eigenpairs, statistic.value, decay, self.brand.rank)
         if self.brand.keeps_factor:
             self._average(statistic.value @ statistic.value.T, decay)
 
@@ -141,8 +181,9 @@ class BrandTracker(FactorTracker):
         every = self.brand.reproject_every
         if not (self.online and every is not None and step > 0 and step % every == 0):
             return
-        if self.factor is not None and self.pairs is not None:
-            self.pairs = reproject_subset(self.pairs, self.factor, self.brand.reproject_count, generator(self.factor.device))
+        pairs = self.eigenpairs
+        if self.factor is not None and pairs is not None:
+            self.pairs = reproject_subset(pairs, self.factor, self.brand.reproject_count, generator(self.factor.device))
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "online": self._online}  # None: not decided yet

@@ -5,6 +5,7 @@ from rkfac.layers.base import LayerKind
 from rkfac.layers.capture import Call, CaptureSink, LayerCapture
 from rkfac.layers.conv1d import Conv1dKind
 from rkfac.layers.conv2d import Conv2dKind
+from rkfac.layers.embedding import EmbeddingKind
 from rkfac.layers.linear import LinearKind
 from rkfac.layers.selection import KINDS, SUPPORTED_TEXT, SkipRule, is_supported, kind_for, select_layers
 
@@ -15,6 +16,7 @@ __all__ = [
     "CaptureSink",
     "Conv1dKind",
     "Conv2dKind",
+    "EmbeddingKind",
     "LayerCapture",
     "LayerKind",
     "LinearKind",

@@ -39,6 +39,11 @@ class LayerKind(ABC):
     #: Whether a batch statistic has at most one column per batch row (no shared positions in
     #: the usual case), so that B-KFAC may fold it in online (Linear: yes; convolutions: no).
     online_updates: ClassVar[bool] = False
+    #: Whether the A factor is diagonal (one-hot input rows, an embedding): statistics come from
+    #: :meth:`input_diagonal` and A is kept as a vector.
+    diagonal_input: ClassVar[bool] = False
+    #: Whether per-sample gradients (SENG's columns) are available at a reasonable size.
+    per_sample: ClassVar[bool] = True
 
     def __init__(self, module: nn.Module) -> None:
         if not self.accepts(module):
@@ -56,7 +61,7 @@ class LayerKind(ABC):
 
     @property
     def bias(self) -> nn.Parameter | None:
-        return self.module.bias  # type: ignore[return-value]
+        return getattr(self.module, "bias", None)  # an embedding has none
 
     @property
     def has_bias(self) -> bool:
@@ -90,6 +95,10 @@ class LayerKind(ABC):
     def samples(self, inputs: Tensor, batch_dim: int) -> int:
         """n of one call: the size of the sample dimension (see :meth:`batch_first`)."""
         return self.sample_count(self.batch_first(inputs, batch_dim))
+
+    def input_diagonal(self, inputs: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
+        """(diagonal of Σ_rows a aᵀ, the number of rows N), for kinds with ``diagonal_input``."""
+        raise NotImplementedError(f"{type(self).__name__} has dense input rows")
 
     @abstractmethod
     def input_rows(self, inputs: Tensor) -> Tensor:

@@ -31,12 +31,13 @@ from torch import nn
 from rkfac.layers.base import LayerKind
 from rkfac.layers.conv1d import Conv1dKind
 from rkfac.layers.conv2d import Conv2dKind
+from rkfac.layers.embedding import EmbeddingKind
 from rkfac.layers.linear import LinearKind
 
 #: The layer types rkfac preconditions, in the order they are tried.
-KINDS: tuple[type[LayerKind], ...] = (LinearKind, Conv2dKind, Conv1dKind)
+KINDS: tuple[type[LayerKind], ...] = (LinearKind, Conv2dKind, Conv1dKind, EmbeddingKind)
 
-SUPPORTED_TEXT = "nn.Linear or nn.Conv2d / nn.Conv1d (groups=1)"
+SUPPORTED_TEXT = "nn.Linear or nn.Conv2d / nn.Conv1d (groups=1), nn.Embedding"
 
 SkipRule = str | type[nn.Module]
 
@@ -158,6 +159,8 @@ def unsupported_layers(model: nn.Module, selected: dict[str, LayerKind], rules: 
             label = type(module).__name__
             if isinstance(module, nn.modules.conv._ConvNd):
                 label += f" groups={module.groups}"
+            if isinstance(module, nn.Embedding) and module.sparse:
+                label += " sparse=True (its gradient is a sparse tensor; use sparse=False)"
             if id(module) in functional:
                 label += ", applied by its parent through a functional call that hooks do not see"
             elif kind_for(module) is not None:

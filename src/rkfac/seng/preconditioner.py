@@ -139,7 +139,7 @@ class SENGPreconditioner:
         self._built: list[_SENGLayer] = []
         self._comm = Communicator(process_group)
         model = unwrap(check_model(model, "SENGPreconditioner"))
-        selected = select_layers(model, [])
+        selected = {name: kind for name, kind in select_layers(model, []).items() if kind.per_sample}
         if not selected:
             raise ValueError("model has no Linear or Conv2d layer with trainable weights for SENG to precondition")
         positions = {name: index for index, (name, _) in enumerate(model.named_modules())}

@@ -1,0 +1,75 @@
+"""``nn.Embedding``: A is diagonal (token frequencies), G dense (spec section 7).
+
+In the matrix convention of :mod:`rkfac.layers.base` the layer computes out = W_matᵀ-free
+``W_mat @ onehot(index)`` with W_mat = ``weight.T`` (d_G = embedding_dim, d_A = num_embeddings):
+each looked-up token is one row, and its input row is the one-hot vector e_index. So
+
+    S_A = Σ_rows e e ᵀ / N = diag(count_j / N),      S_G = n Σ_rows g gᵀ   (mean loss),
+
+and A is kept and applied as a vector (:class:`rkfac.lowrank.DiagonalFactor`): the solve
+(G + λ_G I)⁻¹ ∇W (A + λ_A I)⁻¹ scales column j of ∇W by 1/(count_j/N + λ_A), O(vocab · d) per
+step, never vocab². Tokens are positions shared by a sample's rows (K-FAC-expand); A stays
+diagonal under K-FAC-reduce too, so embeddings always use expand. ``padding_idx`` needs nothing:
+its gradient column is zero, so its direction column stays zero. ``sparse=True`` embeddings are
+not accepted (their gradient is a sparse tensor; they are named as unsupported), and SENG leaves
+embeddings to its plain g / (1 + λ) step (a per-sample gradient is d × vocab).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from rkfac.layers.base import LayerKind
+
+
+class EmbeddingKind(LayerKind):
+    label = "Embedding"
+    diagonal_input = True
+    per_sample = False
+    module: nn.Embedding
+
+    @classmethod
+    def accepts(cls, module: nn.Module) -> bool:
+        return isinstance(module, nn.Embedding) and not module.sparse
+
+    @property
+    def factor_dims(self) -> tuple[int, int]:
+        return self.module.num_embeddings, self.module.embedding_dim
+
+    def batch_first(self, tensor: Tensor, batch_dim: int) -> Tensor:
+        """Indices (n, T, ...) or output gradients (n, T, ..., d) with the samples moved first."""
+        token_dims = tensor.dim() - int(tensor.is_floating_point())  # gradients carry a feature dim
+        return tensor.movedim(batch_dim, 0) if batch_dim and token_dims > 1 else tensor
+
+    def samples(self, inputs: Tensor, batch_dim: int) -> int:
+        """n: the first index dimension; a 1-D index tensor is n samples of one token each."""
+        return self.batch_first(inputs, batch_dim).shape[0] if inputs.dim() else 1
+
+    def input_diagonal(self, inputs: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
+        """(Σ_rows e eᵀ as its diagonal, the number of rows N): token counts."""
+        flat = inputs.reshape(-1)
+        return torch.bincount(flat, minlength=self.module.num_embeddings).to(dtype), flat.numel()
+
+    def input_rows(self, inputs: Tensor) -> Tensor:
+        raise NotImplementedError("an embedding's input rows are one-hot: use input_diagonal")
+
+    def output_grad_rows(self, grad_output: Tensor) -> Tensor:
+        return grad_output.reshape(-1, grad_output.shape[-1])
+
+    def input_columns(self, inputs: Tensor) -> Tensor:
+        raise NotImplementedError("per-sample embedding gradients are d × vocab: SENG does not precondition embeddings")
+
+    def output_grad_columns(self, grad_output: Tensor) -> Tensor:
+        raise NotImplementedError("per-sample embedding gradients are d × vocab: SENG does not precondition embeddings")
+
+    def grad_matrix(self) -> Tensor | None:
+        """∇W_mat = ``weight.grad.T`` (embedding_dim × num_embeddings), a view."""
+        grad = self.weight.grad
+        return None if grad is None else grad.T
+
+    def set_grad_matrix(self, matrix: Tensor) -> None:
+        grad = self.weight.grad
+        if grad is None:
+            raise RuntimeError("set_grad_matrix needs the weight's gradient (grad_matrix returned None)")
+        grad.copy_(matrix.T)
