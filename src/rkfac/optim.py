@@ -14,6 +14,14 @@ callable of the (0-based) step, e.g. SENG's reference
 ``lr=lambda step: 0.05 * (1 - step / (75 * steps_per_epoch)) ** 6``, which is then written into
 the param group at every step. Every option is keyword-only; the preconditioner is
 ``opt.preconditioner`` (a :class:`rkfac.protocol.Preconditioner`).
+
+Every parameter that requires grad is in exactly one group, which :meth:`PreconditionedSGD.groups`
+lists by name and :meth:`PreconditionedSGD.describe` prints: the preconditioned layers' parameters,
+stepped by the SGD above; the others, stepped by the same SGD on their plain gradient (today's
+default, the papers' choice) or, with ``fallback=torch.optim.AdamW`` (any optimizer class, or a
+callable of the parameter list such as ``functools.partial(torch.optim.AdamW, lr=3e-4)``), by that
+optimizer on their plain gradient. (``fallback`` is K-FAC's: SENG's method damps every other
+gradient by 1/(1 + λ) itself.)
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ class PreconditionedSGD(torch.optim.Optimizer):
 
     method_options: ClassVar[type[Any]]
     update_defaults: ClassVar[dict[str, Any]] = {}
+    accepts_fallback: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -53,15 +62,47 @@ class PreconditionedSGD(torch.optim.Optimizer):
         grad_scaler: torch.amp.GradScaler | None = None,
         process_group: torch.distributed.ProcessGroup | None = None,
         timer: PhaseTimer | None = None,
+        fallback: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
         **options: Any,
     ) -> None:
         check_model(model, f"rkfac.{type(self).__name__}")
+        if fallback is not None and not self.accepts_fallback:
+            raise ValueError(f"rkfac.{type(self).__name__} takes no fallback: its method damps every other gradient itself")
         update_given, method_given = split_options(options, UpdateOptions, self.method_options)
         self.update = UpdateOptions(**{**self.update_defaults, **update_given})
-        params = [p for p in model.parameters() if p.requires_grad]
-        super().__init__(params, {name: self._value(name, 0) for name in _SCHEDULED})
         objects = {"grad_scaler": grad_scaler, "process_group": process_group, "timer": timer}
         self.preconditioner: Preconditioner = self._preconditioner(model, method_given, objects)
+        named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        covered = {id(p) for p in self.preconditioner.parameters()}
+        self._names = {id(p): name for name, p in named}
+        others = [p for _, p in named if id(p) not in covered]
+        params = [p for _, p in named if fallback is None or id(p) in covered]
+        super().__init__(params, {name: self._value(name, 0) for name in _SCHEDULED})
+        self.fallback = fallback(others) if fallback is not None and others else None
+        self._covered = covered
+
+    def groups(self) -> dict[str, list[str]]:
+        """Every trainable parameter by name, in exactly one group: ``"preconditioned"``, ``"plain
+        SGD"`` (no preconditioner block, same SGD step) or ``"fallback <Optimizer>"``."""
+        found: dict[str, list[str]] = {}
+        for p in self.param_groups[0]["params"]:
+            found.setdefault("preconditioned" if id(p) in self._covered else "plain SGD", []).append(self._names[id(p)])
+        if self.fallback is not None:
+            found[f"fallback {type(self.fallback).__name__}"] = [
+                self._names[id(p)] for group in self.fallback.param_groups for p in group["params"]
+            ]
+        return found
+
+    def describe(self) -> str:
+        """The preconditioner's layers, then every parameter group (see :meth:`groups`)."""
+        lines = [self.preconditioner.describe()]
+        lines += [f"{group}: {', '.join(names)}" for group, names in self.groups().items()]
+        return "\n".join(lines)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        if self.fallback is not None:
+            self.fallback.zero_grad(set_to_none)
 
     def _preconditioner(self, model: nn.Module, options: dict[str, Any], objects: dict[str, Any]) -> Preconditioner:
         """The method's preconditioner on ``model`` with its ``options`` and the ``objects``
@@ -89,11 +130,15 @@ class PreconditionedSGD(torch.optim.Optimizer):
         decay_on = step >= self.update.weight_decay_start
         self.preconditioner.step()
         sgd_update(self.param_groups, self.state, decay_on)
+        if self.fallback is not None:
+            self.fallback.step()
         return loss
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["preconditioner"] = self.preconditioner.state_dict()
+        if self.fallback is not None:
+            state["fallback"] = self.fallback.state_dict()
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -101,8 +146,13 @@ class PreconditionedSGD(torch.optim.Optimizer):
         preconditioner_state = state_dict.pop("preconditioner", None)
         if preconditioner_state is None:
             raise ValueError(f"state_dict has no 'preconditioner' entry: it was not saved by rkfac.{type(self).__name__}")
+        fallback_state = state_dict.pop("fallback", None)
+        if (fallback_state is None) != (self.fallback is None):
+            raise ValueError("state_dict and optimizer disagree on a fallback optimizer: build both with the same fallback=")
         super().load_state_dict(state_dict)
         self.preconditioner.load_state_dict(preconditioner_state)
+        if self.fallback is not None:
+            self.fallback.load_state_dict(fallback_state)
 
 
 class KFAC(PreconditionedSGD):
@@ -126,6 +176,7 @@ class SENG(PreconditionedSGD):
 
     method_options = SENGOptions
     update_defaults: ClassVar[dict[str, Any]] = {"momentum": 0.9, "weight_decay": 1e-2}
+    accepts_fallback = False
 
     def _preconditioner(self, model: nn.Module, options: dict[str, Any], objects: dict[str, Any]) -> Preconditioner:
         return SENGPreconditioner(model, **objects, **options)

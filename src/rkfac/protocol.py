@@ -45,6 +45,10 @@ class Preconditioner(Protocol):
         """Precondition the current gradients in place."""
         ...
 
+    def parameters(self) -> list[Tensor]:
+        """The parameters whose gradients it preconditions (the layers' weights and biases)."""
+        ...
+
     def sample_fisher(self, outputs: Tensor) -> None:
         """Capture curvature from labels sampled from ``outputs`` (K-FAC with fisher="mc"; SENG refuses it)."""
         ...

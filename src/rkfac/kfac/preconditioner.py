@@ -167,6 +167,10 @@ class KFACPreconditioner:
         """A snapshot of the counts of skipped statistics, gradients and decompositions."""
         return Health(**self._guard.health.as_dict())
 
+    def parameters(self) -> list[Tensor]:
+        """The trainable weights and biases of the preconditioned layers."""
+        return [p for layer in self._layers for p in (layer.kind.weight, layer.kind.bias) if p is not None and p.requires_grad]
+
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """The averaged factors, ``{layer_name: (A, G)}``, of layers that keep both (B-KFAC's
         online factors keep none; see :meth:`eigenpairs`)."""

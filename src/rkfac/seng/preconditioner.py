@@ -162,6 +162,10 @@ class SENGPreconditioner:
         """Bytes this rank has put into collectives (zero in a single process)."""
         return self._comm.traffic
 
+    def parameters(self) -> list[Tensor]:
+        """The trainable parameters of the layers it keeps per-sample gradients of."""
+        return [p for layer in self._layers for p in layer.kind.module.parameters(recurse=False) if p.requires_grad]
+
     @property
     def health(self) -> Health:
         """SENG skips nothing (a non-finite gradient flows through to the caller): all counts 0."""
