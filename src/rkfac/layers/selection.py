@@ -120,8 +120,15 @@ def check_model(model: object, owner: str) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel, so that layer names match the unwrapped model."""
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    """The model inside DistributedDataParallel and/or ``torch.compile`` (its ``_orig_mod``), so that
+    layer names, and so state dicts, are those of the plain model whichever wrappers it has."""
+    while True:
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch._dynamo's OptimizedModule
+            model = model._orig_mod  # type: ignore[assignment]
+        else:
+            return model
 
 
 def select_layers(model: nn.Module, rules: list[SkipRule]) -> dict[str, LayerKind]:
