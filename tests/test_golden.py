@@ -7,15 +7,12 @@ different order (the test says which check ran).
 
 from __future__ import annotations
 
-import sys
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import golden
+from tests import golden
 
 RECORDED = golden.load()
 SAME_MACHINE = RECORDED["fingerprint"] == golden.fingerprint()

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 import rkfac
 from rkfac.layers import kind_for
+from tests.oracles import with_ones
 
 DTYPE = torch.float64
 
@@ -34,10 +35,6 @@ def per_sample_output_grads(model: nn.Module, layer: nn.Module, per_sample_loss,
         handle.remove()
         grads.append(torch.autograd.grad(loss, captured["out"])[0][0])
     return torch.stack(grads)
-
-
-def with_ones(rows: Tensor) -> Tensor:
-    return torch.cat([rows, torch.ones(rows.shape[0], 1, dtype=rows.dtype)], dim=1)
 
 
 @pytest.mark.parametrize("bias", [True, False])

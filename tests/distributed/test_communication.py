@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from rkfac.distributed.communicator import Communicator, pack_upper, unpack_upper
 from rkfac.lowrank import Eigenpairs
+from tests.gloo import run_ranks
 
 
 def symmetric(dim: int, seed: int) -> torch.Tensor:
@@ -40,24 +39,18 @@ def test_without_a_process_group_everything_is_local():
     assert comm.traffic.statistics_bytes == comm.traffic.decomposition_bytes == 0
 
 
-def _worker(rank: int, world_size: int, store: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
-    try:
-        comm = Communicator()
-        averaged = comm.average_symmetric([symmetric(4, 10 + rank), symmetric(2, 20 + rank)])
-        owners = [0, 1, 1]
-        dims = [6, 5, 4]
-        owned = {job: pair(dims[job], 2 + job, seed=job) for job, owner in enumerate(owners) if owner == rank}
-        shared = comm.share_eigenpairs(owned, owners, dims, torch.float32, torch.device("cpu"))
-        result = {"averaged": averaged, "shared": shared, "traffic": comm.traffic, "world": comm.world_size}
-        torch.save(result, f"{out}/{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world_size: int) -> dict:
+    comm = Communicator()
+    averaged = comm.average_symmetric([symmetric(4, 10 + rank), symmetric(2, 20 + rank)])
+    owners = [0, 1, 1]
+    dims = [6, 5, 4]
+    owned = {job: pair(dims[job], 2 + job, seed=job) for job, owner in enumerate(owners) if owner == rank}
+    shared = comm.share_eigenpairs(owned, owners, dims, torch.float32, torch.device("cpu"))
+    return {"averaged": averaged, "shared": shared, "traffic": comm.traffic, "world": comm.world_size}
 
 
 def test_two_ranks_average_statistics_and_share_pairs(tmp_path: Path):
-    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2)
-    results = [torch.load(tmp_path / f"{rank}.pt", weights_only=False) for rank in range(2)]
+    results = run_ranks(_worker, 2, tmp_path)
     for result in results:
         assert result["world"] == 2
         torch.testing.assert_close(result["averaged"][0], (symmetric(4, 10) + symmetric(4, 11)) / 2)
@@ -72,17 +65,12 @@ def test_two_ranks_average_statistics_and_share_pairs(tmp_path: Path):
         assert result["traffic"].decomposition_bytes == 4 * ((6 * 2 + 4) + (5 * 3 + 5) + (4 * 4 + 6)) + 8 * 3
 
 
-def _single_worker(rank: int, store: str, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=1)
-    try:
-        comm = Communicator()
-        matrices = [symmetric(3, 1)]
-        torch.save({"active": comm.active, "same": comm.average_symmetric(matrices)[0] is matrices[0]}, f"{out}/single.pt")
-    finally:
-        dist.destroy_process_group()
+def _single_worker(rank: int, world_size: int) -> dict:
+    comm = Communicator()
+    matrices = [symmetric(3, 1)]
+    return {"active": comm.active, "same": comm.average_symmetric(matrices)[0] is matrices[0]}
 
 
 def test_a_process_group_of_size_one_is_local(tmp_path: Path):
-    mp.spawn(_single_worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=1)
-    result = torch.load(tmp_path / "single.pt", weights_only=False)
+    (result,) = run_ranks(_single_worker, 1, tmp_path)
     assert result == {"active": False, "same": True}

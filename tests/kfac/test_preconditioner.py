@@ -11,46 +11,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import rkfac
+from tests.oracles import batch, dense_kfac_direction, grad_matrices, mlp, with_ones
 
 DTYPE = torch.float64
-
-
-def mlp(seed: int = 0, dtype: torch.dtype = DTYPE, inplace: bool = False) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(
-        nn.Linear(6, 12), nn.ReLU(inplace=inplace), nn.Linear(12, 12), nn.ReLU(inplace=inplace), nn.Linear(12, 4)
-    ).to(dtype)
-
-
-def batch(seed: int, n: int = 16, dtype: torch.dtype = DTYPE) -> tuple[Tensor, Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=generator, dtype=dtype), torch.randint(0, 4, (n,), generator=generator)
 
 
 def backward(model: nn.Module, seed: int) -> None:
     x, y = batch(seed, dtype=next(model.parameters()).dtype)
     model.zero_grad()
     F.cross_entropy(model(x), y).backward()
-
-
-def grad_matrices(model: nn.Module) -> dict[str, Tensor]:
-    return {
-        name: torch.cat([m.weight.grad, m.bias.grad[:, None]], dim=1)
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear)
-    }
-
-
-def dense_direction(a: Tensor, g: Tensor, grad: Tensor, damping: float, mode: str) -> Tensor:
-    """(G + λ_G I)⁻¹ ∇W (A + λ_A I)⁻¹ by dense float64 solves."""
-    a, g, grad = a.double(), g.double(), grad.double()
-    if mode == "relative":
-        lam_a, lam_g = damping * float(torch.linalg.eigvalsh(a)[-1]), damping * float(torch.linalg.eigvalsh(g)[-1])
-    else:
-        pi = math.sqrt((float(a.trace()) / a.shape[0]) / (float(g.trace()) / g.shape[0]))
-        lam_a, lam_g = pi * math.sqrt(damping), math.sqrt(damping) / pi
-    left = torch.linalg.solve(g + lam_g * torch.eye(g.shape[0], dtype=DTYPE), grad)
-    return torch.linalg.solve(a + lam_a * torch.eye(a.shape[0], dtype=DTYPE), left.T).T
 
 
 DECOMPOSITIONS = [
@@ -75,7 +44,7 @@ def test_direction_equals_dense_solve_from_factors(mode: str, decomposition: rkf
     factors = pre.factors()
     for name, grad in grads.items():
         a, g = factors[name]
-        expected = dense_direction(a, g, grad, 0.05, mode)
+        expected = dense_kfac_direction(a, g, grad, 0.05, mode)
         torch.testing.assert_close(grad_matrices(model)[name], expected)
 
 
@@ -141,7 +110,7 @@ def test_exponential_average_and_update_schedule() -> None:
 
 def _first_layer_statistics(seed: int) -> Tensor:
     x, _ = batch(seed)
-    rows = torch.cat([x, torch.ones(len(x), 1, dtype=DTYPE)], dim=1)
+    rows = with_ones(x)
     return rows.T @ rows / len(rows)
 
 

@@ -8,43 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, vmap
 
 import rkfac
 from rkfac.layers import kind_for
 from rkfac.seng import per_sample
-
-
-def per_sample_grad_matrices(model: nn.Module, layer: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """(n, d_G, d_A): ∇ of each sample's own cross-entropy w.r.t. the layer's [W | b], by torch.func."""
-    params = {name: p.detach() for name, p in model.named_parameters()}
-    prefix = next(name for name, module in model.named_modules() if module is layer)
-
-    def loss_of_one(p: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        logits = functional_call(model, p, (xi.unsqueeze(0),))
-        return F.cross_entropy(logits, yi.unsqueeze(0))
-
-    was_training = model.training
-    model.eval()  # keeps the preconditioner's hooks out of the vmapped forward (no layer here depends on the mode)
-    grads = vmap(grad(loss_of_one), in_dims=(None, 0, 0))(params, x, y)
-    model.train(was_training)
-    weight = grads[f"{prefix}.weight"].flatten(2)
-    bias = grads.get(f"{prefix}.bias")
-    return weight if bias is None else torch.cat([weight, bias.unsqueeze(2)], dim=2)
-
-
-def grad_matrix(layer: nn.Module) -> torch.Tensor:
-    """[∇W | ∇b] of a Linear or Conv2d layer."""
-    matrix = kind_for(layer).grad_matrix()
-    assert matrix is not None
-    return matrix
-
-
-def dense_direction(u_rows: torch.Tensor, g: torch.Tensor, damping: float) -> torch.Tensor:
-    """(UᵀU + λI)⁻¹ vec(g), U = rows/√n, solved densely in float64."""
-    u = u_rows.double() / u_rows.shape[0] ** 0.5
-    fisher = u.T @ u + damping * torch.eye(u.shape[1], dtype=torch.float64)
-    return torch.linalg.solve(fisher, g.double().reshape(-1)).reshape(g.shape)
+from tests.oracles import backward, dense_seng_direction, grad_matrix, per_sample_grad_matrices
 
 
 def conv_model() -> nn.Module:
@@ -66,11 +34,6 @@ def batch(model: nn.Module, n: int, seed: int) -> tuple[torch.Tensor, torch.Tens
     is_conv = isinstance(model[0], nn.Conv2d)  # type: ignore[index]
     shape = (n, 2, 5, 5) if is_conv else (n, 6)
     return torch.randn(shape, generator=generator, dtype=torch.float64), torch.randint(0, 4, (n,), generator=generator)
-
-
-def backward(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-    model.zero_grad()
-    F.cross_entropy(model(x), y).backward()
 
 
 @pytest.mark.parametrize("make_model", [mlp_model, conv_model])
@@ -130,7 +93,7 @@ def test_unsketched_direction_equals_the_dense_solve(make_model):
         raw_norm = None if norm is None else norm.weight.grad.clone()
         pre.step()
         for layer in layers:
-            expected = dense_direction(rows[id(layer)], raw[id(layer)], damping)
+            expected = dense_seng_direction(rows[id(layer)], raw[id(layer)], damping)
             torch.testing.assert_close(grad_matrix(layer), expected, rtol=1e-9, atol=1e-12, msg=f"step {step}")
         if norm is not None:
             torch.testing.assert_close(norm.weight.grad, raw_norm / (1 + damping))
@@ -146,7 +109,7 @@ def test_a_smaller_batch_at_a_rebuild_uses_its_own_samples():
         raw = grad_matrix(model[2]).clone()
         pre.step()
         rows = per_sample_grad_matrices(model, model[2], x, y).flatten(1)
-        torch.testing.assert_close(grad_matrix(model[2]), dense_direction(rows, raw, 1.0))
+        torch.testing.assert_close(grad_matrix(model[2]), dense_seng_direction(rows, raw, 1.0))
 
 
 def test_accumulated_passes_concatenate_into_one_u():
@@ -178,7 +141,7 @@ def sketch_error(col_sample_size: int, seed: int, sketch_rank: int = 16) -> floa
     backward(model, x, y)
     raw = grad_matrix(model[0]).clone()
     pre.step()
-    exact = dense_direction(per_sample_grad_matrices(model, model[0], x, y).flatten(1), raw, 0.5)
+    exact = dense_seng_direction(per_sample_grad_matrices(model, model[0], x, y).flatten(1), raw, 0.5)
     return float((grad_matrix(model[0]) - exact).norm() / exact.norm())
 
 
@@ -199,7 +162,7 @@ def test_sketched_conv_is_exact_when_the_rank_and_sample_cover_everything():
     raw = grad_matrix(model[0]).clone()
     pre.step()
     rows = per_sample_grad_matrices(model, model[0], x, y).flatten(1)
-    torch.testing.assert_close(grad_matrix(model[0]), dense_direction(rows, raw, 0.5))
+    torch.testing.assert_close(grad_matrix(model[0]), dense_seng_direction(rows, raw, 0.5))
 
 
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range) -> None:
@@ -367,5 +330,5 @@ def test_a_layer_called_twice_gets_the_summed_per_sample_gradient(sketch_thresho
     raw = {id(layer): grad_matrix(layer).clone() for layer in layers}
     pre.step()
     for layer in layers:
-        expected = dense_direction(rows[id(layer)], raw[id(layer)], damping)
+        expected = dense_seng_direction(rows[id(layer)], raw[id(layer)], damping)
         torch.testing.assert_close(grad_matrix(layer), expected, rtol=1e-9, atol=1e-12)

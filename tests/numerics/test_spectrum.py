@@ -11,12 +11,7 @@ from torch import nn
 
 import rkfac
 from rkfac.spectrum import exponential_average, factor_spectrum, layer_spectra, weyl_bound
-
-
-def planted(values: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(len(values), len(values), generator=generator, dtype=torch.float64))
-    return (q * values) @ q.T
+from tests.oracles import grad_matrix, planted
 
 
 def test_factor_spectrum_counts_and_errors_on_a_planted_spectrum() -> None:
@@ -41,7 +36,7 @@ def test_gradient_error_matches_dense_truncated_solve() -> None:
     F.cross_entropy(model(x), y).backward()
     report = layer_spectra(pre, ranks=(2, 11), damping=0.1)
     a, g = pre.factors()["0"]
-    grad = torch.cat([model[0].weight.grad, model[0].bias.grad[:, None]], dim=1)
+    grad = grad_matrix(model[0])
 
     def dense(factor: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, float]:
         values, vectors = torch.linalg.eigh(factor)

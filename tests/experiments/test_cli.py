@@ -74,6 +74,7 @@ def test_train_writes_a_complete_run_directory(tmp_path: Path) -> None:
         "skipped_gradients": 0,
         "failed_decompositions": 0,
         "float64_retries": 0,
+        "layers_without_statistics": 0,
     }
     assert epochs[-1]["health"] == summary["health"]
     assert summary["targets"]["0.05"] == {"time": epochs[0]["train_time"], "epoch": 1}

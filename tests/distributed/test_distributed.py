@@ -10,14 +10,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 import rkfac
 from rkfac.experiments.cli import main
 from rkfac.experiments.rundir import RunDirectory
+from tests.gloo import run_ranks
 
 GLOBAL_BATCH = 12
 STEPS = 5
@@ -81,24 +80,16 @@ def train(model: nn.Module, decomposition: str, rank: int, world_size: int) -> t
     return optimizer
 
 
-def _worker(rank: int, world_size: int, store: str, out: str, decomposition: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
-    try:
-        model = nn.parallel.DistributedDataParallel(make_model())
-        optimizer = train(model, decomposition, rank, world_size)
-        params = [p.detach().clone() for p in model.module.parameters()]
-        result = {"params": params, "traffic": optimizer.preconditioner.traffic, "decomposed": DECOMPOSED}  # type: ignore[attr-defined]
-        torch.save(result, f"{out}/{rank}.pt")
-        dist.barrier()  # neither rank tears gloo down while the other may still talk to it
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world_size: int, decomposition: str) -> dict:
+    model = nn.parallel.DistributedDataParallel(make_model())
+    optimizer = train(model, decomposition, rank, world_size)
+    params = [p.detach().clone() for p in model.module.parameters()]
+    return {"params": params, "traffic": optimizer.preconditioner.traffic, "decomposed": DECOMPOSED}  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("decomposition", ["exact", "sre", "seng", "brand"])
 def test_two_ranks_match_one_process_over_the_global_batch(tmp_path: Path, decomposition: str):
-    mp.spawn(_worker, args=(2, str(tmp_path / "store"), str(tmp_path), decomposition), nprocs=2)
-    ranks = [torch.load(tmp_path / f"{rank}.pt", weights_only=False) for rank in range(2)]
+    ranks = run_ranks(_worker, 2, tmp_path, decomposition)
     for mine, theirs in zip(ranks[0]["params"], ranks[1]["params"], strict=True):
         assert torch.equal(mine, theirs)  # identical on both ranks, bit for bit
 

@@ -14,32 +14,10 @@ from torch import Tensor, nn
 import rkfac
 from rkfac.decompositions import ExactEigh
 from rkfac.health import Health
+from tests.oracles import backward, batch, dense_kfac_direction, grad_matrices, mlp, with_ones
 
 DTYPE = torch.float64
 LAYERS = ["0", "2", "4"]
-
-
-def mlp(dtype: torch.dtype = DTYPE) -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 4)).to(dtype)
-
-
-def batch(seed: int, dtype: torch.dtype = DTYPE, n: int = 16) -> tuple[Tensor, Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 6, generator=generator, dtype=dtype), torch.randint(0, 4, (n,), generator=generator)
-
-
-def backward(model: nn.Module, x: Tensor, y: Tensor) -> None:
-    model.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-
-
-def grad_matrices(model: nn.Module) -> dict[str, Tensor]:
-    return {
-        name: torch.cat([m.weight.grad, m.bias.grad[:, None]], dim=1).clone()
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear)
-    }
 
 
 def preconditioner(model: nn.Module, **options) -> rkfac.KFACPreconditioner:
@@ -49,14 +27,6 @@ def preconditioner(model: nn.Module, **options) -> rkfac.KFACPreconditioner:
 
 def runtime_warnings(caught: list[warnings.WarningMessage]) -> list[str]:
     return [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-
-
-def dense_direction(a: Tensor, g: Tensor, grad: Tensor, damping: float) -> Tensor:
-    """(G + λ_G I)⁻¹ ∇W (A + λ_A I)⁻¹ with relative damping, by dense float64 solves."""
-    a, g, grad = a.double(), g.double(), grad.double()
-    lam_a, lam_g = damping * float(torch.linalg.eigvalsh(a)[-1]), damping * float(torch.linalg.eigvalsh(g)[-1])
-    left = torch.linalg.solve(g + lam_g * torch.eye(g.shape[0], dtype=DTYPE), grad)
-    return torch.linalg.solve(a + lam_a * torch.eye(a.shape[0], dtype=DTYPE), left.T).T
 
 
 def test_nan_in_an_input_skips_the_factor_update_and_warns_once() -> None:
@@ -133,9 +103,9 @@ def planted_failure(monkeypatch: pytest.MonkeyPatch, fails: str, kind: str) -> l
 
 @pytest.mark.parametrize("kind", ["raise", "nan"])
 def test_failed_float32_decomposition_is_retried_in_float64(monkeypatch: pytest.MonkeyPatch, kind: str) -> None:
-    model, reference = mlp(torch.float32), mlp(torch.float32)
+    model, reference = mlp(dtype=torch.float32), mlp(dtype=torch.float32)
     pre, pre_reference = preconditioner(model), preconditioner(reference)
-    x, y = batch(0, torch.float32)
+    x, y = batch(0, dtype=torch.float32)
     backward(reference, x, y)
     pre_reference.step()
 
@@ -156,15 +126,15 @@ def test_failed_float32_decomposition_is_retried_in_float64(monkeypatch: pytest.
 
 
 def test_failed_decomposition_keeps_the_last_good_one(monkeypatch: pytest.MonkeyPatch) -> None:
-    model = mlp(torch.float32)
+    model = mlp(dtype=torch.float32)
     pre = preconditioner(model)
-    backward(model, *batch(0, torch.float32))
+    backward(model, *batch(0, dtype=torch.float32))
     pre.step()
     good = pre.eigenpairs()
     factors_before = {name: a.clone() for name, (a, _) in pre.factors().items()}
 
     planted_failure(monkeypatch, "all", "raise")
-    backward(model, *batch(1, torch.float32))
+    backward(model, *batch(1, dtype=torch.float32))
     grads = grad_matrices(model)
     with pytest.warns(RuntimeWarning, match=r"decomposition of factor A of layer '0' failed at step 1: the last good one"):
         pre.step()
@@ -174,10 +144,10 @@ def test_failed_decomposition_keeps_the_last_good_one(monkeypatch: pytest.Monkey
     for name, (a_pairs, g_pairs) in good.items():
         assert pre.eigenpairs()[name][0] is a_pairs and pre.eigenpairs()[name][1] is g_pairs
         assert not torch.equal(pre.factors()[name][0], factors_before[name])  # the factors moved on
-        expected = dense_direction(a_pairs.dense(), g_pairs.dense(), grads[name], damping=0.1)
+        expected = dense_kfac_direction(a_pairs.dense(), g_pairs.dense(), grads[name], damping=0.1)
         torch.testing.assert_close(after[name].double(), expected, rtol=1e-4, atol=1e-4 * float(expected.abs().max()))
         a, g = pre.factors()[name]
-        from_new_factors = dense_direction(a, g, grads[name], damping=0.1)
+        from_new_factors = dense_kfac_direction(a, g, grads[name], damping=0.1)
         assert (from_new_factors - expected).abs().max() > 1e-2 * expected.abs().max()
 
 
@@ -259,7 +229,7 @@ def test_layer_used_twice_sums_both_calls_as_rows_of_the_same_samples(reduction:
     pre.step()
 
     assert len(calls) == 2
-    rows_a = torch.cat([torch.cat([inputs, torch.ones(n, 1, dtype=DTYPE)], dim=1) for inputs, _ in calls])
+    rows_a = torch.cat([with_ones(inputs) for inputs, _ in calls])
     rows_g = torch.cat([output.grad for _, output in calls])
     expected_a = rows_a.T @ rows_a / (2 * n)
     scale = n if reduction == "mean" else 1.0 / n  # n counts the samples once, not once per call

@@ -7,15 +7,9 @@ import torch
 
 import rkfac
 from rkfac.decompositions import Decomposition
+from tests.oracles import planted
 
 RANDOMIZED = [rkfac.RandomizedSVD, rkfac.SymmetricRandomizedEVD]
-
-
-def planted(dim: int, values: torch.Tensor, seed: int = 0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Q diag(values) Qᵀ with a random orthogonal Q."""
-    generator = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=dtype))
-    return (q * values.to(dtype)) @ q.T
 
 
 def averaged_factor(dim: int, batch: int = 16, steps: int = 30, decay: float = 0.95, seed: int = 0) -> torch.Tensor:
@@ -59,7 +53,7 @@ def test_properties_orthonormal_nonnegative_sorted(method: Decomposition) -> Non
 
 def test_negative_rounding_eigenvalues_are_clamped_and_input_symmetrized() -> None:
     values = torch.tensor([3.0, 1.0, 0.0, -1e-9])
-    factor = planted(4, values)
+    factor = planted(values)
     factor[0, 1] += 1e-3  # asymmetry from accumulated rounding
     pairs = rkfac.ExactEigh().decompose(factor)
     assert bool((pairs.values >= 0).all())
@@ -92,7 +86,7 @@ def test_sketch_as_wide_as_matrix_is_exact_truncation(cls: type) -> None:
 def test_planted_decaying_spectrum_error_close_to_optimal(cls: type, dtype: torch.dtype) -> None:
     dim, rank = 300, 20
     values = 0.85 ** torch.arange(dim, dtype=torch.float64)
-    factor = planted(dim, values, seed=3, dtype=dtype)
+    factor = planted(values, seed=3, dtype=dtype)
     pairs = cls(rank=rank, oversample=10, power_iters=4).decompose(factor, torch.Generator().manual_seed(0))
     error = torch.linalg.matrix_norm(factor.double() - pairs.dense().double())
     optimal = values[rank:].pow(2).sum().sqrt()  # Eckart–Young: the best rank-r Frobenius error
@@ -103,7 +97,7 @@ def test_planted_decaying_spectrum_error_close_to_optimal(cls: type, dtype: torc
 def test_fewer_power_iterations_are_less_accurate_on_flat_spectrum() -> None:
     dim, rank = 200, 10
     values = 1.0 / (1 + torch.arange(dim, dtype=torch.float64))  # slow decay: power iterations matter
-    factor = planted(dim, values, seed=4)
+    factor = planted(values, seed=4)
     optimal = float(values[rank:].pow(2).sum().sqrt())
     errors = []
     for q in (0, 4):

@@ -100,6 +100,7 @@ def test_health_and_ranks_come_from_the_preconditioner_or_are_none() -> None:
         "skipped_gradients": 0,
         "failed_decompositions": 0,
         "float64_retries": 0,
+        "layers_without_statistics": 0,
     }
     assert ranks_record(pre) == {}  # nothing decomposed yet
     torch.nn.functional.cross_entropy(model(torch.randn(8, 4)), torch.randint(3, (8,))).backward()
@@ -158,7 +159,13 @@ def test_metrics_and_summary_keep_the_fields_that_plots_and_benchmarks_read(tmp_
     assert summary["bytes_per_factor_step"] is None and summary["bytes_per_inverse_step"] is None
     epoch = records[-1]
     if optimizer == "sre-kfac":
-        counts = {"skipped_statistics": 0, "skipped_gradients": 0, "failed_decompositions": 0, "float64_retries": 0}
+        counts = {
+            "skipped_statistics": 0,
+            "skipped_gradients": 0,
+            "failed_decompositions": 0,
+            "float64_retries": 0,
+            "layers_without_statistics": 0,
+        }
         assert summary["health"] == epoch["health"] == counts
         assert epoch["ranks"] == {"1": [4, 4], "3": [4, 4]} and records[0]["damping"] == 0.1
     if optimizer == "sgd":

@@ -1,0 +1,1 @@
+"""rkfac.experiments: CLI, run config schema, datasets, models, transforms, metrics, spectrum command."""

@@ -1,0 +1,1 @@
+"""rkfac.kfac: the K-FAC preconditioner (statistics, guards, trackers, solve, state) and its variants."""

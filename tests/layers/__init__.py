@@ -1,0 +1,1 @@
+"""rkfac.layers: every LayerKind against explicit row, column and gradient-matrix computations."""

@@ -1,0 +1,1 @@
+"""rkfac.seng: SENG against dense references from per-sample gradients (torch.func)."""
