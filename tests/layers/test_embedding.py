@@ -121,3 +121,28 @@ def test_state_dict_round_trip_keeps_the_diagonal_factor() -> None:
     fresh.load_state_dict(torch.load(buffer, weights_only=True))
     assert torch.equal(fresh.factors()["embed"][0], pre.factors()["embed"][0])
     assert torch.equal(fresh.eigenpairs()["embed"][0].values, pre.eigenpairs()["embed"][0].values)
+
+
+def test_padding_tokens_are_left_out_of_both_factors() -> None:
+    """A padding token's output does not depend on the weight: its rows count in neither A nor G,
+    so heavy padding does not set λ_A = δ·max A (it would be the largest count)."""
+    torch.manual_seed(0)
+    model = Embedded(padding_idx=0).double()
+    tokens, labels = data()
+    tokens[:, :3] = 0  # most of every sample is padding
+    seen = {}
+
+    def keep_grad(module: nn.Module, inputs: tuple[Tensor, ...], output: Tensor) -> None:
+        output.register_hook(lambda g: seen.update(g=g))
+
+    model.embed.register_forward_hook(keep_grad)
+    pre = rkfac.KFACPreconditioner(model, factor_every=1)
+    F.cross_entropy(model(tokens), labels).backward()
+    pre.step()
+    a, g = pre.factors()["embed"]
+    real = tokens.reshape(-1) != 0
+    counts = torch.bincount(tokens.reshape(-1)[real], minlength=VOCAB).double() / int(real.sum())
+    rows = seen["g"].reshape(-1, DIM)[real]
+    torch.testing.assert_close(a, counts)
+    assert a[0] == 0
+    torch.testing.assert_close(g, tokens.shape[0] * rows.T @ rows)

@@ -54,6 +54,7 @@ class PendingInputs:
     rows: Tensor | None  # the rows (B-KFAC's online factors)
     count: int  # N, the rows of the call
     committed: bool = False
+    keep: Tensor | None = None  # the rows that count (an embedding's non-padding tokens), None: all
 
 
 @dataclass(frozen=True)
@@ -194,7 +195,7 @@ class StatisticsCollector:
         with torch.no_grad(), maybe_phase(self.timer, "statistics"):
             if layer.diagonal_input:  # an embedding: Σ e eᵀ is diagonal, kept as token counts
                 counts, count = layer.input_diagonal(inputs, layer.statistics_dtype)
-                return PendingInputs(counts, None, count)
+                return PendingInputs(counts, None, count, keep=layer.row_mask(inputs))
             if not self.reduce:
                 return self.sums[name].pending(layer.input_rows(inputs).to(layer.statistics_dtype))
             batched = layer.batch_first(inputs, self.batch_dim)
@@ -212,6 +213,8 @@ class StatisticsCollector:
                 rows = rows.reshape(call.samples, -1, rows.shape[1]).sum(1)
             else:
                 rows = layer.output_grad_rows(grad).to(layer.statistics_dtype)
+            if call.context.keep is not None:
+                rows = rows[call.context.keep]
             sums = self.sums[name]
             sums.commit(call.context)
             sums.add_output_grads(rows, call.samples, call.group)

@@ -96,6 +96,10 @@ class LayerKind(ABC):
         """n of one call: the size of the sample dimension (see :meth:`batch_first`)."""
         return self.sample_count(self.batch_first(inputs, batch_dim))
 
+    def row_mask(self, inputs: Tensor) -> Tensor | None:
+        """Which rows (in :meth:`output_grad_rows` order) depend on the weight; None: all of them."""
+        return None
+
     def input_diagonal(self, inputs: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
         """(diagonal of Σ_rows a aᵀ, the number of rows N), for kinds with ``diagonal_input``."""
         raise NotImplementedError(f"{type(self).__name__} has dense input rows")

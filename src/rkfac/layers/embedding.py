@@ -10,7 +10,10 @@ and A is kept and applied as a vector (:class:`rkfac.lowrank.DiagonalFactor`): t
 (G + λ_G I)⁻¹ ∇W (A + λ_A I)⁻¹ scales column j of ∇W by 1/(count_j/N + λ_A), O(vocab · d) per
 step, never vocab². Tokens are positions shared by a sample's rows (K-FAC-expand); A stays
 diagonal under K-FAC-reduce too, so embeddings always use expand. ``padding_idx`` needs nothing:
-its gradient column is zero, so its direction column stays zero. ``sparse=True`` embeddings are
+its gradient column is zero, so its direction column stays zero, and its rows (whose output
+does not depend on the weight) are left out of both statistics: A counts the other tokens over
+their number, G sums the other rows' gradients (:meth:`EmbeddingKind.row_mask`), so that heavy
+padding neither sets the relative damping δ·max A nor dilutes the factors. ``sparse=True`` embeddings are
 not accepted (their gradient is a sparse tensor; they are named as unsupported), and SENG leaves
 embeddings to its plain g / (1 + λ) step (a per-sample gradient is d × vocab).
 """
@@ -46,9 +49,17 @@ class EmbeddingKind(LayerKind):
         """n: the first index dimension; a 1-D index tensor is n samples of one token each."""
         return self.batch_first(inputs, batch_dim).shape[0] if inputs.dim() else 1
 
+    def row_mask(self, inputs: Tensor) -> Tensor | None:
+        """The looked-up rows that depend on the weight: all but the ``padding_idx`` ones."""
+        padding = self.module.padding_idx
+        return None if padding is None else inputs.reshape(-1) != padding
+
     def input_diagonal(self, inputs: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
-        """(Σ_rows e eᵀ as its diagonal, the number of rows N): token counts."""
+        """(Σ_rows e eᵀ as its diagonal, the number of rows N): token counts, padding left out."""
         flat = inputs.reshape(-1)
+        mask = self.row_mask(inputs)
+        if mask is not None:
+            flat = flat[mask]
         return torch.bincount(flat, minlength=self.module.num_embeddings).to(dtype), flat.numel()
 
     def input_rows(self, inputs: Tensor) -> Tensor:
