@@ -143,3 +143,40 @@ def test_the_command_under_torchrun_matches_one_process(tmp_path: Path):
     assert [record["bytes"]["decomposition"] > 0 for record in steps] == [step % 2 == 0 for step in range(8)]
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["bytes_per_inverse_step"] > 0
+
+
+class TokenModel(nn.Module):
+    """An embedding (diagonal A, averaged across ranks as a vector) and a Linear over tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(9, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.embed(tokens)).mean(1))
+
+
+def _train_tokens(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    net = TokenModel().double()
+    model = nn.parallel.DistributedDataParallel(net) if world_size > 1 else net
+    optimizer = rkfac.KFAC(model, lr=0.1, factor_every=1, inverse_every=2)
+    generator = torch.Generator().manual_seed(2)
+    share = GLOBAL_BATCH // world_size
+    for _ in range(3):
+        tokens = torch.randint(0, 9, (GLOBAL_BATCH, 5), generator=generator)
+        labels = torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator)
+        optimizer.zero_grad()
+        part = slice(rank * share, (rank + 1) * share)
+        F.cross_entropy(model(tokens[part]), labels[part]).backward()
+        optimizer.step()
+    return {name: p.detach().clone() for name, p in net.state_dict().items()}
+
+
+def test_an_embedding_on_two_ranks_matches_one_process(tmp_path: Path) -> None:
+    one = _train_tokens(0, 1)
+    ranks = run_ranks(_train_tokens, 2, tmp_path)
+    for name, value in one.items():
+        torch.testing.assert_close(ranks[0][name], value)
+        assert torch.equal(ranks[0][name], ranks[1][name])
