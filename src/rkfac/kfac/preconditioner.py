@@ -39,6 +39,7 @@ from rkfac.distributed import Communicator, TrafficCounter
 from rkfac.distributed.sharded import average_statistics, decompose_across_ranks
 from rkfac.health import Health, decompose_with_retry
 from rkfac.kfac.guards import Fault, Faults, Guard
+from rkfac.kfac.sampled_fisher import LabelSampler
 from rkfac.kfac.state import STATE_VERSION, Factor, LayerState, LayerView, layers_state_dict, load_layers, view
 from rkfac.kfac.statistics import Statistic, StatisticsCollector
 from rkfac.kfac.trackers import DiagonalTracker
@@ -54,7 +55,6 @@ from rkfac.layers.selection import (
     unwrap,
 )
 from rkfac.lowrank import Eigenpairs, FactorInverse, kronecker_solve
-from rkfac.mc_fisher import sampled_loss
 from rkfac.options import KFACOptions
 from rkfac.schedules import at_step_float, at_step_int
 from rkfac.schema import check_instance, options_from
@@ -142,7 +142,7 @@ class KFACPreconditioner:
             self._collector.sums[layer.name].keep_rows = any(t.takes_columns for t in layer.trackers)
         self._collector.capture_output_grads = self.options.fisher == "empirical"
         self._capture = LayerCapture(selected, self._collector, root=model, batch_dim=self.options.batch_dim)
-        self._mc_generator: torch.Generator | None = None
+        self._sampler = LabelSampler(self.options.mc_loss, self.options.loss_reduction, self.options.seed, self._collector)
         self._guard = Guard()
 
     # ------------------------------------------------------------------ what the user sees
@@ -202,7 +202,8 @@ class KFACPreconditioner:
     def step(self) -> None:
         """Precondition the current gradients in place (see the module docstring)."""
         step = self.steps
-        self._check_mc_statistics()
+        if self.options.fisher == "mc":
+            self._sampler.check()
         with torch.no_grad():
             with maybe_phase(self.timer, "decomposition"):
                 statistics = self._take_statistics()
@@ -354,28 +355,8 @@ class KFACPreconditioner:
         options = self.options
         if options.fisher != "mc":
             raise ValueError(f"sample_fisher is for fisher='mc'; this preconditioner has fisher={options.fisher!r}")
-        if not self._is_factor_step() or not outputs.requires_grad:
-            return
-        if self._mc_generator is None or self._mc_generator.device != outputs.device:
-            self._mc_generator = keyed_generator(outputs.device, options.seed, "mc-labels")
-        loss = sampled_loss(outputs, options.mc_loss, options.loss_reduction, self._mc_generator)
-        weights = [layer.kind.weight for layer in self._layers if layer.kind.weight.requires_grad]
-        self._collector.capture_output_grads = True
-        try:
-            torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)
-        finally:
-            self._collector.capture_output_grads = False
-
-    def _check_mc_statistics(self) -> None:
-        if self.options.fisher != "mc":
-            return
-        sums = self._collector.sums.values()
-        if self._collector.uncaptured_grads and not any(s.has_output_grads for s in sums):
-            self._collector.clear()
-            raise RuntimeError(
-                "fisher='mc' saw the backward of this factor step but no sampled-label gradients: "
-                "call pre.sample_fisher(outputs) after the forward and before loss.backward()"
-            )
+        if self._is_factor_step() and outputs.requires_grad:
+            self._sampler.backward(outputs, [layer.kind.weight for layer in self._layers])
 
     # ------------------------------------------------------------------ state
 
@@ -385,7 +366,7 @@ class KFACPreconditioner:
             "version": STATE_VERSION,
             "steps": self.steps,
             "layers": layers_state_dict(self._layers),
-            "mc_generator": None if self._mc_generator is None else self._mc_generator.get_state(),
+            "mc_generator": self._sampler.state(),
             "health": self._guard.health.as_dict(),
         }
 
@@ -395,10 +376,7 @@ class KFACPreconditioner:
         self.steps = int(state["steps"])
         self._guard.health = Health.from_dict(state.get("health"))  # absent from older state dicts
         self._collector.clear()
-        generator_state = state.get("mc_generator")
-        if generator_state is not None:
-            self._mc_generator = torch.Generator()
-            self._mc_generator.set_state(generator_state)
+        self._sampler.load(state.get("mc_generator"))
 
     def remove(self) -> None:
         """Take the hooks off the model; the preconditioner captures nothing afterwards."""
