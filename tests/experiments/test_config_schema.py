@@ -96,7 +96,7 @@ def test_every_flag_is_generated_from_its_field_with_its_help() -> None:
     [
         (["--refresh-every", "20"], {"refresh_every": 20}),
         (["--refresh-every", "none"], {"refresh_every": None}),
-        (["--max-steps", "0"], {"max_steps": None}),
+        (["--max-steps", "none"], {"max_steps": None}),  # 0 is refused (max_steps >= 1), not read as none
         (["--clip", "none"], {"clip": None}),
         (["--rank", "1:220,15:230"], {"rank": {1: 220.0, 15: 230.0}}),
         (

@@ -106,7 +106,8 @@ def test_fashion_mnist_matches_a_direct_parse(fashion: datasets.ImageDataset) ->
 
 
 def test_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """data_dir, then $RKFAC_DATA (itself or fashion-mnist/), then Debian's path, then the cache; first complete one wins."""
+    """An explicit data_dir (itself or fashion-mnist/) alone; else $RKFAC_DATA (itself or fashion-mnist/), then Debian's
+    path, then the cache; first complete one wins."""
     given, env, debian, cache = tmp_path / "given", tmp_path / "env", tmp_path / "debian", tmp_path / "xdg-cache"
     monkeypatch.setenv("RKFAC_DATA", str(env))
     monkeypatch.setattr(datasets, "DEBIAN_FASHION_MNIST", debian)
@@ -115,21 +116,19 @@ def test_search_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         for name in FILES:
             (folder / name).touch()
-    assert datasets.fashion_mnist_candidates(str(given)) == [
-        given,
-        given / "fashion-mnist",
-        env,
-        env / "fashion-mnist",
-        debian,
-        cache / "rkfac" / "fashion-mnist",
-    ]
-    expected_order = [given, env, env / "fashion-mnist", debian, cache / "rkfac" / "fashion-mnist"]
+    assert datasets.fashion_mnist_candidates(str(given)) == [given, given / "fashion-mnist"]
+    assert datasets.fashion_mnist_candidates(None) == [env, env / "fashion-mnist", debian, cache / "rkfac" / "fashion-mnist"]
+    assert datasets.locate_fashion_mnist(str(given), download=False) == {name: given / name for name in FILES}
+    (given / FILES[1]).unlink()  # an incomplete explicit directory is refused, never replaced (issue 17)
+    with pytest.raises(DatasetUnavailableError, match=rf"data directory {re.escape(str(given))} .*lacks {FILES[1]};"):
+        datasets.locate_fashion_mnist(str(given), download=False)
+    expected_order = [env, env / "fashion-mnist", debian, cache / "rkfac" / "fashion-mnist"]
     for winner in expected_order:
-        found = datasets.locate_fashion_mnist(str(given), download=False)
+        found = datasets.locate_fashion_mnist(None, download=False)
         assert found == {name: winner / name for name in FILES}
         (winner / FILES[1]).unlink()  # an incomplete directory is passed over
     with pytest.raises(DatasetUnavailableError, match="download=False"):
-        datasets.locate_fashion_mnist(str(given), download=False)
+        datasets.locate_fashion_mnist(None, download=False)
 
 
 def test_gunzipped_files_are_accepted(tmp_path: Path) -> None:
@@ -302,8 +301,7 @@ def test_no_network_gives_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DatasetUnavailableError) as caught:
         datasets.load_dataset("fashion-mnist", str(given))
     message = str(caught.value)
-    for searched in (given, tmp_path / "no-debian", tmp_path / "xdg-cache" / "rkfac" / "fashion-mnist"):
-        assert str(searched) in message
+    assert str(given) in message  # an explicit data_dir alone is searched (issue 17)
     for hint in ("could not download http://127.0.0.1:", "apt-get install dataset-fashion-mnist", "--data-dir", "$RKFAC_DATA"):
         assert hint in message
     assert list(given.iterdir()) == []

@@ -41,7 +41,7 @@ def test_spectrum_records_during_training_and_compares_widths(tmp_path: Path) ->
     assert set(summary["widths"]) == {"0.5", "1"}
     assert (out / "widths.png").read_bytes()[:4] == b"\x89PNG"
     run = json.loads((out / "width-1" / "spectrum.json").read_text())
-    assert [r["step"] for r in run["records"]] == [2, 4, 6]  # step 0 has no factors yet; 8 steps in all
+    assert [r["step"] for r in run["records"]] == [2, 4, 6, 7]  # step 0 has no factors yet; 8 steps, the last recorded
     layer = run["records"][-1]["layers"]["1"]  # Linear(784, 24): A is 785 wide, G 24
     assert layer["A"]["dim"] == 785 and layer["G"]["dim"] == 24
     assert 1 <= layer["G"]["modes_above"] <= 24 and abs(layer["A"]["normalized"][0] - 1.0) < 1e-12

@@ -25,6 +25,7 @@ from typing import Any
 from rkfac.experiments.config import KFAC_OPTIMIZERS, RunConfig
 from rkfac.experiments.plot import plot_runs
 from rkfac.experiments.presets import PRESETS, resolve_config
+from rkfac.experiments.resume import run_config
 from rkfac.experiments.rundir import RunDirectory
 from rkfac.experiments.train import TrainingDivergedError, train
 
@@ -158,7 +159,7 @@ def _run_or_reuse(config: RunConfig, run_dir: Path, *, quiet: bool, resume: bool
     """Train ``config`` into ``run_dir``; with ``resume``, reuse a finished run or continue a cut-off one."""
     saved = RunDirectory(run_dir, writer=False)
     started = resume and (run_dir / "config.json").exists()
-    if started and saved.read_json("config.json") != json.loads(json.dumps(config.to_json())):
+    if started and _as_json(run_config(run_dir)) != _as_json(config):  # config.json, extended by a resume if any
         raise ValueError(
             f"cannot resume the bench: {run_dir} holds a run with other settings than {config.optimizer} "
             f"seed {config.seed} now asks for; remove that directory or bench into another --out"
@@ -169,6 +170,11 @@ def _run_or_reuse(config: RunConfig, run_dir: Path, *, quiet: bool, resume: bool
             raise TrainingDivergedError(f"diverged in the earlier run ({run_dir / 'summary.json'})")
         return summary
     return train(config, run_dir, resume=started and (run_dir / "checkpoint.pt").exists(), quiet=quiet)
+
+
+def _as_json(config: RunConfig) -> Any:
+    """``config`` as config.json holds it (tuples as lists, schedule epochs as strings), to compare."""
+    return json.loads(json.dumps(config.to_json()))
 
 
 def _write_tables(

@@ -6,7 +6,12 @@ metadata) and checked by ``RunConfig.validate``. Flags that are not given take t
 value (``--preset``), else the optimizer family's default (rkfac.experiments.presets), else
 RunConfig's, which for the library's options is the library's. Schedulable values (lr, damping,
 rank, factor-every, inverse-every) take a number or ``epoch:value`` pairs:
-``--lr 1:0.3,2:0.2,3:0.1``. Lists are comma-separated; ``none`` is None where None is a value.
+``--lr 1:0.3,2:0.2,3:0.1``. Lists are comma-separated; ``none`` is None where None is a value
+(``--max-steps none``; 0 is no spelling of None, and is refused where the bound is 1).
+
+``train --resume DIR`` continues the run in DIR with its own settings: a flag given with it
+must repeat the run's value, except ``--epochs`` and ``--max-steps``, which may extend the run
+(see :mod:`rkfac.experiments.resume`).
 """
 
 from __future__ import annotations
@@ -19,12 +24,31 @@ from pathlib import Path
 from typing import Any
 
 from rkfac.experiments.config import RunConfig, parse_schedule
-from rkfac.experiments.presets import PRESETS, RUNNABLE, resolve_config
+from rkfac.experiments.presets import PRESETS, RUNNABLE, VARIANTS, resolve_config, variant_name
 from rkfac.spectrum import DEFAULT_THRESHOLD
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected an integer, got {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"expected a number, got {text!r}") from None
+
+
 def _optional_int(text: str) -> int | None:
-    return None if text.lower() in ("none", "0") else int(text)
+    if text.lower() == "none":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"expected an integer or none, got {text!r}") from None
 
 
 def _optional_choice(text: str) -> str | None:
@@ -32,11 +56,31 @@ def _optional_choice(text: str) -> str | None:
 
 
 def _floats(text: str) -> list[float]:
-    return [float(item) for item in text.split(",") if item]
+    try:
+        return [float(item) for item in text.split(",") if item]
+    except ValueError:
+        raise ValueError(f"expected comma-separated numbers like 0.5,0.9, got {text!r}") from None
 
 
 def _ints(text: str) -> list[int]:
-    return [int(item) for item in text.split(",") if item]
+    try:
+        return [int(item) for item in text.split(",") if item]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers like 8,4, got {text!r}") from None
+
+
+def _argument(reader: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``reader`` for argparse, which shows an ArgumentTypeError's message (a ValueError's it
+    replaces by "invalid <function name> value")."""
+
+    def read(text: str) -> Any:
+        try:
+            return reader(text)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    read.__name__ = reader.__name__
+    return read
 
 
 def _strings(text: str) -> list[str]:
@@ -44,7 +88,7 @@ def _strings(text: str) -> list[str]:
 
 
 _LISTS: dict[str, Callable[[str], Any]] = {"int": _ints, "float": _floats, "str": _strings}
-_SCALARS: dict[str, Callable[[str], Any]] = {"int": int, "float": float}
+_SCALARS: dict[str, Callable[[str], Any]] = {"int": _int, "float": _float}
 # RunConfig fields with flags of their own, per command (--optimizer's choices differ, bench
 # takes --seeds for --seed); every other field is a flag of train, bench and spectrum.
 _OWN_FLAGS = ("optimizer", "seed", "preset")
@@ -108,9 +152,9 @@ def _add_run_flags(parser: argparse.ArgumentParser, *, with_seed: bool = True) -
         if kind is bool:  # a switch: given means True
             parser.add_argument(flag, dest=dest, action="store_true", default=argparse.SUPPRESS, help=text)
         else:
-            parser.add_argument(flag, dest=dest, type=kind, default=argparse.SUPPRESS, help=text)
+            parser.add_argument(flag, dest=dest, type=_argument(kind), default=argparse.SUPPRESS, help=text)
     if with_seed:
-        parser.add_argument("--seed", dest="seed", type=int, default=argparse.SUPPRESS, help=_help(_FIELDS["seed"]))
+        parser.add_argument("--seed", dest="seed", type=_argument(_int), default=argparse.SUPPRESS, help=_help(_FIELDS["seed"]))
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help=_help(_FIELDS["preset"]))
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -127,14 +171,22 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="one training run into a run directory")
     train.add_argument("--optimizer", default=None, choices=RUNNABLE, help=f"default: {DEFAULT_OPTIMIZER}")
     train.add_argument("--out", default=None, help="run directory (default runs/<preset or model>-<optimizer>-seed<seed>)")
-    train.add_argument("--resume", default=None, metavar="DIR", help="continue the run in DIR from its checkpoint")
+    train.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="continue the run in DIR from its checkpoint, with its settings (--epochs, --max-steps may extend it)",
+    )
     _add_run_flags(train)
 
     bench = commands.add_parser("bench", help="several optimizers on one preset, side by side")
     bench.add_argument(
-        "--optimizers", type=_strings, default=None, help=f"comma-separated from {', '.join(RUNNABLE)}; default: the preset's"
+        "--optimizers",
+        type=_argument(_strings),
+        default=None,
+        help=f"comma-separated from {', '.join(RUNNABLE)}; default: the preset's",
     )
-    bench.add_argument("--seeds", type=_ints, default=None, help="comma-separated; default: the preset's")
+    bench.add_argument("--seeds", type=_argument(_ints), default=None, help="comma-separated; default: the preset's")
     bench.add_argument("--out", default=None, help="bench directory (default runs/bench-<preset>)")
     bench.add_argument(
         "--resume", action="store_true", help="continue an interrupted bench in --out: reuse finished runs, resume cut-off ones"
@@ -147,15 +199,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     spectrum.add_argument("--out", default=None, help="output directory (default runs/spectrum-<preset or model>)")
     spectrum.add_argument("--from", dest="from_run", default=None, metavar="RUN_DIR", help="use the factors saved in RUN_DIR")
-    spectrum.add_argument("--record-every", type=int, default=50, help="steps between recordings")
-    spectrum.add_argument("--ranks", type=_ints, default=[50, 100, 220], help="ranks for the truncation errors")
+    spectrum.add_argument(
+        "--record-every", type=_argument(_int), default=50, help="steps between recordings (and the run's last step)"
+    )
+    spectrum.add_argument("--ranks", type=_argument(_ints), default=[50, 100, 220], help="ranks for the truncation errors")
     spectrum.add_argument(
         "--threshold",
-        type=float,
+        type=_argument(_float),
         default=DEFAULT_THRESHOLD,
         help="count modes above this fraction of λ_max (default: the paper's cut, 10^-1.5)",
     )
-    spectrum.add_argument("--width-scales", type=_floats, default=None, help="repeat for these width scales, e.g. 1,1.5,2")
+    spectrum.add_argument(
+        "--width-scales", type=_argument(_floats), default=None, help="repeat for these width scales, e.g. 1,1.5,2"
+    )
     _add_run_flags(spectrum)
 
     plot = commands.add_parser("plot", help="accuracy and loss against time and epochs, from run directories")
@@ -181,12 +237,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from rkfac.experiments.distributed import placement_from_environment
-    from rkfac.experiments.rundir import RunDirectory
     from rkfac.experiments.train import train
 
     if args.resume:
-        saved = RunConfig.from_json(RunDirectory(args.resume).read_json("config.json"))
-        config = saved.updated(**_overrides(args)).validate()
+        config = _resumed_config(args)
         summary = train(config, args.resume, resume=True, quiet=args.quiet)
         out = args.resume
     else:
@@ -200,6 +254,27 @@ def _train(args: argparse.Namespace) -> int:
             f"final test acc {100 * summary['final_test_acc']:.2f}% -> {out}"
         )
     return 0
+
+
+def _resumed_config(args: argparse.Namespace) -> RunConfig:
+    """The run's settings, extended by --epochs / --max-steps; every other flag given must
+    repeat the run's value (an --optimizer variant its settings), and --out its directory."""
+    from rkfac.experiments.resume import check_resume, run_config
+
+    run = run_config(args.resume)
+    given = _overrides(args)
+    refused = []
+    if args.optimizer is not None:
+        optimizer, settings = VARIANTS.get(args.optimizer, (args.optimizer, {}))
+        if optimizer != run.optimizer:
+            refused.append(f"--optimizer: the run's {variant_name(run.to_json())}, given {args.optimizer}")
+        given = {**settings, **given}
+    if args.preset is not None:
+        given["preset"] = args.preset
+    if args.out is not None and Path(args.out).resolve() != Path(args.resume).resolve():
+        refused.append(f"--out: the run's {args.resume}, given {args.out} (a resumed run continues in its own directory)")
+    changes = check_resume(run, given, where=args.resume, refused=refused)
+    return run.updated(**{name: change["given"] for name, change in changes.items()})
 
 
 def _bench(args: argparse.Namespace) -> int:

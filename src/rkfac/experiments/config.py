@@ -262,11 +262,22 @@ def step_schedule(schedule: EpochSchedule, steps_per_epoch: int, cast: Callable[
 
 
 def parse_schedule(text: str) -> EpochSchedule:
-    """``"0.1"`` → 0.1; ``"1:0.3,2:0.2"`` → {1: 0.3, 2: 0.2}; a clear error otherwise."""
-    try:
-        if ":" not in text:
+    """``"0.1"`` → 0.1; ``"1:0.3,2:0.2"`` → {1: 0.3, 2: 0.2}; a clear error otherwise (an epoch given twice too)."""
+    malformed = f"bad schedule {text!r}: give a number or epoch:value pairs like 1:0.3,13:0.03"
+    if ":" not in text:
+        try:
             return float(text)
-        pairs = [item.split(":") for item in text.split(",")]
-        return {int(epoch): float(value) for epoch, value in pairs}
-    except ValueError:
-        raise ValueError(f"bad schedule {text!r}: give a number or epoch:value pairs like 1:0.3,13:0.03") from None
+        except ValueError:
+            raise ValueError(malformed) from None
+    schedule: dict[int, float] = {}
+    given: dict[int, str] = {}
+    for item in text.split(","):
+        try:
+            epoch_text, value_text = item.split(":")
+            epoch, value = int(epoch_text), float(value_text)
+        except ValueError:
+            raise ValueError(malformed) from None
+        if epoch in schedule:
+            raise ValueError(f"bad schedule {text!r}: epoch {epoch} is given twice ({given[epoch]} and {item}); give each once")
+        schedule[epoch], given[epoch] = value, item
+    return schedule

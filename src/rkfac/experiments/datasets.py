@@ -4,21 +4,28 @@ Both real datasets fit in memory (Fashion-MNIST 60 000 × 1 × 28 × 28, CIFAR-1
 as float32: 190 MB and 610 MB), so they are decoded and normalised once and a training step only
 indexes tensors; there is no data-loader process.
 
-Fashion-MNIST is looked for, in order, in: ``data_dir`` and ``data_dir/fashion-mnist``;
-``$RKFAC_DATA`` and ``$RKFAC_DATA/fashion-mnist``; Debian's ``/usr/share/datasets/fashion-mnist``
-(package ``dataset-fashion-mnist``); the cache ``$XDG_CACHE_HOME/rkfac/fashion-mnist`` (default
-``~/.cache/rkfac/fashion-mnist``). The first directory holding all four IDX files wins (each may
-be gzipped or not). When none does, they are downloaded into ``data_dir`` if given, else the
-cache (:mod:`rkfac.experiments.download`). Files are verified against known SHA-256 hashes
-wherever they were found, so a corrupt copy is reported instead of silently trained on.
+An explicit ``data_dir`` (``--data-dir``) is used or refused, never replaced: the files are read
+from ``data_dir`` or the dataset's subdirectory in it (Fashion-MNIST may be downloaded into it),
+and otherwise the error names the directory and the files it lacks. Without one, Fashion-MNIST
+is looked for, in order, in ``$RKFAC_DATA`` and ``$RKFAC_DATA/fashion-mnist``; Debian's
+``/usr/share/datasets/fashion-mnist`` (package ``dataset-fashion-mnist``); the cache
+``$XDG_CACHE_HOME/rkfac/fashion-mnist`` (default ``~/.cache/rkfac/fashion-mnist``). The first
+directory holding all four IDX files wins (each may be gzipped or not). When none does, they are
+downloaded into the cache (:mod:`rkfac.experiments.download`). Files are verified against known
+SHA-256 hashes wherever they were found, so a corrupt copy is reported instead of silently
+trained on.
 
 CIFAR-10 comes from the python-pickle batch directory (``data_batch_1`` … ``data_batch_5``,
-``test_batch``) found in ``data_dir``, ``data_dir/cifar-10-batches-py`` or
+``test_batch``) found in ``data_dir`` or ``data_dir/cifar-10-batches-py``, else in
 ``$RKFAC_DATA/cifar-10-batches-py``; it is not downloaded.
+
+Every loaded dataset lists the files it read (``ImageDataset.files``: path and SHA-256 of the
+bytes on disk), which a run records in ``env.json``; the synthetic set reads none.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
 from collections.abc import Callable
@@ -52,12 +59,29 @@ CIFAR_SUBDIR = "cifar-10-batches-py"
 
 
 @dataclass(frozen=True)
+class DataFile:
+    """A file a dataset was read from: its path (absolute, links not followed) and the SHA-256 of its bytes."""
+
+    path: str
+    sha256: str
+
+    @classmethod
+    def of(cls, path: Path) -> DataFile:
+        digest = hashlib.sha256()
+        with open(path, "rb") as stream:
+            while chunk := stream.read(1 << 22):
+                digest.update(chunk)
+        return cls(str(path.absolute()), digest.hexdigest())
+
+
+@dataclass(frozen=True)
 class ImageDataset:
     """A classification dataset as in-memory tensors.
 
     Images are float32 (N, C, H, W), already normalised; labels are int64 (N,) in
     [0, num_classes). ``augment`` maps a normalised training batch and a generator to an
-    augmented batch of the same shape (``None``: train on the images as they are).
+    augmented batch of the same shape (``None``: train on the images as they are). ``files``:
+    the files the dataset was read from, in the order read.
     """
 
     name: str
@@ -67,6 +91,7 @@ class ImageDataset:
     test_labels: Tensor
     num_classes: int
     augment: Callable[[Tensor, torch.Generator], Tensor] | None = None
+    files: tuple[DataFile, ...] = ()
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -116,11 +141,12 @@ def cache_dir() -> Path:
 
 
 def fashion_mnist_candidates(data_dir: str | None) -> list[Path]:
-    """The directories searched for Fashion-MNIST, in order (see the module docstring)."""
-    places: list[Path] = []
-    for root in (data_dir, os.environ.get(DATA_VARIABLE)):
-        if root:
-            places += [Path(root), Path(root) / "fashion-mnist"]
+    """The directories searched for Fashion-MNIST, in order: an explicit ``data_dir`` and its
+    ``fashion-mnist/`` alone, else the places of the module docstring."""
+    if data_dir:
+        return _unique([Path(data_dir), Path(data_dir) / "fashion-mnist"])
+    root = os.environ.get(DATA_VARIABLE)
+    places = [Path(root), Path(root) / "fashion-mnist"] if root else []
     return _unique([*places, DEBIAN_FASHION_MNIST, cache_dir()])
 
 
@@ -132,27 +158,51 @@ def _find(folder: Path, name: str) -> Path | None:
     return None
 
 
+def _lacking(folder: Path) -> str:
+    """What ``folder`` lacks of Fashion-MNIST, as a predicate: "lacks a, b" or "does not exist"."""
+    if not folder.is_dir():
+        return "does not exist"
+    return "lacks " + ", ".join(name for name in FASHION_MNIST_FILES if _find(folder, name) is None)
+
+
 def locate_fashion_mnist(data_dir: str | None, download: bool = True) -> dict[str, Path]:
     """Paths of the four files (keyed by their ``.gz`` names) from the first directory holding all of them.
 
-    Downloads them when no directory does and ``download`` is true. The files are not verified
-    here; :func:`load_fashion_mnist` does that while reading them.
+    Downloads them when no directory does and ``download`` is true: into ``data_dir`` if given
+    (an explicit directory is used or refused, never replaced by another copy), else into the
+    cache. The files are not verified here; :func:`load_fashion_mnist` does that while reading them.
     """
     searched = fashion_mnist_candidates(data_dir)
     for folder in searched:
         found = {name: _find(folder, name) for name in FASHION_MNIST_FILES}
         if all(found.values()):
             return {name: path for name, path in found.items() if path is not None}
+    if data_dir:
+        return _download_into_data_dir(Path(data_dir), download)
     if not download:
         raise DatasetUnavailableError(
             f"Fashion-MNIST not found in {_searched(searched)} (download=False, so not downloaded); "
             f"expected {', '.join(FASHION_MNIST_FILES)}; {HOW_TO_GET}"
         )
-    target = Path(data_dir) if data_dir else cache_dir()
     try:
-        return download_fashion_mnist(target)
+        return download_fashion_mnist(cache_dir())
     except DatasetUnavailableError as error:
         raise type(error)(f"Fashion-MNIST not found in {_searched(searched)}, and {error}") from error
+
+
+def _download_into_data_dir(given: Path, download: bool) -> dict[str, Path]:
+    """The files downloaded into an explicit data directory that lacks them, or an error naming it and what it lacks."""
+    inside = given / "fashion-mnist"
+    where = f"Fashion-MNIST not found in the data directory {given} (--data-dir): it {_lacking(given)}" + (
+        f" (and {inside} {_lacking(inside)})" if inside.is_dir() else ""
+    )
+    rule = "an explicit data directory is used or refused, never replaced by another copy"
+    if not download:
+        raise DatasetUnavailableError(f"{where}; {rule} (download=False, so not downloaded into it); {HOW_TO_GET}")
+    try:
+        return download_fashion_mnist(given)
+    except DatasetUnavailableError as error:
+        raise type(error)(f"{where}; {rule}, and downloading into it failed: {error}") from error
 
 
 def parse_idx(content: bytes, source: Path) -> np.ndarray:
@@ -184,6 +234,7 @@ def load_fashion_mnist(data_dir: str | None = None, *, download: bool = True) ->
     """Fashion-MNIST: images (N, 1, 28, 28) scaled to [0, 1] and normalised with mean 0.2860, std 0.3530; no augmentation."""
     files = locate_fashion_mnist(data_dir, download)
     arrays = {name: parse_idx(verify(path, name), path) for name, path in files.items()}
+    read = tuple(DataFile.of(path) for path in files.values())
 
     def images(name: str) -> Tensor:
         return to_normalised_float(arrays[name][:, None], FASHION_MEAN, FASHION_STD)
@@ -198,6 +249,7 @@ def load_fashion_mnist(data_dir: str | None = None, *, download: bool = True) ->
         images("t10k-images-idx3-ubyte.gz"),
         labels("t10k-labels-idx1-ubyte.gz"),
         num_classes=10,
+        files=read,
     )
 
 
@@ -205,13 +257,11 @@ def load_fashion_mnist(data_dir: str | None = None, *, download: bool = True) ->
 
 
 def cifar10_candidates(data_dir: str | None) -> list[Path]:
-    """The directories searched for the CIFAR-10 batches, in order."""
-    places: list[Path] = []
+    """The directories searched for the CIFAR-10 batches, in order: an explicit ``data_dir``
+    and its ``cifar-10-batches-py/`` alone, else ``$RKFAC_DATA/cifar-10-batches-py``."""
     if data_dir:
-        places += [Path(data_dir), Path(data_dir) / CIFAR_SUBDIR]
-    if os.environ.get(DATA_VARIABLE):
-        places.append(Path(os.environ[DATA_VARIABLE]) / CIFAR_SUBDIR)
-    return _unique(places)
+        return _unique([Path(data_dir), Path(data_dir) / CIFAR_SUBDIR])
+    return [Path(os.environ[DATA_VARIABLE]) / CIFAR_SUBDIR] if os.environ.get(DATA_VARIABLE) else []
 
 
 def locate_cifar10(data_dir: str | None) -> Path:
@@ -267,6 +317,7 @@ def load_cifar10(data_dir: str | None = None) -> ImageDataset:
     folder = locate_cifar10(data_dir)
     train = [read_cifar_batch(folder / name) for name in CIFAR_TRAIN]
     test_images, test_labels = read_cifar_batch(folder / CIFAR_TEST)
+    read = tuple(DataFile.of(folder / name) for name in (*CIFAR_TRAIN, CIFAR_TEST))
 
     return ImageDataset(
         "cifar10",
@@ -276,6 +327,7 @@ def load_cifar10(data_dir: str | None = None) -> ImageDataset:
         torch.from_numpy(test_labels),
         num_classes=10,
         augment=PadCropFlip(CIFAR_MEAN, CIFAR_STD),
+        files=read,
     )
 
 

@@ -1,4 +1,9 @@
-"""Plots from run directories only (config.json and metrics.jsonl), never from live objects."""
+"""Plots from run directories only (config.json and metrics.jsonl), never from live objects.
+
+A line is labelled by the name its run was run under and its seed (``sre-kfac (seed 0)``);
+where two runs would share a label, each of them is labelled by its run directory too, as
+few of the path's last parts as tell it from the others (``a/run: sre-kfac (seed 0)``).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,26 @@ def run_label(run: RunDirectory) -> str:
         return run.path.name
 
 
+def run_labels(runs: list[RunDirectory]) -> list[str]:
+    """One label per run, distinct where the runs' directories are (see the module docstring)."""
+    labels = [run_label(run) for run in runs]
+    named = []
+    for run, label in zip(runs, labels, strict=True):
+        twins = [other.path for other, twin in zip(runs, labels, strict=True) if twin == label and other is not run]
+        named.append(f"{_distinct_tail(run.path, twins)}: {label}" if twins else label)
+    return named
+
+
+def _distinct_tail(path: Path, others: list[Path]) -> str:
+    """The fewest last parts of ``path`` that no other path ends with (all of it if none do)."""
+    parts = path.absolute().parts
+    other_parts = [other.absolute().parts for other in others]
+    for count in range(1, len(parts) + 1):
+        if all(other[-count:] != parts[-count:] for other in other_parts):
+            return str(Path(*parts[-count:]))
+    return str(path)
+
+
 def plot_runs(paths: list[Path], out: Path) -> None:
     """Test accuracy and loss against training time and epochs, one line per run, to a PNG."""
     import matplotlib
@@ -29,12 +54,11 @@ def plot_runs(paths: list[Path], out: Path) -> None:
             raise FileNotFoundError(f"{run.path} has no metrics.jsonl: is it an rkfac run directory?")
     figure, axes = plt.subplots(2, 2, figsize=(12, 8))
     plotted = 0
-    for run in runs:
+    for run, label in zip(runs, run_labels(runs), strict=True):
         epochs = list(run.metrics("epoch"))
         if not epochs:
             continue
         plotted += 1
-        label = run_label(run)
         number = [record["epoch"] for record in epochs]
         seconds = [record["train_time"] for record in epochs]
         # accuracy at every evaluation (epoch ends and, with --evals-per-epoch, inside epochs)

@@ -1,7 +1,11 @@
 """A run directory: everything a run writes, and the only thing plots read.
 
-    config.json     every setting, resolved (rkfac.experiments.config.RunConfig)
-    env.json        versions, device, CPU/GPU model, git revision if any
+    config.json     every setting, resolved (rkfac.experiments.config.RunConfig); written once,
+                    when the run starts, never rewritten
+    env.json        versions, device, CPU/GPU model, git revision if any, and ``data_files``:
+                    path and SHA-256 of each file the data was read from (``[]``: synthetic)
+    resumes.json    one entry per resume: the step it continued from, what it extended
+                    (epochs, max_steps) and its environment (rkfac.experiments.resume)
     metrics.jsonl   one JSON object per line: {"kind": "step", ...} and {"kind": "epoch", ...}
     summary.json    final numbers (written at the end of the run)
     checkpoint.pt   model, optimizer (with the preconditioner), RNG state, counters, behind a

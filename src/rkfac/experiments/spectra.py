@@ -1,7 +1,8 @@
 """``rkfac spectrum``: record the factors' spectra while training, plot them, compare widths.
 
 For each width scale, one K-FAC run (any ``rkfac train`` settings) records, every
-``record_every`` steps after the backward (raw gradients in ``.grad``), per layer and factor:
+``record_every`` steps and at its last step, after the backward (raw gradients in ``.grad``),
+once factors exist (from the step after the first factor step), per layer and factor:
 the normalised eigenvalues, the modes above ``threshold``·λ_max, the rank-r truncation errors,
 and the preconditioned-gradient error with rank-r factors (:mod:`rkfac.spectrum`). Recording
 time is excluded from training time. Output, per width, ``<out>/width-<scale>/`` (a run
@@ -9,6 +10,7 @@ directory plus ``spectrum.json`` and ``spectrum.png``), and ``<out>/spectrum.jso
 final counts per width and ``<out>/widths.png`` (modes above threshold against width).
 
 ``--from RUN_DIR`` skips training: it reads the factors saved in the run's checkpoint.
+A run that ends before any factors exist (one step) is refused: there is nothing to record.
 """
 
 from __future__ import annotations
@@ -19,13 +21,17 @@ from typing import Any
 
 import torch
 
-from rkfac.experiments.config import KFAC_OPTIMIZERS, RunConfig
+from rkfac.experiments.config import RunConfig
 from rkfac.experiments.optimizers import damping_at
 from rkfac.experiments.rundir import RunDirectory
 from rkfac.experiments.train import Trainer
 from rkfac.kfac import KFACPreconditioner
 from rkfac.kfac.state import saved_factors
+from rkfac.schedules import check_int
 from rkfac.spectrum import FactorSpectrum, LayerSpectrum, factor_spectrum, layer_spectra
+
+# The optimizers whose preconditioner keeps dense factors (B-KFAC's online factors keep none).
+DENSE_FACTORS = ("kfac", "rs-kfac", "sre-kfac")
 
 
 def _factor_json(spectrum: FactorSpectrum) -> dict[str, Any]:
@@ -49,23 +55,30 @@ def record_run(
     config: RunConfig, out: Path, *, record_every: int, ranks: list[int], threshold: float, quiet: bool
 ) -> dict[str, Any]:
     """Train one run into ``out`` and return (and write) its spectrum records."""
-    if config.optimizer not in KFAC_OPTIMIZERS:
-        raise ValueError(f"rkfac spectrum needs a K-FAC optimizer (kfac, rs-kfac, sre-kfac), got {config.optimizer!r}")
-    if record_every < 1:
-        raise ValueError(f"record_every must be >= 1, got {record_every}")
+    if config.optimizer not in DENSE_FACTORS:
+        raise ValueError(f"rkfac spectrum needs a K-FAC optimizer ({', '.join(DENSE_FACTORS)}), got {config.optimizer!r}")
+    check_int(record_every, "record_every", low=1)
+    check_ranks(ranks)
     trainer = Trainer(config, out, quiet=quiet)
     pre = trainer.preconditioner
     assert isinstance(pre, KFACPreconditioner)  # the K-FAC optimizers checked above build one
     records: list[dict[str, Any]] = []
+    last = trainer.total_steps - 1
 
     def record(step: int) -> None:
-        if step % record_every == 0 and pre.factors():
+        if (step % record_every == 0 or step == last) and pre.factors():
             damping = damping_at(config, step, trainer.steps_per_epoch) or 0.1
             report = layer_spectra(pre, ranks, threshold, damping)
             records.append({"step": step, "layers": {name: _layer_json(spectrum) for name, spectrum in report.items()}})
 
     trainer.after_backward = record
     trainer.run()
+    if not records:
+        raise ValueError(
+            f"nothing to record: the run's {trainer.total_steps} step(s) ended before any factors existed "
+            "(they are recorded after a backward, from the step after the first factor step); "
+            "train at least 2 steps (--epochs, --max-steps)"
+        )
     result = {"width_scale": config.width_scale, "threshold": threshold, "ranks": ranks, "records": records}
     RunDirectory(out).write_json("spectrum.json", result)
     if records:
@@ -75,6 +88,7 @@ def record_run(
 
 def from_run(run_dir: Path, *, ranks: list[int], threshold: float) -> dict[str, Any]:
     """Spectra of the factors saved in a run's checkpoint (no gradients there: no gradient error)."""
+    check_ranks(ranks)
     state = RunDirectory(run_dir).load_checkpoint()
     saved = state["optimizer"].get("preconditioner")
     if saved is None:
@@ -87,6 +101,12 @@ def from_run(run_dir: Path, *, ranks: list[int], threshold: float) -> dict[str, 
         }
     width = state.get("config", {}).get("width_scale", 1.0)
     return {"width_scale": width, "threshold": threshold, "ranks": ranks, "records": [{"step": saved["steps"], "layers": layers}]}
+
+
+def check_ranks(ranks: list[int]) -> None:
+    """Each truncation rank is a positive integer (``--ranks``), with the bound of ``--rank``."""
+    for rank in ranks:
+        check_int(rank, "ranks", low=1)
 
 
 def run_spectrum(

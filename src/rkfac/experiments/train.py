@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,7 @@ from rkfac.experiments.distributed import mean_over_ranks, placement_from_enviro
 from rkfac.experiments.metrics import Progress, StepClock, TrafficLedger, preconditioner_of
 from rkfac.experiments.models import build_model
 from rkfac.experiments.optimizers import build_optimizer
+from rkfac.experiments.resume import RESUMES, check_resume, record_resume, run_config
 from rkfac.experiments.rundir import RunDirectory, environment
 from rkfac.seeding import keyed_generator
 from rkfac.timing import PhaseTimer
@@ -146,17 +147,39 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
+    @property
+    def total_steps(self) -> int:
+        """The steps the run takes in all: its epochs, cut at ``max_steps``."""
+        total = self.config.epochs * self.steps_per_epoch
+        return total if self.config.max_steps is None else min(total, self.config.max_steps)
+
+    def environment(self) -> dict[str, Any]:
+        """env.json's contents: versions, hardware, world size, and the data files read (path, SHA-256)."""
+        files = [{"path": file.path, "sha256": file.sha256} for file in self.data.files]
+        return {**environment(self.device), "world_size": self.placement.world_size, "data_files": files}
+
     def run(self, *, resume: bool = False) -> dict[str, Any]:
+        """Train (or, with ``resume``, continue the run in the run directory) to the end.
+
+        A fresh run writes config.json and env.json; a resume writes neither: it refuses a
+        config other than the run's, except a longer one, and records itself in resumes.json
+        (:mod:`rkfac.experiments.resume`).
+        """
         config = self.config
         if resume:
+            given = {field.name: getattr(config, field.name) for field in fields(config)}
+            changes = check_resume(run_config(self.run_dir.path), given, where=self.run_dir.path)
             self.restore(self.run_dir.load_checkpoint())
+            record_resume(
+                self.run_dir, step=self.progress.step, epoch=self.progress.epoch, changes=changes, env=self.environment()
+            )
         else:
-            (self.run_dir.path / "metrics.jsonl").unlink(missing_ok=True)
-        self.run_dir.write_json("config.json", config.to_json())
-        self.run_dir.write_json("env.json", {**environment(self.device), "world_size": self.placement.world_size})
-        total_steps = config.epochs * self.steps_per_epoch
-        if config.max_steps is not None:
-            total_steps = min(total_steps, config.max_steps)
+            for stale in ("metrics.jsonl", RESUMES):  # of an earlier run in this directory
+                if self.run_dir.writer:
+                    (self.run_dir.path / stale).unlink(missing_ok=True)
+            self.run_dir.write_json("config.json", config.to_json())
+            self.run_dir.write_json("env.json", self.environment())
+        total_steps = self.total_steps
         status = "completed"
         bar = tqdm(
             total=total_steps,
