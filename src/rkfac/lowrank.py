@@ -45,6 +45,7 @@ class Eigenpairs:
 
     @property
     def rank(self) -> int:
+        """k, the number of pairs kept."""
         return self.values.shape[0]
 
     def to(self, device: torch.device | str | None = None) -> Eigenpairs:
@@ -84,11 +85,10 @@ class DiagonalFactor:
 
     @property
     def dim(self) -> int:
+        """d; every mode is kept, so this is also the rank."""
         return self.values.shape[0]
 
-    @property
-    def rank(self) -> int:
-        return self.values.shape[0]
+    rank = dim
 
     def to(self, device: torch.device | str | None = None) -> DiagonalFactor:
         return DiagonalFactor(self.values.to(device), self.trace, self.top)

@@ -10,28 +10,17 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rkfac.layers.base import LayerKind
+from rkfac.layers.convolution import ConvolutionKind
 
 
-class Conv1dKind(LayerKind):
-    label = "Conv1d"
+class Conv1dKind(ConvolutionKind):
     module: nn.Conv1d
-
-    @classmethod
-    def accepts(cls, module: nn.Module) -> bool:
-        return isinstance(module, nn.Conv1d) and module.groups == 1
-
-    def samples(self, inputs: Tensor, batch_dim: int) -> int:
-        """n: an unbatched input is (c_in, L), one sample."""
-        return 1 if inputs.dim() == 2 else inputs.shape[0]
+    label, module_type, spatial = "Conv1d", nn.Conv1d, 1
 
     def _patch_view(self, inputs: Tensor) -> Tensor:
         """The patches as a strided view (n, L_out, c_in, k) of the input padded as the layer pads it."""
         module = self.module
-        x = inputs.unsqueeze(0) if inputs.dim() == 2 else inputs
-        pad = module._reversed_padding_repeated_twice
-        if any(pad):
-            x = F.pad(x, pad, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+        x = self._padded(inputs)
         n, channels, length = x.shape
         (k,), (s,), (d,) = module.kernel_size, module.stride, module.dilation
         out = (length - d * (k - 1) - 1) // s + 1

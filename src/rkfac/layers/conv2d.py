@@ -11,36 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from rkfac.layers.base import LayerKind
+from rkfac.layers.convolution import ConvolutionKind
 
 
-class Conv2dKind(LayerKind):
-    label = "Conv2d"
+class Conv2dKind(ConvolutionKind):
     module: nn.Conv2d
-
-    @classmethod
-    def accepts(cls, module: nn.Module) -> bool:
-        return isinstance(module, nn.Conv2d) and module.groups == 1
-
-    def samples(self, inputs: Tensor, batch_dim: int) -> int:
-        """n: an unbatched input is (c_in, H, W), one sample."""
-        return 1 if inputs.dim() == 3 else inputs.shape[0]
-
-    def _padded(self, inputs: Tensor) -> Tensor:
-        """The batched input padded exactly as the layer pads it.
-
-        Padding goes through ``F.pad`` with the layer's own padding amounts so that
-        ``padding='same'`` and non-zero padding modes ('reflect', 'replicate', 'circular') give
-        the patches the convolution really saw.
-        """
-        module = self.module
-        if inputs.dim() == 3:
-            inputs = inputs.unsqueeze(0)
-        pad = module._reversed_padding_repeated_twice  # the amounts nn.Conv2d itself uses
-        if any(pad):
-            mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-            inputs = F.pad(inputs, pad, mode=mode)
-        return inputs
+    label, module_type, spatial = "Conv2d", nn.Conv2d, 2
 
     def _patch_view(self, inputs: Tensor) -> Tensor:
         """The patches as a strided view (n, H_out, W_out, c_in, kh, kw) of the padded input.
