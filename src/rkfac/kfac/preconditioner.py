@@ -110,7 +110,7 @@ class KFACPreconditioner:
         self.frozen = frozen_layers(model, rules)
         if not selected:
             raise ValueError(
-                f"model {type(model).__name__} has no {SUPPORTED_TEXT} layer to precondition"
+                f"model {type(model).__name__} has no trainable layer to precondition (rkfac handles {SUPPORTED_TEXT})"
                 + (f" after skip={rules!r}" if rules else "")
             )
         method = self.options.decomposition

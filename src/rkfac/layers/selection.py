@@ -37,7 +37,7 @@ from rkfac.layers.linear import LinearKind
 #: The layer types rkfac preconditions, in the order they are tried.
 KINDS: tuple[type[LayerKind], ...] = (LinearKind, Conv2dKind, Conv1dKind, EmbeddingKind)
 
-SUPPORTED_TEXT = "nn.Linear or nn.Conv2d / nn.Conv1d (groups=1), nn.Embedding"
+SUPPORTED_TEXT = "nn.Linear, nn.Conv1d and nn.Conv2d (groups=1) and nn.Embedding (sparse=False)"
 
 SkipRule = str | type[nn.Module]
 
