@@ -61,6 +61,7 @@ def test_embedding_equals_the_linear_on_one_hot_rows(damping_mode: str) -> None:
     options = {"decomposition": rkfac.ExactEigh(), "factor_every": 1, "clip": None, "damping_mode": damping_mode}
     pre, reference = rkfac.KFACPreconditioner(embedded, **options), rkfac.KFACPreconditioner(explicit, **options)
     assert pre.layer_names == ["embed", "head"]
+    assert pre.describe().startswith("embed: Embedding, A 11 (diagonal), G 4 × 4")
     for model, preconditioner in ((embedded, pre), (explicit, reference)):
         F.cross_entropy(model(tokens), labels).backward()
         preconditioner.step()

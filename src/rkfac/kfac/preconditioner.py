@@ -191,7 +191,8 @@ class KFACPreconditioner:
         lines = []
         for layer in self._layers:
             d_a, d_g = layer.kind.factor_dims
-            lines.append(f"{display_name(layer.name)}: {layer.kind.label}, A {d_a} × {d_a}, G {d_g} × {d_g}")
+            a_shape = f"{d_a} (diagonal)" if layer.kind.diagonal_input else f"{d_a} × {d_a}"
+            lines.append(f"{display_name(layer.name)}: {layer.kind.label}, A {a_shape}, G {d_g} × {d_g}")
         skipped = [f"{name} ({kind})" for name, kind in self.unsupported]
         lines += [f"not preconditioned: {', '.join(skipped)}"] if skipped else []
         lines += [f"frozen, left out: {', '.join(map(display_name, self.frozen))}"] if self.frozen else []
