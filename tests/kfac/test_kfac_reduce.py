@@ -91,3 +91,22 @@ def test_conv2d_expand_and_reduce(approx: str) -> None:
 def test_reduce_is_refused_when_misspelled() -> None:
     with pytest.raises(ValueError, match=r"kfac_approx must be one of \('expand', 'reduce'\), got 'reduced'"):
         rkfac.KFACOptions(kfac_approx="reduced")
+
+
+def test_reduce_feeds_b_kfac_the_same_statistics() -> None:
+    """B-KFAC keeps rows, not Gram sums: under reduce its (untruncated) online factors must be the
+    exact K-FAC ones, with n reduced rows per call (narrower than the factors, so they go online)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 6, 4, dtype=DTYPE)
+    directions = []
+    for decomposition in (rkfac.ExactEigh(), rkfac.BrandUpdate(rank=100, fallback=rkfac.ExactEigh())):
+        torch.manual_seed(1)  # the same weights for both
+        model = tokens_model()
+        pre = rkfac.KFACPreconditioner(model, decomposition=decomposition, factor_every=1, kfac_approx="reduce", clip=None)
+        model(x).square().sum().div(3).backward()
+        pre.step()
+        directions.append([p.grad.clone() for p in model.parameters()])
+        if isinstance(decomposition, rkfac.BrandUpdate):
+            assert all(layer.a.online for layer in pre.layers)
+    for brand, exact in zip(directions[1], directions[0], strict=True):
+        torch.testing.assert_close(brand, exact)
