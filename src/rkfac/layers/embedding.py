@@ -1,21 +1,23 @@
 """``nn.Embedding``: A is diagonal (token frequencies), G dense (spec section 7).
 
-In the matrix convention of :mod:`rkfac.layers.base` the layer computes out = W_matᵀ-free
-``W_mat @ onehot(index)`` with W_mat = ``weight.T`` (d_G = embedding_dim, d_A = num_embeddings):
-each looked-up token is one row, and its input row is the one-hot vector e_index. So
+In the matrix convention of :mod:`rkfac.layers.base` a lookup is ``W_mat @ onehot(index)`` with
+W_mat = ``weight.T`` (d_G = embedding_dim, d_A = num_embeddings): each looked-up token is one row,
+and its input row is the one-hot vector e_index. So
 
-    S_A = Σ_rows e e ᵀ / N = diag(count_j / N),      S_G = n Σ_rows g gᵀ   (mean loss),
+    S_A = Σ_rows e eᵀ / N = diag(count_j / N),      S_G = n Σ_rows g gᵀ   (mean loss),
 
 and A is kept and applied as a vector (:class:`rkfac.lowrank.DiagonalFactor`): the solve
 (G + λ_G I)⁻¹ ∇W (A + λ_A I)⁻¹ scales column j of ∇W by 1/(count_j/N + λ_A), O(vocab · d) per
-step, never vocab². Tokens are positions shared by a sample's rows (K-FAC-expand); A stays
-diagonal under K-FAC-reduce too, so embeddings always use expand. ``padding_idx`` needs nothing:
-its gradient column is zero, so its direction column stays zero, and its rows (whose output
-does not depend on the weight) are left out of both statistics: A counts the other tokens over
-their number, G sums the other rows' gradients (:meth:`EmbeddingKind.row_mask`), so that heavy
-padding neither sets the relative damping δ·max A nor dilutes the factors. ``sparse=True`` embeddings are
-not accepted (their gradient is a sparse tensor; they are named as unsupported), and SENG leaves
-embeddings to its plain g / (1 + λ) step (a per-sample gradient is d × vocab).
+step, never vocab². The tokens of a sample are its shared positions (K-FAC-expand); embeddings
+use expand under ``kfac_approx="reduce"`` too, which keeps A diagonal.
+
+``padding_idx``: its gradient column is zero, so its direction column stays zero, and its rows
+(whose output does not depend on the weight) are left out of both statistics: A counts the other
+tokens over their number, G sums the other rows' gradients (:meth:`EmbeddingKind.row_mask`), so
+that heavy padding neither sets the relative damping δ·max A nor dilutes the factors.
+``sparse=True`` embeddings are not accepted (their gradient is a sparse tensor; they are named as
+unsupported), and SENG leaves embeddings to its plain g / (1 + λ) step (a per-sample gradient is
+d × vocab).
 """
 
 from __future__ import annotations
