@@ -366,3 +366,12 @@ def test_warm_start_and_adaptive_rank_flags_reach_the_decomposition_and_the_metr
     ranks = [record["ranks"] for record in read_metrics(run, "epoch")]
     assert all(8 <= k <= 40 for epoch in ranks for pair in epoch.values() for k in pair)
     assert ranks[-1]["1"] != [40, 40]  # the hidden layer's ranks moved off the configured maximum
+
+
+def test_a_bench_of_runs_shorter_than_an_epoch_writes_its_tables_without_a_plot(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
+    """It used to end with 'no completed epoch …: nothing to plot' (exit 2) after every run had finished."""
+    overrides = dict(dataset="synthetic", synthetic_train=256, synthetic_test=64, widths=[16], batch_size=32, max_steps=3)
+    rows = run_bench("quick", tmp_path, optimizers=["sgd", "sre-kfac"], seeds=[0], overrides=overrides, quiet=True)
+    assert [row["optimizer"] for row in rows] == ["sgd", "sre-kfac"]
+    assert (tmp_path / "bench.md").exists() and not (tmp_path / "bench.png").exists()
+    assert "no run completed an epoch" in capsys.readouterr().out

@@ -149,9 +149,11 @@ def run_bench(
             print(f"{name} seed {seed}: {speed:.1f} s/epoch, final test acc {accuracy:.2f}%", flush=True)
         # after every seed, so that an interrupted bench keeps the tables of the seeds it finished
         rows = summarize(preset, results, targets)
-        table = _write_tables(out, preset, seed_list[: seed_list.index(seed) + 1], rows, targets, run_dirs)
+        table, plotted = _write_tables(out, preset, seed_list[: seed_list.index(seed) + 1], rows, targets, run_dirs)
     print(f"\n## rkfac bench --preset {preset}: seeds {seed_list}\n\n{table}")
-    print(f"\nwrote {out / 'bench.json'}, bench.csv, bench.md, bench.png")
+    print(f"\nwrote {out / 'bench.json'}, bench.csv, bench.md" + (", bench.png" if plotted else ""))
+    if not plotted:
+        print("no run completed an epoch (--max-steps below one epoch): no bench.png, which plots per-epoch records")
     return rows
 
 
@@ -179,8 +181,9 @@ def _as_json(config: RunConfig) -> Any:
 
 def _write_tables(
     out: Path, preset: str, seeds: list[int], rows: list[dict[str, Any]], targets: list[float], run_dirs: list[Path]
-) -> str:
-    """bench.json, bench.csv, bench.md and bench.png for the seeds done so far; returns the table."""
+) -> tuple[str, bool]:
+    """bench.json, bench.csv, bench.md and bench.png for the seeds done so far; returns the table and
+    whether bench.png was written (it plots per-epoch records: not when no run completed an epoch)."""
     table = format_table(rows, targets)
     out.mkdir(parents=True, exist_ok=True)
     RunDirectory(out).write_json(
@@ -191,5 +194,9 @@ def _write_tables(
         writer.writeheader()
         writer.writerows(rows)
     (out / "bench.md").write_text(table + "\n")
-    plot_runs(run_dirs, out / "bench.png")
-    return table
+    plotted = any(any(True for _ in RunDirectory(path, writer=False).metrics("epoch")) for path in run_dirs)
+    if plotted:
+        plot_runs(run_dirs, out / "bench.png")
+    else:
+        (out / "bench.png").unlink(missing_ok=True)  # not an earlier bench's plot
+    return table, plotted
