@@ -94,6 +94,10 @@ def test_sparse_embeddings_are_named_not_listed() -> None:
     with pytest.warns(UserWarning, match=r"0 \(Embedding sparse=True \(its gradient is a sparse tensor"):
         pre = rkfac.KFACPreconditioner(model)
     assert pre.layer_names == ["1"]
+    model = nn.Sequential(nn.Embedding(VOCAB, DIM, scale_grad_by_freq=True), nn.Linear(DIM, 2))
+    with pytest.warns(UserWarning, match=r"0 \(Embedding scale_grad_by_freq=True \(its gradient is rescaled per token"):
+        pre = rkfac.KFACPreconditioner(model)
+    assert pre.layer_names == ["1"]
 
 
 def test_seng_gives_embeddings_the_plain_damped_step() -> None:

@@ -173,7 +173,8 @@ class KFACPreconditioner:
 
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """The averaged factors, ``{layer_name: (A, G)}``, of layers that keep both (B-KFAC's
-        online factors keep none; see :meth:`eigenpairs`)."""
+        online factors keep none; see :meth:`eigenpairs`). An embedding's A is its diagonal, a
+        vector of width num_embeddings."""
         dense = {layer.name: tuple(t.factor for t in layer.trackers) for layer in self._layers}
         return {name: (a, g) for name, (a, g) in dense.items() if a is not None and g is not None}
 

@@ -103,12 +103,13 @@ def load_layers(layers: list[LayerState], state: dict[str, Any]) -> None:
 
 
 def saved_factors(state: dict[str, Any]) -> dict[str, tuple[Tensor, Tensor]]:
-    """``{layer: (A, G)}`` of the layers that kept both dense factors in a saved ``state_dict``
-    (any supported version): for reading a checkpoint without building the model."""
+    """``{layer: (A, G)}`` of the layers that kept both dense d × d factors in a saved ``state_dict``
+    (any supported version): for reading a checkpoint without building the model. A diagonal
+    factor (an embedding's A, saved as a vector) is left out with its layer."""
     found = {}
     for name, saved in _migrated(state).items():
         a, g = saved["A"].get("factor"), saved["G"].get("factor")
-        if a is not None and g is not None:
+        if a is not None and g is not None and a.dim() == 2:
             found[name] = (a, g)
     return found
 

@@ -27,7 +27,8 @@ K-FAC-expand and K-FAC-reduce (Eschenhagen et al. 2023; option ``kfac_approx``).
     S_A = Σ_samples ā āᵀ / n,    S_G = n Σ_samples ḡ ḡᵀ   (mean loss; Σ ḡ ḡᵀ / n for a sum),
 
 which is exact for a linear weight-sharing layer whose loss sees only the aggregate, and costs R×
-less in the Gram products. (These are curvlinops' ``kfac_approx`` names and scalings.) Several
+less in the Gram products. (The option names are curvlinops'; the scaling is the one spec section 7
+fixes, tested against hand-computed factors, not compared with curvlinops' code.) Several
 calls of one layer in a forward stay separate rows under both.
 
 Statistics are summed in float32 (float64 for a float64 layer), whatever the activation dtype,

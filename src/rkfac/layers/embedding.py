@@ -15,7 +15,9 @@ use expand under ``kfac_approx="reduce"`` too, which keeps A diagonal.
 (whose output does not depend on the weight) are left out of both statistics: A counts the other
 tokens over their number, G sums the other rows' gradients (:meth:`EmbeddingKind.row_mask`), so
 that heavy padding neither sets the relative damping δ·max A nor dilutes the factors.
-``sparse=True`` embeddings are not accepted (their gradient is a sparse tensor; they are named as
+``scale_grad_by_freq=True`` is not accepted either (the
+gradient is rescaled per token after the backward our G statistics see, so the factors would not
+match it). ``sparse=True`` embeddings are not accepted (their gradient is a sparse tensor; they are named as
 unsupported), and SENG leaves embeddings to its plain g / (1 + λ) step (a per-sample gradient is
 d × vocab).
 """
@@ -36,7 +38,7 @@ class EmbeddingKind(LayerKind):
 
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:
-        return isinstance(module, nn.Embedding) and not module.sparse
+        return isinstance(module, nn.Embedding) and not module.sparse and not module.scale_grad_by_freq
 
     @property
     def factor_dims(self) -> tuple[int, int]:

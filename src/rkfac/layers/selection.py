@@ -125,8 +125,8 @@ def unwrap(model: nn.Module) -> nn.Module:
     while True:
         if isinstance(model, nn.parallel.DistributedDataParallel):
             model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch._dynamo's OptimizedModule
-            model = model._orig_mod  # type: ignore[assignment]
+        elif type(model).__name__ == "OptimizedModule" and isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod  # type: ignore[assignment]  # torch.compile's wrapper (not imported: torch._dynamo is slow to load)
         else:
             return model
 
@@ -168,6 +168,8 @@ def unsupported_layers(model: nn.Module, selected: dict[str, LayerKind], rules: 
                 label += f" groups={module.groups}"
             if isinstance(module, nn.Embedding) and module.sparse:
                 label += " sparse=True (its gradient is a sparse tensor; use sparse=False)"
+            if isinstance(module, nn.Embedding) and module.scale_grad_by_freq:
+                label += " scale_grad_by_freq=True (its gradient is rescaled per token, unlike the statistics)"
             if id(module) in functional:
                 label += ", applied by its parent through a functional call that hooks do not see"
             elif kind_for(module) is not None:
