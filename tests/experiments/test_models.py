@@ -1,4 +1,4 @@
-"""The experiment models: VGG16_bn's parameter count, shapes, width scaling, rkfac support, errors.
+"""The experiment models (the ViT in test_vit.py): VGG16_bn's parameter count, shapes, width scaling, rkfac support, errors.
 
 Kept fast (a few seconds on two CPU cores): the full-width VGG16_bn is built once per module and
 run on a batch of two; everything that trains or preconditions a VGG uses a narrow one.
@@ -222,7 +222,7 @@ def test_same_seed_same_parameters(name: str) -> None:
 @pytest.mark.parametrize(
     ("args", "kwargs", "message"),
     [
-        (("resnet", FASHION, 10), {}, r"model must be one of \('mlp', 'cnn', 'vgg16_bn'\), got 'resnet'"),
+        (("resnet", FASHION, 10), {}, r"model must be one of \('mlp', 'cnn', 'vgg16_bn', 'vit'\), got 'resnet'"),
         (("MLP", FASHION, 10), {}, "got 'MLP'"),
         (("mlp", FASHION, 10), {"width_scale": 0}, "width_scale must be > 0, got 0"),
         (("cnn", FASHION, 10), {"width_scale": -0.5}, r"width_scale must be > 0, got -0\.5"),

@@ -1,4 +1,4 @@
-"""The models the experiments train: an MLP, a small CNN and the paper's VGG16_bn.
+"""The models the experiments train: an MLP, a small CNN, the paper's VGG16_bn and a small ViT.
 
 Every hidden width goes through :func:`scaled`, so one ``width_scale`` widens or narrows a whole
 architecture: that is how the experiments study K-FAC's O(d³) decomposition cost and the
@@ -13,18 +13,35 @@ factors' spectra as the layers grow, without a separate model per width.
   and a bias, then BatchNorm and ReLU; a 2×2 max-pool ends each block; no adaptive average pool.
   Classifier Linear(512·(H/32)·(W/32), 512) → ReLU → Dropout(0.5) → Linear(512, classes):
   14,990,922 parameters on 3×32×32 inputs with 10 classes.
+- ``vit`` (the fashion-vit model): a pre-norm vision transformer. The image is cut into 7×7
+  patches (16 tokens on 28×28), each flattened patch (C·49 pixels) goes through a Linear to
+  width 128 and gets a learned position embedding; then 4 ``nn.TransformerEncoderLayer`` blocks
+  (4 heads, MLP 128-256-128 with GELU, ``norm_first=True``, no dropout), a final LayerNorm, the
+  mean over tokens and a Linear head: 539,914 parameters on 1×28×28 with 10 classes. Mean
+  pooling rather than a class token: the head then sees every token alike, there is one
+  parameter fewer outside rkfac's layer kinds, and the "Better plain ViT baselines" recipe
+  (Beyer, Zhai & Kolesnikov 2022) found it no worse for small ViTs.
 
 Initialisation: the MLP and the CNN keep PyTorch's defaults. VGG16_bn uses the common VGG
 recipe (as in most CIFAR VGG code): Kaiming-normal convolutions (fan-out, ReLU gain) with zero
 bias, BatchNorm weight 1 and bias 0, Linear weights N(0, 0.01²) with zero bias. Fan-out Kaiming
 keeps the activations' scale through thirteen ReLU convolutions, and the small classifier weights
-start the logits near zero; PyTorch's default (Kaiming-uniform, a = √5) aims at neither.
+start the logits near zero; PyTorch's default (Kaiming-uniform, a = √5) aims at neither. The
+ViT keeps PyTorch's defaults, except that the position embedding starts at N(0, 0.02²) (as in
+ViT) and each encoder block is built afresh: ``nn.TransformerEncoder`` deep-copies one layer
+``depth`` times, which would start every block with the same weights.
 
 The convolutions keep their bias even before BatchNorm (where it is redundant) because the
 paper's parameter count includes it; K-FAC then gives each convolution an A factor with the
 bias column (9·C_in + 1 wide). Every convolution has groups = 1 and every layer with weights is an
 ``nn.Linear`` or ``nn.Conv2d``: exactly what :mod:`rkfac.layers` supports (:data:`rkfac.layers.KINDS`). ``ReLU(inplace=True)``
-is safe with rkfac's statistics capture, which hooks output tensors, not modules.
+is safe with rkfac's statistics capture, which hooks output tensors, not modules. The ViT's
+patch embedding, its blocks' feed-forward Linears and its head are ``nn.Linear`` too; its
+``nn.MultiheadAttention`` layers are preconditioned where :mod:`rkfac.layers` supports them (else
+named in rkfac's warning and given the plain step), and its LayerNorms take the plain step. Its
+position embedding is an ``nn.Embedding`` looked up per sample, so rkfac preconditions it too
+(a diagonal A); a bare ``nn.Parameter`` would take the plain step and get the root module named
+as unsupported in rkfac's warning (as a class token would).
 """
 
 from __future__ import annotations
@@ -33,15 +50,25 @@ import math
 import operator
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
-MODELS = ("mlp", "cnn", "vgg16_bn")
+MODELS = ("mlp", "cnn", "vgg16_bn", "vit")
 
 #: The default hidden widths of the MLP, before ``width_scale``.
 MLP_WIDTHS: tuple[int, ...] = (1024, 1024)
 
 #: VGG configuration D: output channels of each 3×3 convolution, "M" for a 2×2 max-pool.
 VGG16_CONFIG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
+
+#: The ViT's side of a square patch (pixels), and its shape before ``width_scale``: the token
+#: width (d_model), the feed-forward width (MLP ratio 2), the heads and the blocks. Sized so that
+#: one AdamW step at batch 256 takes about 0.3 s on two CPU cores.
+VIT_PATCH = 7
+VIT_WIDTH = 128
+VIT_FEEDFORWARD = 256
+VIT_HEADS = 4
+VIT_DEPTH = 4
 
 
 def scaled(width: int, width_scale: float) -> int:
@@ -64,14 +91,16 @@ def build_model(
     """One of :data:`MODELS` for inputs of shape (B, *input_shape) and ``num_classes`` logits.
 
     Args:
-        name: "mlp", "cnn" or "vgg16_bn".
+        name: "mlp", "cnn", "vgg16_bn" or "vit".
         input_shape: (channels, height, width) of one sample. The CNN needs height and width
-            of at least 4 (two 2× poolings); VGG16_bn needs multiples of 32 (five of them).
+            of at least 4 (two 2× poolings); VGG16_bn needs multiples of 32 (five of them); the
+            ViT multiples of 7 (its patches).
         num_classes: the width of the output layer.
         width_scale: multiplies every hidden width (through :func:`scaled`); > 0.
         widths: the MLP's hidden widths before scaling (default (1024, 1024); empty gives
-            multinomial logistic regression). The CNN and VGG16_bn have fixed shapes and take
-            only ``width_scale``, so passing ``widths`` to them is an error rather than ignored.
+            multinomial logistic regression). The CNN, VGG16_bn and the ViT have fixed shapes and
+            take only ``width_scale``, so passing ``widths`` to them is an error rather than
+            ignored. The ViT's scaled token width must divide among its 4 heads.
 
     Raises:
         ValueError: naming the bad value, for any argument outside the ranges above.
@@ -92,6 +121,19 @@ def build_model(
         if height < 4 or width < 4:
             raise ValueError(f"cnn needs inputs of at least 4×4 (two 2× poolings), got {height}×{width}")
         return _cnn(channels, height, width, num_classes, width_scale)
+    if name == "vit":
+        if height % VIT_PATCH or width % VIT_PATCH:
+            raise ValueError(
+                f"vit needs inputs whose sides are multiples of {VIT_PATCH} ({VIT_PATCH}×{VIT_PATCH} patches), "
+                f"got {height}×{width}"
+            )
+        model_width = scaled(VIT_WIDTH, width_scale)
+        if model_width % VIT_HEADS:
+            raise ValueError(
+                f"vit needs a token width divisible by its {VIT_HEADS} heads: width_scale={width_scale!r} gives {model_width}"
+            )
+        tokens = (height // VIT_PATCH) * (width // VIT_PATCH)
+        return VisionTransformer(channels, tokens, num_classes, model_width, scaled(VIT_FEEDFORWARD, width_scale))
     if height < 32 or width < 32 or height % 32 or width % 32:
         raise ValueError(f"vgg16_bn needs inputs whose sides are multiples of 32 (five 2× poolings), got {height}×{width}")
     return _vgg16_bn(channels, height, width, num_classes, width_scale)
@@ -200,3 +242,39 @@ def _init_vgg(model: nn.Module) -> None:
             nn.init.normal_(module.weight, 0.0, 0.01)
         if isinstance(module, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+class VisionTransformer(nn.Module):
+    """Patches → Linear embedding + position → pre-norm encoder blocks → LayerNorm → mean → head.
+
+    Input (B, C, H, W) with H and W multiples of :data:`VIT_PATCH`; the ``tokens`` patches are
+    taken row by row (``nn.Unfold``), each a vector of C·p² pixels.
+    """
+
+    positions: torch.Tensor  # 0, 1, …, tokens − 1: a buffer, so it follows the model's device
+
+    def __init__(self, channels: int, tokens: int, num_classes: int, width: int, feedforward: int) -> None:
+        super().__init__()
+        self.patches = nn.Unfold(kernel_size=VIT_PATCH, stride=VIT_PATCH)
+        self.embed = nn.Linear(channels * VIT_PATCH * VIT_PATCH, width)
+        # An nn.Embedding over the positions rather than an nn.Parameter: see the module docstring.
+        self.position = nn.Embedding(tokens, width)
+        self.register_buffer("positions", torch.arange(tokens), persistent=False)
+
+        def block() -> nn.TransformerEncoderLayer:
+            return nn.TransformerEncoderLayer(
+                width, VIT_HEADS, feedforward, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            )
+
+        # Nested tensors are for padded batches (and unused with norm_first); off, PyTorch does not warn.
+        self.encoder = nn.TransformerEncoder(block(), VIT_DEPTH, enable_nested_tensor=False)
+        # TransformerEncoder deep-copies its one layer, so every block would start alike: build each afresh.
+        self.encoder.layers = nn.ModuleList(block() for _ in range(VIT_DEPTH))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+        nn.init.normal_(self.position.weight, 0.0, 0.02)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        patches = self.patches(images).transpose(1, 2)  # (B, tokens, C·p²), row by row
+        tokens = self.embed(patches) + self.position(self.positions.expand(len(images), -1))  # (B, tokens, width)
+        return self.head(self.norm(self.encoder(tokens)).mean(dim=1))

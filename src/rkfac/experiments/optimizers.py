@@ -39,6 +39,8 @@ def build_optimizer(
         return torch.optim.SGD(model.parameters(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay)
     if config.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
     if config.optimizer in KFAC_OPTIMIZERS:
         return rkfac.KFAC(
             model,
