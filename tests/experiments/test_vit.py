@@ -166,7 +166,6 @@ def test_one_adamw_step_lowers_the_loss_on_a_small_batch() -> None:
 # ---------------------------------------------------------------------- rkfac on the whole encoder
 
 
-@pytest.mark.xfail(strict=False, reason="needs MultiheadAttention support")
 def test_a_transformer_encoder_trains_200_steps_with_rkfac_without_faults() -> None:
     """Every projection of every attention is preconditioned, and 200 K-FAC steps (factors every
     2, inverses every 10) run with no recovered fault, finite losses, and the loss going down."""

@@ -54,22 +54,22 @@ class Attention(nn.Module):
         return self.head(self.attn(x, x, x, need_weights=False)[0].mean(1))
 
 
-def test_attention_projections_are_reported_unsupported_not_listed() -> None:
+def test_attention_projections_are_listed_and_preconditioned() -> None:
+    """Issue 17 named attention unsupported; issue 18 routes it (tests/layers/test_attention.py)."""
     torch.manual_seed(0)
     model = Attention()
-    with pytest.warns(UserWarning, match=r"attn\.out_proj \(NonDynamicallyQuantizableLinear, applied by its parent"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
         pre = rkfac.KFACPreconditioner(model, factor_every=1)
-    assert pre.layer_names == ["head"]
-    assert dict(pre.unsupported) == {
-        "attn": "MultiheadAttention",
-        "attn.out_proj": "NonDynamicallyQuantizableLinear, applied by its parent through a functional call that hooks do not see",
-    }
+    assert pre.layer_names == ["attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj", "head"]
+    assert pre.unsupported == []
     x = torch.randn(4, 5, 8)
     F.cross_entropy(model(x), torch.tensor([0, 1, 2, 0])).backward()
-    plain = model.attn.out_proj.weight.grad.clone()
+    plain = model.attn.out_proj.weight.grad.clone(), model.attn.in_proj_weight.grad.clone()
     pre.step()
-    assert torch.equal(model.attn.out_proj.weight.grad, plain)  # not listed, not changed
-    assert "not preconditioned: attn (MultiheadAttention), attn.out_proj" in pre.describe()
+    assert not torch.allclose(model.attn.out_proj.weight.grad, plain[0])
+    assert not torch.allclose(model.attn.in_proj_weight.grad, plain[1])
+    assert "not preconditioned" not in pre.describe()
 
 
 def test_a_listed_layer_without_statistics_is_warned_about_and_counted() -> None:

@@ -169,7 +169,8 @@ class KFACPreconditioner:
 
     def parameters(self) -> list[Tensor]:
         """The trainable weights and biases of the preconditioned layers."""
-        return [p for layer in self._layers for p in (layer.kind.weight, layer.kind.bias) if p is not None and p.requires_grad]
+        unique = {id(p): p for layer in self._layers for p in layer.kind.parameters() if p.requires_grad}
+        return list(unique.values())
 
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """The averaged factors, ``{layer_name: (A, G)}``, of layers that keep both (B-KFAC's
@@ -261,12 +262,7 @@ class KFACPreconditioner:
             self._guard.missing_statistics(missing, step)
 
     def _gradients(self) -> list[tuple[str, Tensor]]:
-        return [
-            (layer.name, param.grad)
-            for layer in self._layers
-            for param in (layer.kind.weight, layer.kind.bias)
-            if param is not None and param.grad is not None
-        ]
+        return [(layer.name, grad) for layer in self._layers for grad in layer.kind.gradients()]
 
     def _update_factors(self, statistics: dict[str, tuple[Statistic, Statistic]], faults: Faults) -> None:
         for layer in self._layers:
@@ -358,7 +354,7 @@ class KFACPreconditioner:
         if options.fisher != "mc":
             raise ValueError(f"sample_fisher is for fisher='mc'; this preconditioner has fisher={options.fisher!r}")
         if self._is_factor_step() and outputs.requires_grad:
-            self._sampler.backward(outputs, [layer.kind.weight for layer in self._layers])
+            self._sampler.backward(outputs, list({id(p): p for layer in self._layers for p in layer.kind.parameters()}.values()))
 
     # ------------------------------------------------------------------ state
 

@@ -25,6 +25,7 @@ modules it ``accepts``, and give the four row/column maps.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
@@ -119,6 +120,24 @@ class LayerKind(ABC):
     @abstractmethod
     def output_grad_columns(self, grad_output: Tensor) -> Tensor:
         """Gy: (n, d_G, T), each sample's output gradient with positions as columns."""
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The parameters holding this layer's weight and bias (a kind may own rows of a larger one)."""
+        return [p for p in (self.weight, self.bias) if p is not None]
+
+    def gradients(self) -> list[Tensor]:
+        """This layer's present gradients (weight, bias), for the finiteness checks."""
+        return [p.grad for p in self.parameters() if p.grad is not None]
+
+    def divide_grad(self, divisor: float) -> None:
+        """Divide this layer's gradients in place (SENG's damped step of a layer it has no curvature of)."""
+        for grad in self.gradients():
+            grad.div_(divisor)
+
+    def install(self) -> Callable[[], None] | None:
+        """Set up what the capture's hooks need beyond a forward hook on :attr:`module` (an attention
+        module's routed forward); returns the undo, or None when there is nothing to set up."""
+        return None
 
     def grad_matrix(self) -> Tensor | None:
         """∇W as a (d_G, d_A) matrix, bias gradient as the last column; None before any backward.

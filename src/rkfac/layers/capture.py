@@ -73,6 +73,7 @@ class LayerCapture:
         self._handles: list[RemovableHandle] = [
             layer.module.register_forward_hook(self._forward_hook(name, layer)) for name, layer in layers.items()
         ]
+        self._undo = [undo for layer in layers.values() if (undo := layer.install()) is not None]
         if root is not None:
             self._handles += [
                 root.register_forward_pre_hook(self._enter_model),
@@ -113,3 +114,6 @@ class LayerCapture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for undo in self._undo:
+            undo()
+        self._undo.clear()

@@ -6,8 +6,13 @@ type is added there. Listed means preconditioned, so three kinds of module are n
 - frozen layers (weight with ``requires_grad=False``): they have no gradient to precondition;
   :func:`frozen_layers` names them;
 - layers a parent applies through a functional call, which the hooks never see: the
-  ``out_proj`` Linear of ``nn.MultiheadAttention`` (attention calls ``F.linear`` with its weight);
+  ``out_proj`` Linear of an ``nn.MultiheadAttention`` rkfac cannot route (see below);
 - skipped layers.
+
+``nn.MultiheadAttention`` is not one layer but four projections (:mod:`.attention`): a routable
+one contributes ``name.q_proj``, ``name.k_proj``, ``name.v_proj`` and ``name.out_proj``. Skip rules
+apply to those names; the q, k and v rows of a packed ``in_proj_weight`` are skipped all together
+or not at all (one parameter is in one group).
 
 ``skip`` rules are ``nn.Module`` types or glob patterns (``fnmatch``, case-sensitive) on qualified
 module names. A pattern skips a module when it matches the module's name or the name of one of
@@ -28,6 +33,7 @@ from collections.abc import Iterable
 
 from torch import nn
 
+from rkfac.layers.attention import projection_kinds, routable
 from rkfac.layers.base import LayerKind
 from rkfac.layers.conv1d import Conv1dKind
 from rkfac.layers.conv2d import Conv2dKind
@@ -37,14 +43,12 @@ from rkfac.layers.linear import LinearKind
 #: The layer types rkfac preconditions, in the order they are tried.
 KINDS: tuple[type[LayerKind], ...] = (LinearKind, Conv2dKind, Conv1dKind, EmbeddingKind)
 
-SUPPORTED_TEXT = "nn.Linear, nn.Conv1d and nn.Conv2d (groups=1) and nn.Embedding (sparse=False)"
+SUPPORTED_TEXT = "nn.Linear, nn.Conv1d and nn.Conv2d (groups=1), nn.Embedding (sparse=False) and nn.MultiheadAttention"
 
 SkipRule = str | type[nn.Module]
 
 _NORMALIZATION = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm)
 
-#: Parents that apply their submodules' weights through functional calls (no hooks fire).
-_FUNCTIONAL_PARENTS = (nn.MultiheadAttention,)
 
 ROOT_NAME = "<root>"
 
@@ -95,15 +99,22 @@ def is_skipped(name: str, module: nn.Module, rules: list[SkipRule]) -> bool:
 def unmatched_rules(model: nn.Module, rules: list[SkipRule]) -> list[SkipRule]:
     """The rules that skip no module of ``model`` (likely a typo)."""
     modules = list(model.named_modules())
+    modules += [
+        (projection, module)
+        for name, module in model.named_modules()
+        if isinstance(module, nn.MultiheadAttention) and routable(module) is None
+        for projection in projection_kinds(name, module)
+    ]
     return [rule for rule in rules if not any(is_skipped(name, module, [rule]) for name, module in modules)]
 
 
 def _applied_functionally(model: nn.Module) -> set[int]:
-    """ids of submodules whose weights a parent applies through a functional call."""
+    """ids of submodules whose weights a parent applies through a functional call: those of an
+    attention module rkfac cannot route (a routed one calls them as hookable projections)."""
     return {
         id(child)
         for parent in model.modules()
-        if isinstance(parent, _FUNCTIONAL_PARENTS)
+        if isinstance(parent, nn.MultiheadAttention) and routable(parent) is not None
         for child in parent.modules()
         if child is not parent
     }
@@ -131,36 +142,61 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def _candidates(model: nn.Module, rules: list[SkipRule]) -> dict[str, LayerKind]:
+    """``{qualified name: kind}`` of the supported, not skipped layers whose calls the hooks see
+    (trainable or not), in model order; a routable attention module gives its four projections."""
+    functional = _applied_functionally(model)
+    found: dict[str, LayerKind] = {}
+    for name, module in model.named_modules():
+        if id(module) in functional or is_skipped(name, module, rules) or name in found:
+            continue
+        if isinstance(module, nn.MultiheadAttention) and routable(module) is None:
+            projections = projection_kinds(name, module)
+            found.update({p: kind for p, kind in projections.items() if not is_skipped(p, module, rules)})
+            _check_packed_skip(name, module, [p for p in projections if p not in found], rules)
+        elif (kind := kind_for(module)) is not None:
+            found[name] = kind
+    return found
+
+
+def _check_packed_skip(name: str, attention: nn.MultiheadAttention, skipped: list[str], rules: list[SkipRule]) -> None:
+    """Refuse rules that skip some of q, k, v of a packed ``in_proj_weight`` (one parameter)."""
+    packed = [p for p in skipped if not p.endswith(".out_proj")]
+    if attention.in_proj_weight is not None and 0 < len(packed) < 3:
+        raise ValueError(
+            f"skip rules {rules} skip {packed} but not all of the q, k and v projections of {display_name(name)}, "
+            "whose rows share one in_proj_weight: skip all three or none"
+        )
+
+
 def select_layers(model: nn.Module, rules: list[SkipRule]) -> dict[str, LayerKind]:
     """``{qualified name: kind}`` of the supported, trainable, not skipped layers whose calls the
     hooks see, in model order."""
-    functional = _applied_functionally(model)
-    selected = {}
-    for name, module in model.named_modules():
-        if id(module) in functional or is_skipped(name, module, rules):
-            continue
-        kind = kind_for(module)
-        if kind is not None and kind.weight.requires_grad:
-            selected[name] = kind
-    return selected
+    return {name: kind for name, kind in _candidates(model, rules).items() if kind.weight.requires_grad}
 
 
 def frozen_layers(model: nn.Module, rules: list[SkipRule]) -> list[str]:
     """Names of supported, not skipped layers left out because their weight is frozen."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if (kind := kind_for(module)) is not None and not kind.weight.requires_grad and not is_skipped(name, module, rules)
-    ]
+    return [name for name, kind in _candidates(model, rules).items() if not kind.weight.requires_grad]
 
 
 def unsupported_layers(model: nn.Module, selected: dict[str, LayerKind], rules: list[SkipRule]) -> list[tuple[str, str]]:
     """(name, what) of modules with trainable parameters of their own that are not selected
     (normalisation and skipped layers left out), ``what`` saying why."""
     functional = _applied_functionally(model)
+    covered = {id(p) for kind in selected.values() for p in kind.parameters()}
     found = []
     for name, module in model.named_modules():
         if name in selected or isinstance(module, _NORMALIZATION) or is_skipped(name, module, rules):
+            continue
+        if isinstance(module, nn.MultiheadAttention) and (reason := routable(module)) is not None:
+            found.append((display_name(name), f"MultiheadAttention, {reason}"))
+            continue
+        if isinstance(module, nn.MultiheadAttention):  # routed: its parameters are its projections'
+            projections = [p for p in projection_kinds(name, module) if not p.endswith(".out_proj")]
+            own = [p for p in module.parameters(recurse=False) if p.requires_grad and id(p) not in covered]
+            if own and not any(is_skipped(p, module, rules) for p in projections):
+                found.append((display_name(name), "MultiheadAttention, frozen weight with a trainable bias"))
             continue
         if any(p.requires_grad for p in module.parameters(recurse=False)):
             label = type(module).__name__

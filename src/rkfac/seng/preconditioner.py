@@ -143,12 +143,14 @@ class SENGPreconditioner:
         if not selected:
             raise ValueError("model has no Linear or Conv2d layer with trainable weights for SENG to precondition")
         positions = {name: index for index, (name, _) in enumerate(model.named_modules())}
+        for name in selected:  # attention projections are not modules of the model: numbered after them
+            positions.setdefault(name, len(positions))
         threshold = self.options.sketch_threshold
         self._layers = [
             _SENGLayer(name, positions[name], kind, sketched=kind.factor_dims[0] * kind.factor_dims[1] > threshold)
             for name, kind in selected.items()
         ]
-        covered = {id(p) for layer in self._layers for p in layer.kind.module.parameters(recurse=False)}
+        covered = {id(p) for layer in self._layers for p in layer.kind.parameters()}
         self._other_params = [p for p in model.parameters() if p.requires_grad and id(p) not in covered]
         self._by_name = {layer.name: layer for layer in self._layers}
         self._capture = LayerCapture(selected, self, root=model, batch_dim=self.options.batch_dim)
@@ -164,7 +166,8 @@ class SENGPreconditioner:
 
     def parameters(self) -> list[Tensor]:
         """The trainable parameters of the layers it keeps per-sample gradients of."""
-        return [p for layer in self._layers for p in layer.kind.module.parameters(recurse=False) if p.requires_grad]
+        unique = {id(p): p for layer in self._layers for p in layer.kind.parameters() if p.requires_grad}
+        return list(unique.values())
 
     @property
     def health(self) -> Health:
@@ -289,7 +292,7 @@ class SENGPreconditioner:
             built_names = {layer.name for layer in self._built}
             for layer in self._layers:
                 if layer.name not in built_names:
-                    self._divide(layer.kind.module.parameters(recurse=False), damping)
+                    layer.kind.divide_grad(1.0 + damping)
             self._divide(self._other_params, damping)
         self.steps += 1
 
