@@ -243,3 +243,41 @@ def test_unroutable_attention_is_named_and_partial_skips_of_a_packed_weight_are_
     with pytest.warns(UserWarning, match=r"attention \(MultiheadAttention, frozen weight with a trainable bias\)"):
         pre = rkfac.KFACPreconditioner(frozen)
     assert pre.frozen == ["attention.q_proj", "attention.k_proj", "attention.v_proj"]
+
+
+class Seq2Seq(nn.Module):
+    """nn.Transformer's encoder and decoder layers, sequence-first (batch_first=False)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.TransformerEncoderLayer(E, HEADS, 16, dropout=0.0)
+        self.decoder = nn.TransformerDecoderLayer(E, HEADS, 16, dropout=0.0)
+        self.head = nn.Linear(E, 3)
+
+    def forward(self, source: Tensor, target: Tensor) -> Tensor:
+        mask = nn.Transformer.generate_square_subsequent_mask(target.shape[0], dtype=target.dtype)
+        decoded = self.decoder(target, self.encoder(source), tgt_mask=mask, tgt_is_causal=True)
+        return self.head(decoded).flatten(0, 1)
+
+
+def test_a_sequence_first_decoder_with_cross_attention_is_preconditioned_whole() -> None:
+    torch.manual_seed(0)
+    model = Seq2Seq().double()
+    opt = rkfac.KFAC(model, lr=0.1, factor_every=1, inverse_every=1, batch_dim=1)
+    names = opt.preconditioner.layer_names
+    for attention in ("encoder.self_attn", "decoder.self_attn", "decoder.multihead_attn"):
+        assert all(f"{attention}.{role}" in names for role in ("q_proj", "k_proj", "v_proj", "out_proj"))
+    groups = opt.groups()
+    assert sorted(n for names in groups.values() for n in names) == sorted(n for n, _ in model.named_parameters())
+    assert all("norm" in name for name in groups["plain SGD"])
+    source, target = torch.randn(S, N, E, dtype=DTYPE), torch.randn(L, N, E, dtype=DTYPE)
+    y = torch.randint(0, 3, (L * N,))
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(source, target), y).backward()
+        opt.step()
+    assert all(value == 0 for value in opt.preconditioner.health.as_dict().values())
+    # the cross attention's k and v read the memory (S tokens), its q the target (L tokens): N samples each
+    a_k, _ = opt.preconditioner.factors()["decoder.multihead_attn.k_proj"]
+    a_q, _ = opt.preconditioner.factors()["decoder.multihead_attn.q_proj"]
+    assert a_k.shape == a_q.shape == (E + 1, E + 1) and not torch.allclose(a_k, a_q)
