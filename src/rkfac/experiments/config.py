@@ -145,6 +145,7 @@ class RunConfig:
     clip: str | None = library_option(KFACOptions, "clip")
     clip_value: float = library_option(KFACOptions, "clip_value")
     fisher: str = library_option(KFACOptions, "fisher")
+    kfac_approx: str = library_option(KFACOptions, "kfac_approx")
     update_freq: int = library_option(SENGOptions, "update_freq")
     col_sample_size: int = library_option(SENGOptions, "col_sample_size")
     sketch_threshold: float = library_option(SENGOptions, "sketch_threshold")

@@ -57,6 +57,7 @@ def build_optimizer(
             clip=config.clip,
             clip_value=config.clip_value,
             fisher=config.fisher,
+            kfac_approx=config.kfac_approx,
             skip=config.skip,
             seed=config.seed,
             apply_dtype=APPLY_DTYPES[config.apply_dtype],
