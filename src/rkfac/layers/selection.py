@@ -32,12 +32,13 @@ from rkfac.layers.base import LayerKind
 from rkfac.layers.conv1d import Conv1dKind
 from rkfac.layers.conv2d import Conv2dKind
 from rkfac.layers.embedding import EmbeddingKind
+from rkfac.layers.grouped_conv import GroupedConv1dKind, GroupedConv2dKind
 from rkfac.layers.linear import LinearKind
 
 #: The layer types rkfac preconditions, in the order they are tried.
-KINDS: tuple[type[LayerKind], ...] = (LinearKind, Conv2dKind, Conv1dKind, EmbeddingKind)
+KINDS: tuple[type[LayerKind], ...] = (LinearKind, Conv2dKind, Conv1dKind, GroupedConv2dKind, GroupedConv1dKind, EmbeddingKind)
 
-SUPPORTED_TEXT = "nn.Linear, nn.Conv1d and nn.Conv2d (groups=1) and nn.Embedding (sparse=False)"
+SUPPORTED_TEXT = "nn.Linear, nn.Conv1d and nn.Conv2d (grouped and depthwise too) and nn.Embedding (sparse=False)"
 
 SkipRule = str | type[nn.Module]
 
@@ -164,7 +165,7 @@ def unsupported_layers(model: nn.Module, selected: dict[str, LayerKind], rules: 
             continue
         if any(p.requires_grad for p in module.parameters(recurse=False)):
             label = type(module).__name__
-            if isinstance(module, nn.modules.conv._ConvNd):
+            if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
                 label += f" groups={module.groups}"
             if isinstance(module, nn.Embedding) and module.sparse:
                 label += " sparse=True (its gradient is a sparse tensor; use sparse=False)"
