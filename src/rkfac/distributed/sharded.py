@@ -23,6 +23,17 @@ from rkfac.kfac.trackers import FactorTracker
 from rkfac.lowrank import BlockEigenpairs, Eigenpairs
 
 
+def refuse_block_layers(comm: Communicator, names: list[str]) -> None:
+    """Refuse a process group for layers of several blocks (grouped convolutions, named), whose
+    (B, d, d) statistics and block eigenpairs are not averaged and shared across ranks yet."""
+    if names and comm.active:
+        raise ValueError(
+            f"layers {names} are grouped convolutions, whose block factors rkfac does not yet share across "
+            f"ranks; with a process group of {comm.world_size} ranks pass them in skip= (they then take "
+            "the plain gradient step)"
+        )
+
+
 def average_statistics(
     comm: Communicator, statistics: dict[str, tuple[Statistic, Statistic]]
 ) -> dict[str, tuple[Statistic, Statistic]]:

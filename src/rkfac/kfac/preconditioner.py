@@ -37,7 +37,7 @@ from rkfac.clipping import clip_directions
 from rkfac.damping import factor_dampings
 from rkfac.decompositions import Pairs
 from rkfac.distributed import Communicator, TrafficCounter
-from rkfac.distributed.sharded import average_statistics, decompose_across_ranks
+from rkfac.distributed.sharded import average_statistics, decompose_across_ranks, refuse_block_layers
 from rkfac.health import Health, decompose_with_retry
 from rkfac.kfac.guards import Fault, Faults, Guard
 from rkfac.kfac.sampled_fisher import LabelSampler
@@ -128,13 +128,7 @@ class KFACPreconditioner:
             )
             for index, (name, kind) in enumerate(selected.items())
         ]
-        blocked = [display_name(name) for name, kind in selected.items() if kind.block_shape]
-        if blocked and self._comm.active:
-            raise ValueError(
-                f"layers {blocked} are grouped convolutions, whose block factors rkfac does not yet share across "
-                f"ranks; with a process group of {self._comm.world_size} ranks pass them in skip= (they then take "
-                "the plain gradient step)"
-            )
+        refuse_block_layers(self._comm, [display_name(name) for name, kind in selected.items() if kind.block_shape])
         self.unsupported = unsupported_layers(model, selected, rules)
         if self.unsupported:
             listed = ", ".join(f"{name} ({kind})" for name, kind in self.unsupported)
@@ -197,8 +191,7 @@ class KFACPreconditioner:
         return {name: (a.rank, g.rank) for name, (a, g) in self.eigenpairs().items()}
 
     def describe(self) -> str:
-        """The preconditioned layers, one line each: name, type, d_A × d_G (per block for a grouped
-        convolution); then those left out."""
+        """The preconditioned layers, one line each: name, type, d_A × d_G (of each block); then those left out."""
         lines = []
         for layer in self._layers:
             d_a, d_g = layer.kind.factor_dims
