@@ -294,3 +294,37 @@ def test_seng_gives_grouped_convs_its_plain_step() -> None:
     pre = rkfac.SENGPreconditioner(small_model())
     assert pre.layer_names == ["0", "4", "11"]
     assert pre.describe().splitlines()[-1] == "divided by (1 + λ): 4 other parameters"
+
+
+def test_unbatched_grouped_input_counts_one_sample() -> None:
+    """An unbatched (c, L) / (c, H, W) input is one sample: its factors are those of the batch of one."""
+    for conv, shape in ((nn.Conv1d(4, 4, 3, groups=2).double(), (4, 7)), (nn.Conv2d(3, 6, 3, groups=3).double(), (3, 5, 5))):
+        x = torch.randn(*shape, dtype=DTYPE)
+        factors = []
+        for inputs in (x, x.unsqueeze(0)):
+            conv.zero_grad()
+            pre = rkfac.KFACPreconditioner(conv, factor_every=1)
+            conv(inputs).square().sum().backward()
+            pre.step()
+            factors.append(pre.factors()[""])
+            pre.remove()
+        torch.testing.assert_close(factors[0][0], factors[1][0])
+        torch.testing.assert_close(factors[0][1], factors[1][1])
+
+
+@pytest.mark.gpu
+def test_grouped_convs_on_cuda_match_cpu() -> None:
+    """The batched path on CUDA (batched eigh, baddbmm, dampings read back to the CPU) gives the CPU's directions."""
+    generator = torch.Generator().manual_seed(1)
+    x, y = torch.randn(16, 3, 6, 6, generator=generator), torch.randint(0, 4, (16,), generator=generator)
+    grads = {}
+    for device in ("cpu", "cuda"):
+        model = small_model().to(device)
+        pre = rkfac.KFACPreconditioner(model, decomposition=rkfac.ExactEigh(), clip=None)
+        F.cross_entropy(model(x.to(device)), y.to(device)).backward()
+        pre.step()
+        a, _ = pre.factors()["2"]
+        assert a.device.type == device and a.shape == (8, 10, 10)
+        grads[device] = [p.grad.detach().cpu() for p in model.parameters()]
+    for cpu, cuda in zip(grads["cpu"], grads["cuda"], strict=True):
+        torch.testing.assert_close(cuda, cpu, rtol=1e-3, atol=1e-5)
