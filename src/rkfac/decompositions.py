@@ -21,6 +21,10 @@ which fixes the contract for all of them:
   iterations instead of ``power_iters``) and ``adaptive_rank`` (the number of pairs kept is
   chosen from the previous spectrum, see :meth:`_Randomized.keep_for`).
 
+A (B, d, d) stack of factors (a grouped convolution's blocks) goes through
+:meth:`Decomposition.decompose_blocks`, the same contract per block, batched, returning
+:class:`rkfac.lowrank.BlockEigenpairs` with one rank for all blocks.
+
 Costs for a d × d factor, k = rank + oversample, q = power_iters (counting d² k products):
 ExactEigh O(d³); RandomizedSVD 2(q + 1) products; SymmetricRandomizedEVD q + 1 products.
 """
@@ -29,12 +33,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor
 
-from rkfac.lowrank import Eigenpairs
+from rkfac.lowrank import BlockEigenpairs, Eigenpairs
 from rkfac.schedules import IntSchedule, at_step_int
 from rkfac.schema import default_of, option, validate
 
@@ -46,9 +50,22 @@ MODE_THRESHOLD = 10**-1.5
 if TYPE_CHECKING:
     from rkfac.kfac.trackers import FactorTracker
 
+#: A decomposition's result: one factor's pairs, or a stack of blocks' (grouped convolutions).
+Pairs = Eigenpairs | BlockEigenpairs
+
 
 class Decomposition(ABC):
-    """Strategy object: how the preconditioner turns a factor into :class:`Eigenpairs`."""
+    """Strategy object: how the preconditioner turns a factor into :class:`Eigenpairs`.
+
+    :meth:`decompose_blocks` does the same for a stack of B factors (a grouped convolution's
+    blocks) in one batched call: ``_top`` of the shipped methods is written for any leading
+    batch dimensions (``.mT``, ``[..., :k]``, batched ``eigh`` / ``qr`` / ``svd``), and
+    ``batched`` says so. A subclass whose ``_top`` takes matrices only (``batched = False``, the
+    default) gets a loop over the blocks instead.
+    """
+
+    #: Whether ``_top`` accepts a (B, d, d) stack (then :meth:`decompose_blocks` is one batched call).
+    batched: ClassVar[bool] = False
 
     def decompose(
         self, factor: Tensor, generator: torch.Generator | None = None, step: int = 0, previous: Eigenpairs | None = None
@@ -69,6 +86,30 @@ class Decomposition(ABC):
         top = float(values[0]) if values.numel() else 0.0
         return Eigenpairs(vectors.contiguous(), values, trace, top)
 
+    def decompose_blocks(
+        self, factors: Tensor, generator: torch.Generator | None = None, step: int = 0, previous: Pairs | None = None
+    ) -> BlockEigenpairs:
+        """Top eigenpairs of each block of ``factors`` (B, d, d), batched: block b's result is
+        what :meth:`decompose` gives for ``factors[b]`` (up to the sketch drawn), with one rank for
+        every block (an adaptive rank follows the block that needs the most modes)."""
+        if factors.dim() != 3 or factors.shape[1] != factors.shape[2]:
+            raise ValueError(f"factors must be a (blocks, d, d) stack, got shape {tuple(factors.shape)}")
+        if not self.batched:
+            return _stacked([self.decompose(block, generator, step) for block in factors])
+        traces = factors.diagonal(dim1=1, dim2=2).sum(1)
+        dim = factors.shape[2]
+        if not isinstance(previous, BlockEigenpairs) or previous.dim != dim or previous.blocks != factors.shape[0]:
+            previous = None  # a different stack: start cold
+        keep = min(self.keep_for(step, previous), dim)
+        if generator is None:
+            generator = torch.Generator(device=factors.device)
+            generator.manual_seed(0)
+        values, vectors = self._top(factors, keep, generator, previous)
+        values = values.clamp_min(0).contiguous()
+        tops = values[:, 0] if keep else values.new_zeros(factors.shape[0])
+        cpu = torch.stack([traces, tops]).to("cpu", torch.float64)  # one sync for both
+        return BlockEigenpairs(vectors.contiguous(), values, cpu[0], cpu[1])
+
     @abstractmethod
     def rank_at(self, step: int) -> int:
         """How many eigenpairs to keep at ``step`` (the most, with an adaptive rank)."""
@@ -78,13 +119,14 @@ class Decomposition(ABC):
         """Whether :meth:`decompose` reads the factor's previous decomposition."""
         return False
 
-    def keep_for(self, step: int, previous: Eigenpairs | None) -> int:
+    def keep_for(self, step: int, previous: Pairs | None) -> int:
         """How many eigenpairs this decomposition keeps (before capping at d)."""
         return self.rank_at(step)
 
     @abstractmethod
-    def _top(self, factor: Tensor, keep: int, generator: torch.Generator, previous: Eigenpairs | None) -> tuple[Tensor, Tensor]:
-        """(values descending, vectors) of the ``keep`` largest eigenpairs of the factor's symmetric part."""
+    def _top(self, factor: Tensor, keep: int, generator: torch.Generator, previous: Pairs | None) -> tuple[Tensor, Tensor]:
+        """(values descending, vectors) of the ``keep`` largest eigenpairs of the factor's symmetric part
+        (for ``batched`` methods, of each matrix of a (B, d, d) stack: values (B, k), vectors (B, d, k))."""
 
     @abstractmethod
     def cost(self, dim: int, step: int = 0) -> float:
@@ -102,9 +144,20 @@ class Decomposition(ABC):
 
 
 def _exact_top(factor: Tensor, keep: int) -> tuple[Tensor, Tensor]:
-    """The ``keep`` largest eigenpairs of ``(X + Xᵀ)/2`` from a full ``eigh``, sorted descending."""
-    values, vectors = torch.linalg.eigh((factor + factor.T) / 2)
-    return values.flip(0)[:keep], vectors.flip(1)[:, :keep]
+    """The ``keep`` largest eigenpairs of ``(X + Xᵀ)/2`` from a full ``eigh``, sorted descending
+    (a matrix, or batched over the leading dimensions of a stack)."""
+    values, vectors = torch.linalg.eigh((factor + factor.mT) / 2)
+    return values.flip(-1)[..., :keep], vectors.flip(-1)[..., :keep]
+
+
+def _stacked(pairs: list[Eigenpairs]) -> BlockEigenpairs:
+    """Per-block results of a method that does not batch, as one :class:`BlockEigenpairs`."""
+    ranks = {p.rank for p in pairs}
+    if len(ranks) != 1:
+        raise ValueError(f"the blocks' decompositions kept different ranks {sorted(ranks)}; BlockEigenpairs needs one")
+    traces = torch.tensor([p.trace for p in pairs], dtype=torch.float64)
+    tops = torch.tensor([p.top for p in pairs], dtype=torch.float64)
+    return BlockEigenpairs(torch.stack([p.vectors for p in pairs]), torch.stack([p.values for p in pairs]), traces, tops)
 
 
 def _orthonormal_basis(matrix: Tensor) -> Tensor:
@@ -116,6 +169,7 @@ class ExactEigh(Decomposition):
     """Full ``torch.linalg.eigh``: the K-FAC baseline, O(d³). ``rank=None`` keeps every mode."""
 
     rank: int | None = option(None, "eigenpairs kept (None: all)", kind="int", low=1)
+    batched: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         validate(self)
@@ -123,7 +177,7 @@ class ExactEigh(Decomposition):
     def rank_at(self, step: int) -> int:
         return self.rank if self.rank is not None else 2**62
 
-    def _top(self, factor: Tensor, keep: int, generator: torch.Generator, previous: Eigenpairs | None) -> tuple[Tensor, Tensor]:
+    def _top(self, factor: Tensor, keep: int, generator: torch.Generator, previous: Pairs | None) -> tuple[Tensor, Tensor]:
         return _exact_top(factor, keep)
 
     def cost(self, dim: int, step: int = 0) -> float:
@@ -164,6 +218,7 @@ class _Randomized(Decomposition):
         high=1.0,
         high_inclusive=False,
     )
+    batched: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         validate(self)
@@ -175,25 +230,26 @@ class _Randomized(Decomposition):
     def uses_previous(self) -> bool:
         return self.warm_start or self.adaptive_rank
 
-    def keep_for(self, step: int, previous: Eigenpairs | None) -> int:
+    def keep_for(self, step: int, previous: Pairs | None) -> int:
         most = self.rank_at(step)
         if not self.adaptive_rank or previous is None or previous.rank == 0 or previous.top <= 0:
             return most
-        above = int((previous.values >= self.threshold * previous.top).sum())
+        above = previous.count_above(self.threshold)
         wanted = previous.rank * 3 // 2 if above >= previous.rank else int(1.1 * above) + 1
         return max(min(wanted, most), min(self.min_rank, most))
 
-    def _top(self, factor: Tensor, keep: int, generator: torch.Generator, previous: Eigenpairs | None) -> tuple[Tensor, Tensor]:
+    def _top(self, factor: Tensor, keep: int, generator: torch.Generator, previous: Pairs | None) -> tuple[Tensor, Tensor]:
         columns = keep + self.oversample
-        if columns >= factor.shape[0]:
+        if columns >= factor.shape[-1]:
             # The sketch would be as large as the matrix: the exact method is cheaper and exact.
             return _exact_top(factor, keep)
-        dim, dtype, device = factor.shape[0], factor.dtype, factor.device
+        *blocks, dim = factor.shape[:-1]  # blocks: () for one factor, (B,) for a stack
+        dtype, device = factor.dtype, factor.device
         if self.warm_start and previous is not None:
-            reused = previous.vectors[:, :keep].to(dtype)
-            fresh = torch.randn(dim, columns - reused.shape[1], generator=generator, device=device, dtype=dtype)
-            return self._sketched_top(factor, keep, torch.cat([reused, fresh], dim=1), self.warm_power_iters)
-        sketch = torch.randn(dim, columns, generator=generator, device=device, dtype=dtype)
+            reused = previous.vectors[..., :keep].to(dtype)
+            fresh = torch.randn(*blocks, dim, columns - reused.shape[-1], generator=generator, device=device, dtype=dtype)
+            return self._sketched_top(factor, keep, torch.cat([reused, fresh], dim=-1), self.warm_power_iters)
+        sketch = torch.randn(*blocks, dim, columns, generator=generator, device=device, dtype=dtype)
         return self._sketched_top(factor, keep, sketch, self.power_iters)
 
     @abstractmethod
@@ -215,11 +271,11 @@ class RandomizedSVD(_Randomized):
     def _sketched_top(self, factor: Tensor, keep: int, sketch: Tensor, power_iters: int) -> tuple[Tensor, Tensor]:
         basis = _orthonormal_basis(factor @ sketch)
         for _ in range(power_iters):
-            basis = _orthonormal_basis(factor.T @ basis)
+            basis = _orthonormal_basis(factor.mT @ basis)
             basis = _orthonormal_basis(factor @ basis)
-        projected = basis.T @ factor
+        projected = basis.mT @ factor
         _, singular_values, right_t = torch.linalg.svd(projected, full_matrices=False)
-        return singular_values[:keep], right_t[:keep].T
+        return singular_values[..., :keep], right_t[..., :keep, :].mT
 
     def cost(self, dim: int, step: int = 0) -> float:
         columns = self.rank_at(step) + self.oversample
@@ -244,10 +300,10 @@ class SymmetricRandomizedEVD(_Randomized):
             basis = _orthonormal_basis(factor @ basis)
         if power_iters == 0:
             basis = _orthonormal_basis(basis)
-        core = basis.T @ (factor @ basis)
-        values, core_vectors = torch.linalg.eigh((core + core.T) / 2)
-        top = core_vectors.flip(1)[:, :keep]
-        return values.flip(0)[:keep], basis @ top
+        core = basis.mT @ (factor @ basis)
+        values, core_vectors = torch.linalg.eigh((core + core.mT) / 2)
+        top = core_vectors.flip(-1)[..., :keep]
+        return values.flip(-1)[..., :keep], basis @ top
 
     def cost(self, dim: int, step: int = 0) -> float:
         columns = self.rank_at(step) + self.oversample
@@ -316,11 +372,16 @@ class BrandUpdate(Decomposition):
     ) -> Eigenpairs:
         return self.fallback.decompose(factor, generator, step, previous)
 
+    def decompose_blocks(
+        self, factors: Tensor, generator: torch.Generator | None = None, step: int = 0, previous: Pairs | None = None
+    ) -> BlockEigenpairs:
+        return self.fallback.decompose_blocks(factors, generator, step, previous)
+
     @property
     def uses_previous(self) -> bool:
         return self.fallback.uses_previous
 
-    def _top(self, factor: Tensor, keep: int, generator: torch.Generator, previous: Eigenpairs | None) -> tuple[Tensor, Tensor]:
+    def _top(self, factor: Tensor, keep: int, generator: torch.Generator, previous: Pairs | None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError  # decompose() delegates to the fallback
 
     def cost(self, dim: int, step: int = 0) -> float:

@@ -13,6 +13,7 @@ there are.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from rkfac.decompositions import Decomposition
+from rkfac.decompositions import Decomposition, Pairs
 from rkfac.lowrank import Eigenpairs
 
 
@@ -83,7 +84,7 @@ def _finite(tensor: Tensor) -> Tensor:
     return torch.isfinite(low) & torch.isfinite(high)
 
 
-def finite_pairs(pairs: Eigenpairs) -> bool:
+def finite_pairs(pairs: Pairs) -> bool:
     """Whether a decomposition is usable: finite trace, eigenvalues and eigenvectors."""
     if not (math.isfinite(pairs.trace) and math.isfinite(pairs.top)):
         return False
@@ -95,8 +96,8 @@ def decompose_with_retry(
     factor: Tensor,
     generator: Callable[[], torch.Generator],
     step: int,
-    previous: Eigenpairs | None = None,
-) -> tuple[Eigenpairs | None, bool]:
+    previous: Pairs | None = None,
+) -> tuple[Pairs | None, bool]:
     """``(pairs, retried)``: the factor's decomposition, retried once in float64 if it fails.
 
     A decomposition fails when it raises ``torch.linalg.LinAlgError`` (an ``eigh``, ``qr`` or
@@ -106,24 +107,27 @@ def decompose_with_retry(
     ``pairs`` is None when the retry fails too. ``generator()`` makes a fresh generator for
     each attempt, so that the retry draws the same sketch as the first attempt. ``previous``
     (the factor's last decomposition) goes to the decomposition for warm starts and adaptive
-    ranks.
+    ranks. A (B, d, d) ``factor`` is a stack of blocks, decomposed by ``decompose_blocks``.
     """
     pairs = _attempt(decomposition, factor, generator(), step, previous)
     if pairs is not None or factor.dtype == torch.float64:
         return pairs, False  # a float64 factor has nothing to retry in
     pairs = _attempt(decomposition, factor.double(), generator(), step, previous)
     if pairs is not None:
-        pairs = Eigenpairs(pairs.vectors.to(factor.dtype), pairs.values.to(factor.dtype), pairs.trace, pairs.top)
+        pairs = dataclasses.replace(pairs, vectors=pairs.vectors.to(factor.dtype), values=pairs.values.to(factor.dtype))
         if not finite_pairs(pairs):  # values beyond the range of the factor's dtype
             pairs = None
     return pairs, True
 
 
 def _attempt(
-    decomposition: Decomposition, factor: Tensor, generator: torch.Generator, step: int, previous: Eigenpairs | None
-) -> Eigenpairs | None:
+    decomposition: Decomposition, factor: Tensor, generator: torch.Generator, step: int, previous: Pairs | None
+) -> Pairs | None:
     try:
-        if previous is not None and decomposition.uses_previous:
+        pairs: Pairs
+        if factor.dim() == 3:
+            pairs = decomposition.decompose_blocks(factor, generator, step, previous)
+        elif isinstance(previous, Eigenpairs) and decomposition.uses_previous:
             pairs = decomposition.decompose(factor, generator, step, previous)
         else:  # keeps subclasses that override decompose(factor, generator, step) working
             pairs = decomposition.decompose(factor, generator, step)

@@ -48,6 +48,10 @@ class Eigenpairs:
         """k, the number of pairs kept."""
         return self.values.shape[0]
 
+    def count_above(self, fraction: float) -> int:
+        """The number of kept modes at or above ``fraction`` · λ_max."""
+        return int((self.values >= fraction * self.top).sum())
+
     def to(self, device: torch.device | str | None = None) -> Eigenpairs:
         return Eigenpairs(self.vectors.to(device), self.values.to(device), self.trace, self.top)
 
@@ -103,11 +107,93 @@ class DiagonalFactor:
         return matrix / (self.values + damping)
 
 
+@dataclass(frozen=True)
+class BlockEigenpairs:
+    """B independent factors decomposed at once: ``X_b ≈ U_b diag(D_b) U_bᵀ`` for b = 1..B.
+
+    The factors of a grouped convolution (one block per group, :mod:`rkfac.layers.grouped_conv`).
+    ``vectors`` (B, d, k), ``values`` (B, k) (one rank k for every block, sorted descending and
+    clamped at 0 per block), ``traces`` and ``tops`` (B,) float64 on the CPU: each block's trace
+    and largest eigenvalue, read back once when decomposing so that the per-block dampings cost
+    no device sync per step. The damped inverse applies block b's formula to block b of a
+    (B, d, m) matrix, batched, with one λ_b per block (a (B,) tensor, or one float for all):
+
+        (U_b D_b U_bᵀ + λ_b I)⁻¹ M_b = U_b [(D_b + λ_b)⁻¹ − λ_b⁻¹] U_bᵀ M_b + λ_b⁻¹ M_b.
+    """
+
+    vectors: Tensor
+    values: Tensor
+    traces: Tensor
+    tops: Tensor
+
+    low_precision: ClassVar[bool] = False  # small blocks: ``apply_dtype`` would gain nothing
+
+    @property
+    def blocks(self) -> int:
+        return self.vectors.shape[0]
+
+    @property
+    def dim(self) -> int:
+        """d, the width of each block."""
+        return self.vectors.shape[1]
+
+    @property
+    def rank(self) -> int:
+        """k, the pairs kept per block."""
+        return self.values.shape[1]
+
+    @property
+    def trace(self) -> float:
+        """The sum of the blocks' traces (the trace of the block-diagonal factor)."""
+        return float(self.traces.sum())
+
+    @property
+    def top(self) -> float:
+        """The largest eigenvalue over all blocks (NaN if any block's is)."""
+        return float(self.tops.max()) if self.tops.numel() else 0.0
+
+    def count_above(self, fraction: float) -> int:
+        """The most modes any block has at or above ``fraction`` of its own λ_max."""
+        if self.rank == 0:
+            return 0
+        tops = self.tops.to(self.values.device, self.values.dtype)
+        return int((self.values >= fraction * tops.unsqueeze(1)).sum(1).max())
+
+    def to(self, device: torch.device | str | None = None) -> BlockEigenpairs:
+        return BlockEigenpairs(self.vectors.to(device), self.values.to(device), self.traces, self.tops)
+
+    def dense(self) -> Tensor:
+        """The (B, d, d) blocks the pairs represent (for tests and analysis)."""
+        return (self.vectors * self.values.unsqueeze(1)) @ self.vectors.mT
+
+    def _dampings(self, damping: Damping) -> Tensor:
+        """λ as a (B, 1) column in the working dtype and device."""
+        lam = torch.as_tensor(damping, dtype=torch.float64).expand(self.blocks)
+        return lam.to(self.values.device, self.values.dtype).unsqueeze(1)
+
+    def inverse_left(self, matrix: Tensor, damping: Damping) -> Tensor:
+        """``(X_b + λ_b I)⁻¹ @ matrix_b`` for ``matrix`` of shape (B, d, m)."""
+        lam = self._dampings(damping)
+        projected = self.vectors.mT @ matrix
+        projected *= _inverse_correction(self.values, lam).unsqueeze(2)
+        return torch.baddbmm(matrix / lam.unsqueeze(2), self.vectors, projected)
+
+    def inverse_right(self, matrix: Tensor, damping: Damping) -> Tensor:
+        """``matrix_b @ (X_b + λ_b I)⁻¹`` for ``matrix`` of shape (B, m, d)."""
+        lam = self._dampings(damping)
+        projected = matrix @ self.vectors
+        projected *= _inverse_correction(self.values, lam).unsqueeze(1)
+        return torch.baddbmm(matrix / lam.unsqueeze(2), projected, self.vectors.mT)
+
+
+#: One damping λ, or one per block (a (B,) tensor) for :class:`BlockEigenpairs`.
+Damping = float | Tensor
+
 #: What a factor's damped inverse is applied through.
-FactorInverse = Eigenpairs | DiagonalFactor
+FactorInverse = Eigenpairs | DiagonalFactor | BlockEigenpairs
 
 
-def _inverse_correction(values: Tensor, damping: float) -> Tensor:
+def _inverse_correction(values: Tensor, damping: float | Tensor) -> Tensor:
     """``(D + λ)⁻¹ − λ⁻¹``, written as ``−D / (λ (D + λ))`` to avoid cancellation."""
     return -values / (damping * (values + damping))
 
@@ -129,9 +215,9 @@ def damped_inverse_right(pairs: Eigenpairs, damping: float, matrix: Tensor) -> T
 def kronecker_solve(
     grad: Tensor,
     g_pairs: FactorInverse,
-    g_damping: float,
+    g_damping: Damping,
     a_pairs: FactorInverse,
-    a_damping: float,
+    a_damping: Damping,
     compute_dtype: torch.dtype | None = None,
 ) -> Tensor:
     """``V = (G + λ_G I)⁻¹ ∇W (A + λ_A I)⁻¹`` for ``grad`` = ∇W of shape (d_G, d_A).
@@ -139,8 +225,16 @@ def kronecker_solve(
     Cost O(d_G d_A (k_G + k_A)); memory O(d_G d_A + d k) beyond the inputs. With a
     ``compute_dtype`` narrower than ``grad``'s (bfloat16), the four d_G × d_A × k products
     run in it (see :func:`_kronecker_solve_low_precision`). Either factor may be a
-    :class:`DiagonalFactor` (then the solve runs in the working dtype).
+    :class:`DiagonalFactor` (then the solve runs in the working dtype). With
+    :class:`BlockEigenpairs` on both sides ``grad`` is (B, d_G, d_A), the dampings are per block,
+    and the solve is block b's for each b, batched, in the working dtype.
     """
+    if isinstance(g_pairs, BlockEigenpairs) or isinstance(a_pairs, BlockEigenpairs):
+        if not (isinstance(g_pairs, BlockEigenpairs) and isinstance(a_pairs, BlockEigenpairs)):
+            raise ValueError("a block Kronecker solve needs block eigenpairs on both sides")
+        return a_pairs.inverse_right(g_pairs.inverse_left(grad, g_damping), a_damping)  # batched over blocks
+    if isinstance(g_damping, Tensor) or isinstance(a_damping, Tensor):
+        raise ValueError("per-block dampings (tensors) go with BlockEigenpairs only")
     if compute_dtype is None or compute_dtype == grad.dtype:
         return a_pairs.inverse_right(g_pairs.inverse_left(grad, g_damping), a_damping)
     if not (isinstance(g_pairs, Eigenpairs) and isinstance(a_pairs, Eigenpairs)):

@@ -86,7 +86,7 @@ def layer_spectra(
     report = {}
     kinds = {layer.name: layer.kind for layer in pre.layers}
     for name, (a, g) in pre.factors().items():
-        if a.dim() != 2:  # a diagonal factor (an embedding's A): its spectrum is its values
+        if a.dim() != 2:  # a diagonal factor (an embedding's A: its spectrum is its values) or blocks
             continue
         a_full, g_full = _exact_pairs(a), _exact_pairs(g)
         grad = kinds[name].grad_matrix()

@@ -405,21 +405,22 @@ def test_other_parameters_keep_their_plain_gradient_and_skip_works() -> None:
         nn.Conv2d(3, 4, 3),
         nn.BatchNorm2d(4),
         nn.ReLU(),
-        nn.Conv2d(4, 4, 3, groups=2),
+        nn.ConvTranspose2d(4, 4, 3, padding=2),  # 5 × 5 → 3 × 3
         nn.Flatten(),
         nn.Linear(4 * 3 * 3, 5),
         nn.Linear(5, 2),
     ).double()
-    with pytest.warns(UserWarning, match=r"plain gradient: 3 \(Conv2d groups=2\)") as caught:
+    with pytest.warns(UserWarning, match=r"plain gradient: 3 \(ConvTranspose2d\)") as caught:
         pre = rkfac.KFACPreconditioner(model, skip=["6"])
     assert len(caught) == 1  # reported once, BatchNorm not counted as unsupported
-    assert pre.layer_names == ["0", "5"] and pre.unsupported == [("3", "Conv2d groups=2")]
+    assert pre.layer_names == ["0", "5"] and pre.unsupported == [("3", "ConvTranspose2d")]
     assert pre.describe().splitlines() == [
         "0: Conv2d, A 28 × 28, G 4 × 4",
         "5: Linear, A 37 × 37, G 5 × 5",
-        "not preconditioned: 3 (Conv2d groups=2)",
+        "not preconditioned: 3 (ConvTranspose2d)",
     ]
-    assert rkfac.KFACPreconditioner(model, skip=[nn.Conv2d]).layer_names == ["5", "6"]  # skipped on purpose: no warning
+    skipped = rkfac.KFACPreconditioner(model, skip=[nn.Conv2d, nn.ConvTranspose2d])  # on purpose: no warning
+    assert skipped.layer_names == ["5", "6"]
     x = torch.randn(8, 3, 7, 7, dtype=DTYPE)
     F.cross_entropy(model(x), torch.randint(0, 2, (8,))).backward()
     plain = {name: p.grad.clone() for name, p in model.named_parameters()}

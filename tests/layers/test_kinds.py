@@ -13,6 +13,10 @@ handles), against computations that do not use the kind (:mod:`tests.oracles`):
   (``torch.func``), and Σ_i Gy_i X_iᵀ the summed one;
 - ``set_grad_matrix`` writes a matrix back into those same ``.grad`` tensors, round trip exact.
 
+A kind of B independent blocks (``block_shape == (B,)``, a grouped convolution) keeps the same
+contract per block: rows (B, N, d), gradient matrix (B, d_G, d_A), block j being rows
+j·d_G … (j+1)·d_G − 1 of the oracle's (B·d_G, d_A) matrix (:func:`blocked`).
+
 A new kind needs an entry in :data:`EXAMPLES`; without one the tests below fail and say so.
 """
 
@@ -86,6 +90,27 @@ EXAMPLES: dict[str, list[Example]] = {
             lambda: torch.randn(N, 2, 6),
         ),
     ],
+    "GroupedConv2dKind": [
+        Example("groups2-bias-pad1", lambda: nn.Conv2d(4, 6, 3, groups=2, padding=1), lambda: torch.randn(N, 4, 5, 6)),
+        Example(
+            "depthwise-no-bias-stride2-dilation",
+            lambda: nn.Conv2d(3, 3, (3, 2), groups=3, stride=2, dilation=(1, 2), bias=False),
+            lambda: torch.randn(N, 3, 7, 7),
+        ),
+        Example(
+            "depthwise-x2-same-reflect",
+            lambda: nn.Conv2d(2, 4, 3, groups=2, padding="same", padding_mode="reflect"),
+            lambda: torch.randn(N, 2, 5, 5),
+        ),
+    ],
+    "GroupedConv1dKind": [
+        Example("groups3-bias-stride2", lambda: nn.Conv1d(6, 3, 3, groups=3, stride=2), lambda: torch.randn(N, 6, 9)),
+        Example(
+            "depthwise-no-bias-circular",
+            lambda: nn.Conv1d(4, 4, 3, groups=4, padding=1, padding_mode="circular", bias=False),
+            lambda: torch.randn(N, 4, 7),
+        ),
+    ],
     "EmbeddingKind": [
         Example("tokens", lambda: nn.Embedding(7, 3), lambda: torch.randint(0, 7, (N, 5)), one_hot),
         Example("one-token-per-sample", lambda: nn.Embedding(6, 2), lambda: torch.randint(0, 6, (N,)), one_hot),
@@ -126,6 +151,12 @@ def input_rows(layer: LayerKind, example: Example, x: Tensor) -> Tensor:
     return example.one_hot_rows(layer.module, x)
 
 
+def blocked(layer: LayerKind, matrix: Tensor) -> Tensor:
+    """The oracle's (d_G, d_A) gradient matrix as the kind lays it out: unchanged for one block,
+    (B, d_G / B, d_A) for B blocks (a grouped convolution's groups are consecutive output channels)."""
+    return matrix.reshape(*layer.block_shape, -1, matrix.shape[-1]) if layer.block_shape else matrix
+
+
 def half_squared_error(output: Tensor, target: Tensor) -> Tensor:
     """Σ ½(output − target)² over everything: a sum over samples, so ∂/∂output_i is sample i's own."""
     return 0.5 * (output - target).pow(2).sum()
@@ -150,7 +181,7 @@ def test_every_kind_has_an_example_module() -> None:
 def test_factor_dims_are_those_of_the_gradient_matrix(kind: type[LayerKind], example: Example | None) -> None:
     module, layer, x = example_layer(kind, example)
     backward(module, x)
-    d_g, d_a = grad_matrix(module).shape
+    d_g, d_a = blocked(layer, grad_matrix(module)).shape[-2:]
     assert layer.factor_dims == (d_a, d_g)
     assert layer.has_bias == (getattr(module, "bias", None) is not None)
 
@@ -161,15 +192,16 @@ def test_rows_give_the_summed_gradient(kind: type[LayerKind], example: Example |
     assert example is not None and layer.grad_matrix() is None  # before any backward
     output, _ = backward(module, x)
     rows, grad_rows = input_rows(layer, example, x), layer.output_grad_rows(output.grad)
-    assert rows.shape[0] == grad_rows.shape[0], "one input row per output-gradient row"
+    assert rows.shape[:-1] == grad_rows.shape[:-1], "one input row per output-gradient row (per block)"
+    assert rows.shape[:-2] == grad_rows.shape[:-2] == layer.block_shape
     if layer.has_bias:  # the bias input is a trailing 1 in every row
-        assert torch.equal(rows[:, -1], torch.ones(len(rows), dtype=DTYPE))
+        assert torch.equal(rows[..., -1], torch.ones(rows.shape[:-1], dtype=DTYPE))
     if layer.diagonal_input:
         diagonal, count = layer.input_diagonal(x, DTYPE)
         assert count == len(rows)
         torch.testing.assert_close(diagonal, (rows.T @ rows).diagonal(), rtol=0, atol=0)
-    by_hand = grad_matrix(module)
-    torch.testing.assert_close(grad_rows.T @ rows, by_hand)  # Σ_rows g aᵀ = ∇W
+    by_hand = blocked(layer, grad_matrix(module))
+    torch.testing.assert_close(grad_rows.mT @ rows, by_hand)  # Σ_rows g aᵀ = ∇W (per block)
     matrix = layer.grad_matrix()
     assert matrix is not None
     torch.testing.assert_close(matrix, by_hand, rtol=0, atol=0)
@@ -212,9 +244,9 @@ def test_set_grad_matrix_round_trips_into_the_parameter_grads(kind: type[LayerKi
     assert all(torch.equal(p.grad, b) for p, b in zip(module.parameters(), before, strict=True))
 
     d_a, d_g = layer.factor_dims
-    new = torch.randn(d_g, d_a, dtype=DTYPE)
+    new = torch.randn(*layer.block_shape, d_g, d_a, dtype=DTYPE)
     layer.set_grad_matrix(new)
     same = all(p.grad is g for p, g in zip(module.parameters(), grads, strict=True))
     assert same, "set_grad_matrix replaced a parameter's .grad instead of writing into it"
-    assert torch.equal(grad_matrix(module), new)  # read back by hand from weight.grad / bias.grad
+    assert torch.equal(blocked(layer, grad_matrix(module)), new)  # read back by hand from weight.grad / bias.grad
     assert torch.equal(layer.grad_matrix(), new)

@@ -15,11 +15,23 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from rkfac.decompositions import Pairs
 from rkfac.distributed.assignment import assign_longest_first
 from rkfac.distributed.communicator import Communicator
 from rkfac.kfac.statistics import Statistic
 from rkfac.kfac.trackers import FactorTracker
-from rkfac.lowrank import Eigenpairs
+from rkfac.lowrank import BlockEigenpairs, Eigenpairs
+
+
+def refuse_block_layers(comm: Communicator, names: list[str]) -> None:
+    """Refuse a process group for layers of several blocks (grouped convolutions, named), whose
+    (B, d, d) statistics and block eigenpairs are not averaged and shared across ranks yet."""
+    if names and comm.active:
+        raise ValueError(
+            f"layers {names} are grouped convolutions, whose block factors rkfac does not yet share across "
+            f"ranks; with a process group of {comm.world_size} ranks pass them in skip= (they then take "
+            "the plain gradient step)"
+        )
 
 
 def average_statistics(
@@ -45,12 +57,13 @@ def average_statistics(
 
 
 def decompose_across_ranks(
-    comm: Communicator, trackers: Sequence[FactorTracker], step: int, decompose: Callable[[int], Eigenpairs | None]
-) -> list[Eigenpairs | None]:
+    comm: Communicator, trackers: Sequence[FactorTracker], step: int, decompose: Callable[[int], Pairs | None]
+) -> list[Pairs | None]:
     """The new pairs of each tracker (None: keep what it has), ``decompose(job)`` run by the owner only.
 
     An owner whose decomposition failed sends the tracker's last good pair, or an empty one
-    (which every rank reads back as None).
+    (which every rank reads back as None). Block factors (grouped convolutions) are not shared:
+    the preconditioner refuses a process group for models that have them.
     """
     if not trackers:
         return []
@@ -61,8 +74,10 @@ def decompose_across_ranks(
     owned: dict[int, Eigenpairs] = {}
     for job, tracker in enumerate(trackers):
         if owners[job] == comm.rank:
-            pairs = decompose(job)
-            owned[job] = pairs if pairs is not None else tracker.eigenpairs or _empty_pairs(tracker)
+            pairs, last = decompose(job), tracker.eigenpairs
+            if isinstance(pairs, BlockEigenpairs) or isinstance(last, BlockEigenpairs):
+                raise TypeError("block eigenpairs (grouped convolutions) are not shared across ranks")
+            owned[job] = pairs if pairs is not None else last or _empty_pairs(tracker)
     factor = trackers[0].factor
     assert factor is not None  # due() holds only for trackers with a dense factor
     shared = comm.share_eigenpairs(owned, owners, dims, factor.dtype, factor.device)

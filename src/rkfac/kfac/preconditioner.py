@@ -35,8 +35,9 @@ from torch import Tensor, nn
 
 from rkfac.clipping import clip_directions
 from rkfac.damping import factor_dampings
+from rkfac.decompositions import Pairs
 from rkfac.distributed import Communicator, TrafficCounter
-from rkfac.distributed.sharded import average_statistics, decompose_across_ranks
+from rkfac.distributed.sharded import average_statistics, decompose_across_ranks, refuse_block_layers
 from rkfac.health import Health, decompose_with_retry
 from rkfac.kfac.guards import Fault, Faults, Guard
 from rkfac.kfac.sampled_fisher import LabelSampler
@@ -54,7 +55,7 @@ from rkfac.layers.selection import (
     unsupported_layers,
     unwrap,
 )
-from rkfac.lowrank import Eigenpairs, FactorInverse, kronecker_solve
+from rkfac.lowrank import FactorInverse, kronecker_solve
 from rkfac.options import KFACOptions
 from rkfac.schedules import at_step_float, at_step_int
 from rkfac.schema import check_instance, options_from
@@ -69,8 +70,9 @@ class KFACPreconditioner:
     """K-FAC with a pluggable decomposition of the Kronecker factors.
 
     Args:
-        model: the module whose supported layers (nn.Linear, nn.Conv2d with groups = 1) are
-            preconditioned; a DistributedDataParallel wrapper is looked through.
+        model: the module whose supported layers (see :data:`rkfac.layers.KINDS`: nn.Linear,
+            nn.Conv1d / nn.Conv2d, grouped ones included, nn.Embedding) are preconditioned; a
+            DistributedDataParallel wrapper is looked through.
         options: a :class:`rkfac.options.KFACOptions`, or its fields as keyword arguments
             (``decomposition``, ``damping``, ``damping_mode``, ``factor_decay``, ``factor_every``,
             ``inverse_every``, ``clip``, ``clip_value``, ``lr``, ``fisher``, ``mc_loss``,
@@ -126,6 +128,7 @@ class KFACPreconditioner:
             )
             for index, (name, kind) in enumerate(selected.items())
         ]
+        refuse_block_layers(self._comm, [display_name(name) for name, kind in selected.items() if kind.block_shape])
         self.unsupported = unsupported_layers(model, selected, rules)
         if self.unsupported:
             listed = ", ".join(f"{name} ({kind})" for name, kind in self.unsupported)
@@ -189,12 +192,13 @@ class KFACPreconditioner:
         return {name: (a.rank, g.rank) for name, (a, g) in self.eigenpairs().items()}
 
     def describe(self) -> str:
-        """The preconditioned layers, one line each: name, type, d_A × d_G; then those left out."""
+        """The preconditioned layers, one line each: name, type, d_A × d_G (of each block); then those left out."""
         lines = []
         for layer in self._layers:
             d_a, d_g = layer.kind.factor_dims
             a_shape = f"{d_a} (diagonal)" if layer.kind.diagonal_input else f"{d_a} × {d_a}"
-            lines.append(f"{display_name(layer.name)}: {layer.kind.label}, A {a_shape}, G {d_g} × {d_g}")
+            each = "".join(f"{blocks} blocks of " for blocks in layer.kind.block_shape)  # grouped convolutions
+            lines.append(f"{display_name(layer.name)}: {layer.kind.label}, A {each}{a_shape}, G {each}{d_g} × {d_g}")
         skipped = [f"{name} ({kind})" for name, kind in self.unsupported]
         lines += [f"not preconditioned: {', '.join(skipped)}"] if skipped else []
         lines += [f"frozen, left out: {', '.join(map(display_name, self.frozen))}"] if self.frozen else []
@@ -280,7 +284,7 @@ class KFACPreconditioner:
                 keys = (seed, "reproject", layer.index, f.value, step)
                 layer.trackers[f.value].maintain(step, functools.partial(_keyed, keys))
 
-        def decompose(job: int) -> Eigenpairs | None:
+        def decompose(job: int) -> Pairs | None:
             layer, f = jobs[job]
             tracker = layer.trackers[f.value]
             factor = tracker.factor

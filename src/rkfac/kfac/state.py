@@ -96,7 +96,7 @@ def load_layers(layers: list[LayerState], state: dict[str, Any]) -> None:
             saved = saved_layers[layer.name][f.name]
             factor = saved.get("factor")
             tracker = layer.trackers[f.value]
-            expected = tracker.factor_shape(dim)
+            expected = layer.kind.block_shape + tracker.factor_shape(dim)
             if factor is not None and tuple(factor.shape) != expected:
                 raise ValueError(f"factor {f.name} of layer {layer.name!r} has shape {tuple(factor.shape)}, expected {expected}")
             tracker.load_state_dict(saved, device)
@@ -105,7 +105,8 @@ def load_layers(layers: list[LayerState], state: dict[str, Any]) -> None:
 def saved_factors(state: dict[str, Any]) -> dict[str, tuple[Tensor, Tensor]]:
     """``{layer: (A, G)}`` of the layers that kept both dense d × d factors in a saved ``state_dict``
     (any supported version): for reading a checkpoint without building the model. A diagonal
-    factor (an embedding's A, saved as a vector) is left out with its layer."""
+    factor (an embedding's A, saved as a vector) and block factors (a grouped convolution's
+    (B, d, d) stacks) are left out with their layer."""
     found = {}
     for name, saved in _migrated(state).items():
         a, g = saved["A"].get("factor"), saved["G"].get("factor")

@@ -73,9 +73,9 @@ class Statistic:
 
 def _gram(rows: Tensor) -> Tensor:
     """``rowsᵀ rows`` in the dtype of ``rows``: hooks run inside the user's autocast region,
-    which would otherwise compute it in bf16/fp16."""
+    which would otherwise compute it in bf16/fp16. Rows (B, N, d) of a block kind give (B, d, d)."""
     with torch.autocast(rows.device.type, enabled=False):
-        return rows.T @ rows
+        return rows.mT @ rows
 
 
 class StatisticSums:
@@ -98,8 +98,8 @@ class StatisticSums:
     def pending(self, rows: Tensor) -> PendingInputs:
         """One call's input rows as they will be added (their Gram product unless ``keep_rows``)."""
         if self.keep_rows:
-            return PendingInputs(None, rows, rows.shape[0])
-        return PendingInputs(_gram(rows), None, rows.shape[0])
+            return PendingInputs(None, rows, rows.shape[-2])
+        return PendingInputs(_gram(rows), None, rows.shape[-2])
 
     def commit(self, pending: PendingInputs) -> None:
         """Add a call's inputs (once: later gradients of the same output add only to G)."""
@@ -202,7 +202,7 @@ class StatisticsCollector:
             batched = layer.batch_first(inputs, self.batch_dim)
             rows = layer.input_rows(batched).to(layer.statistics_dtype)
             samples = layer.samples(inputs, self.batch_dim)
-            return self.sums[name].pending(rows.reshape(samples, -1, rows.shape[1]).mean(1))
+            return self.sums[name].pending(rows.unflatten(-2, (samples, -1)).mean(-2))
 
     def on_output_grad(self, name: str, layer: LayerKind, grad: Tensor, call: Call) -> None:
         if not self.capture_output_grads:
@@ -211,7 +211,7 @@ class StatisticsCollector:
         with torch.no_grad(), maybe_phase(self.timer, "statistics"):
             if self.reduce and not layer.diagonal_input:
                 rows = layer.output_grad_rows(layer.batch_first(grad, self.batch_dim)).to(layer.statistics_dtype)
-                rows = rows.reshape(call.samples, -1, rows.shape[1]).sum(1)
+                rows = rows.unflatten(-2, (call.samples, -1)).sum(-2)
             else:
                 rows = layer.output_grad_rows(grad).to(layer.statistics_dtype)
             if call.context.keep is not None:

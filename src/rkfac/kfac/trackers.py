@@ -29,9 +29,9 @@ import torch
 from torch import Tensor
 
 from rkfac.brand import brand_update, reproject_subset
-from rkfac.decompositions import BrandUpdate, Decomposition
+from rkfac.decompositions import BrandUpdate, Decomposition, Pairs
 from rkfac.kfac.statistics import Statistic
-from rkfac.lowrank import DiagonalFactor, Eigenpairs, FactorInverse
+from rkfac.lowrank import BlockEigenpairs, DiagonalFactor, Eigenpairs, FactorInverse
 
 
 class FactorTracker(ABC):
@@ -44,8 +44,9 @@ class FactorTracker(ABC):
         self.pairs: FactorInverse | None = None
 
     @property
-    def eigenpairs(self) -> Eigenpairs | None:
-        """``pairs`` of a tracker that decomposes (every one but :class:`DiagonalTracker`)."""
+    def eigenpairs(self) -> Pairs | None:
+        """``pairs`` of a tracker that decomposes (every one but :class:`DiagonalTracker`); a
+        block factor's (B, d, d) stack (a grouped convolution) has :class:`BlockEigenpairs`."""
         pairs = self.pairs
         if isinstance(pairs, DiagonalFactor):
             raise TypeError(f"{type(self).__name__} holds a diagonal factor, not eigenpairs")
@@ -88,24 +89,27 @@ class FactorTracker(ABC):
 
     def state_dict(self) -> dict[str, Any]:
         pairs = self.eigenpairs  # DiagonalTracker saves its own
-        return {
-            "factor": self.factor,
-            "pairs": None
-            if pairs is None
-            else {"vectors": pairs.vectors, "values": pairs.values, "trace": pairs.trace, "top": pairs.top},
-            "online": self.online,
-        }
+        saved: dict[str, Any] | None = None
+        if isinstance(pairs, Eigenpairs):
+            saved = {"vectors": pairs.vectors, "values": pairs.values, "trace": pairs.trace, "top": pairs.top}
+        elif isinstance(pairs, BlockEigenpairs):  # (B, d, k) vectors; traces and tops as (B,) tensors
+            saved = {"vectors": pairs.vectors, "values": pairs.values, "trace": pairs.traces, "top": pairs.tops}
+        return {"factor": self.factor, "pairs": saved, "online": self.online}
 
     def load_state_dict(self, state: dict[str, Any], device: torch.device) -> None:
         # a copy: the running factor is updated in place and must not alias the caller's state
         factor = state.get("factor")
         self.factor = None if factor is None else factor.to(device, copy=True)
         pairs = state.get("pairs")
-        self.pairs = (
-            None
-            if pairs is None
-            else Eigenpairs(pairs["vectors"].to(device), pairs["values"].to(device), float(pairs["trace"]), float(pairs["top"]))
-        )
+        if pairs is None:
+            self.pairs = None
+        elif pairs["vectors"].dim() == 3:  # block pairs
+            traces, tops = (torch.as_tensor(pairs[key], dtype=torch.float64).cpu() for key in ("trace", "top"))
+            self.pairs = BlockEigenpairs(pairs["vectors"].to(device), pairs["values"].to(device), traces, tops)
+        else:
+            self.pairs = Eigenpairs(
+                pairs["vectors"].to(device), pairs["values"].to(device), float(pairs["trace"]), float(pairs["top"])
+            )
 
 
 class DiagonalTracker(FactorTracker):
@@ -167,7 +171,7 @@ class BrandTracker(FactorTracker):
         if not statistic.columns:
             self._average(statistic.value, decay)
             return
-        self.pairs = brand_update(self.eigenpairs, statistic.value, decay, self.brand.rank)
+        self.pairs = brand_update(self._single_pairs(), statistic.value, decay, self.brand.rank)
         if self.brand.keeps_factor:
             self._average(statistic.value @ statistic.value.T, decay)
 
@@ -181,9 +185,14 @@ class BrandTracker(FactorTracker):
         every = self.brand.reproject_every
         if not (self.online and every is not None and step > 0 and step % every == 0):
             return
-        pairs = self.eigenpairs
+        pairs = self._single_pairs()
         if self.factor is not None and pairs is not None:
             self.pairs = reproject_subset(pairs, self.factor, self.brand.reproject_count, generator(self.factor.device))
+
+    def _single_pairs(self) -> Eigenpairs | None:
+        pairs = self.pairs  # only layers with online_updates (Linear: one block) get a BrandTracker
+        assert pairs is None or isinstance(pairs, Eigenpairs)
+        return pairs
 
     def state_dict(self) -> dict[str, Any]:
         return {**super().state_dict(), "online": self._online}  # None: not decided yet

@@ -18,6 +18,11 @@ so for Linear (T = 1) S_G is the mean over samples of δδᵀ, and for a convolu
 mean over (sample, position), so that A ⊗ G approximates the Fisher block with the positions
 summed.
 
+A layer of B independent blocks (a grouped convolution's groups, :mod:`.grouped_conv`) has
+``block_shape`` (B,): its rows are (B, N, d_A) and (B, N, d_G), its gradient matrix
+(B, d_G, d_A), ``factor_dims`` those of each block, and K-FAC keeps one (A, G) pair per block,
+batched (statistics (B, d, d), :class:`rkfac.lowrank.BlockEigenpairs`).
+
 A new layer type is one subclass (and its tests against an explicit computation): say which
 modules it ``accepts``, and give the four row/column maps.
 """
@@ -69,8 +74,14 @@ class LayerKind(ABC):
         return self.bias is not None
 
     @property
+    def block_shape(self) -> tuple[int, ...]:
+        """() for one Kronecker block; (B,) for a layer of B independent blocks (a grouped
+        convolution's groups), whose rows, factors and gradient matrix then lead with B."""
+        return ()
+
+    @property
     def factor_dims(self) -> tuple[int, int]:
-        """(d_A, d_G): the widths of the input-side and output-side factors."""
+        """(d_A, d_G): the widths of the input-side and output-side factors (of each block)."""
         d_in = self.weight[0].numel()
         return d_in + int(self.has_bias), self.weight.shape[0]
 

@@ -1,4 +1,5 @@
-"""What Conv1d and Conv2d share (groups = 1): acceptance, unbatched inputs, the layer's own padding."""
+"""What Conv1d and Conv2d share (groups = 1, and grouped in :mod:`.grouped_conv`): acceptance,
+unbatched inputs, the layer's own padding, the patch view."""
 
 from __future__ import annotations
 
@@ -19,6 +20,10 @@ class ConvolutionKind(LayerKind):
     @classmethod
     def accepts(cls, module: nn.Module) -> bool:
         return isinstance(module, cls.module_type) and module.groups == 1
+
+    def _patch_view(self, inputs: Tensor) -> Tensor:
+        """The patches as a strided view (n, *output positions, c_in, *kernel) of the padded input."""
+        raise NotImplementedError
 
     def samples(self, inputs: Tensor, batch_dim: int) -> int:
         """n: an unbatched input (c_in, *spatial) is one sample; convolutions lead with the batch."""

@@ -38,12 +38,15 @@ from rkfac.layers.base import LayerKind
 from rkfac.layers.conv1d import Conv1dKind
 from rkfac.layers.conv2d import Conv2dKind
 from rkfac.layers.embedding import EmbeddingKind
+from rkfac.layers.grouped_conv import GroupedConv1dKind, GroupedConv2dKind
 from rkfac.layers.linear import LinearKind
 
 #: The layer types rkfac preconditions, in the order they are tried.
-KINDS: tuple[type[LayerKind], ...] = (LinearKind, Conv2dKind, Conv1dKind, EmbeddingKind)
+KINDS: tuple[type[LayerKind], ...] = (LinearKind, Conv2dKind, Conv1dKind, GroupedConv2dKind, GroupedConv1dKind, EmbeddingKind)
 
-SUPPORTED_TEXT = "nn.Linear, nn.Conv1d and nn.Conv2d (groups=1), nn.Embedding (sparse=False) and nn.MultiheadAttention"
+SUPPORTED_TEXT = (
+    "nn.Linear, nn.Conv1d and nn.Conv2d (grouped and depthwise too), nn.Embedding (sparse=False) and nn.MultiheadAttention"
+)
 
 SkipRule = str | type[nn.Module]
 
@@ -200,7 +203,7 @@ def unsupported_layers(model: nn.Module, selected: dict[str, LayerKind], rules: 
             continue
         if any(p.requires_grad for p in module.parameters(recurse=False)):
             label = type(module).__name__
-            if isinstance(module, nn.modules.conv._ConvNd):
+            if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
                 label += f" groups={module.groups}"
             if isinstance(module, nn.Embedding) and module.sparse:
                 label += " sparse=True (its gradient is a sparse tensor; use sparse=False)"
