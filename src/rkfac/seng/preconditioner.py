@@ -291,6 +291,7 @@ class SENGPreconditioner:
                 if layer.name not in built_names:
                     self._divide(layer.kind.module.parameters(recurse=False), damping)
             self._divide(self._other_params, damping)
+        self._capture.forget_awaiting()  # a compiled model's calls whose gradient did not come (layers.capture)
         self.steps += 1
 
     @staticmethod
