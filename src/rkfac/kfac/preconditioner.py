@@ -221,6 +221,7 @@ class KFACPreconditioner:
                 self._decompose(step)
             with maybe_phase(self.timer, "precondition"):
                 self._precondition(step, faults)
+        self._capture.forget_awaiting()  # a compiled model's calls whose gradient did not come (layers.capture)
         self.steps += 1
 
     def _is_factor_step(self) -> bool:

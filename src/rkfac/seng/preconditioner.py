@@ -294,6 +294,7 @@ class SENGPreconditioner:
                 if layer.name not in built_names:
                     layer.kind.divide_grad(1.0 + damping)
             self._divide(self._other_params, damping)
+        self._capture.forget_awaiting()  # a compiled model's calls whose gradient did not come (layers.capture)
         self.steps += 1
 
     @staticmethod
