@@ -126,3 +126,31 @@ def test_a_compiled_model_still_runs_after_the_hooks_are_removed() -> None:
     opt.zero_grad()
     model(x).sum().backward()  # the graph may still hold them: they find no capture and do nothing
     assert all(p.grad is not None for p in net.parameters())
+
+
+def encoder(seed: int = 0) -> nn.Sequential:
+    torch.manual_seed(seed)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True, norm_first=True)
+    return nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Flatten(), nn.Linear(4 * 16, 3))
+
+
+def test_a_compiled_transformer_with_routed_attention_has_no_break_and_the_eager_numbers() -> None:
+    """The attention's routed forward (rkfac.layers.attention) traces into the one graph too."""
+    x, y = torch.randn(8, 4, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    net = encoder()
+    rkfac.KFAC(net, lr=0.1, factor_every=1)
+    explained = torch._dynamo.explain(torch.compile(net, backend="eager"))(x)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+    trained = []
+    for compiled in (False, True):
+        net = encoder()
+        model = torch.compile(net, backend="eager") if compiled else net
+        opt = rkfac.KFAC(model, lr=0.1, factor_every=1, inverse_every=1)
+        assert "0.layers.1.self_attn.v_proj" in opt.preconditioner.layer_names
+        for _ in range(3):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        trained.append([p.detach().clone() for p in net.parameters()])
+    for p, q in zip(*trained, strict=True):
+        torch.testing.assert_close(p, q, rtol=0, atol=0)
