@@ -42,7 +42,7 @@ APPLY_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torc
 
 EpochSchedule: TypeAlias = float | dict[int, float]
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "kfac", "rs-kfac", "sre-kfac", "b-kfac", "b-r-kfac", "seng")
+OPTIMIZERS = ("sgd", "adam", "adamw", "muon", "soap", "kfac", "rs-kfac", "sre-kfac", "b-kfac", "b-r-kfac", "seng")
 KFAC_OPTIMIZERS = ("kfac", "rs-kfac", "sre-kfac", "b-kfac", "b-r-kfac")
 PRECONDITIONED = (*KFAC_OPTIMIZERS, "seng")  # optimizers with a preconditioner (and a phase timer)
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import rkfac
+from rkfac.experiments import peers
 from rkfac.experiments.config import APPLY_DTYPES, KFAC_OPTIMIZERS, RunConfig, step_schedule, value_at_epoch
 from rkfac.timing import PhaseTimer
 
@@ -41,6 +42,10 @@ def build_optimizer(
         return torch.optim.Adam(model.parameters(), lr=lr, weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
+    if config.optimizer == "muon":
+        return peers.MuonWithAdamW(model, lr=lr, weight_decay=config.weight_decay)
+    if config.optimizer == "soap":
+        return peers.soap(model, lr=lr, weight_decay=config.weight_decay)
     if config.optimizer in KFAC_OPTIMIZERS:
         return rkfac.KFAC(
             model,

@@ -7,6 +7,11 @@ Hyperparameters per optimizer family (used by every preset unless it says otherw
 - AdamW: lr 1e-3, decoupled weight decay 0.05 (the usual ViT/DeiT value) on every parameter,
   norms and biases included (no exclusion list: at a few epochs it hardly matters). It is the
   transformer baseline, so only fashion-vit runs it by default; the MLP and CNN presets keep Adam.
+- Muon (``rkfac.experiments.peers``): lr 1e-3 and weight decay 0.05 shared with its AdamW part
+  (Muon's update matched to AdamW's RMS), Muon on hidden matrices, AdamW on the rest.
+- SOAP (pytorch-optimizer, optional extra): lr 1e-3, weight decay 0.01, the package's betas and
+  preconditioning frequency. Muon and SOAP are issue 19's peers: untuned starting points until
+  its tuning grid has run.
 - K-FAC family (exact, RS, SRE, B, B-R): the library's defaults, which are the paper's
   recipe — lr 0.1, momentum 0, damping δ = 0.1 relative, rms clip κ = 0.07, factors every 10
   steps with ρ = 0.95, inverses every 50 (RS/SRE) with r = 220, p = 10, q = 4; B-R-KFAC
@@ -51,14 +56,17 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "sgd": {"lr": 0.05, "momentum": 0.9},
     "adam": {"lr": 1e-3},
     "adamw": {"lr": 1e-3, "weight_decay": 0.05},
+    "muon": {"lr": 1e-3, "weight_decay": 0.05},
+    "soap": {"lr": 1e-3, "weight_decay": 0.01},
     **{name: {} for name in KFAC_OPTIMIZERS},
     "b-r-kfac": {"refresh_every": 50},
     "seng": {"lr": seng_lr_schedule(), "momentum": 0.9, "weight_decay": 1e-2, "damping": default_of(SENGOptions, "damping")},
 }
 
 
-# What a preset benches unless it names its own: every optimizer but AdamW (see above).
-DEFAULT_OPTIMIZERS = tuple(name for name in OPTIMIZERS if name != "adamw")
+# What a preset benches unless it names its own: every optimizer but the issue-19 peers (AdamW,
+# Muon, SOAP), which the presets that want them name.
+DEFAULT_OPTIMIZERS = tuple(name for name in OPTIMIZERS if name not in ("adamw", "muon", "soap"))
 
 
 @dataclass(frozen=True)
