@@ -6,6 +6,7 @@ run on a batch of two; everything that trains or preconditions a VGG uses a narr
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -222,7 +223,7 @@ def test_same_seed_same_parameters(name: str) -> None:
 @pytest.mark.parametrize(
     ("args", "kwargs", "message"),
     [
-        (("resnet", FASHION, 10), {}, r"model must be one of \('mlp', 'cnn', 'vgg16_bn', 'vit'\), got 'resnet'"),
+        (("resnet", FASHION, 10), {}, r"model must be one of \('mlp', 'cnn', 'vgg16_bn', 'vgg_fashion', 'vit'\), got 'resnet'"),
         (("MLP", FASHION, 10), {}, "got 'MLP'"),
         (("mlp", FASHION, 10), {"width_scale": 0}, "width_scale must be > 0, got 0"),
         (("cnn", FASHION, 10), {"width_scale": -0.5}, r"width_scale must be > 0, got -0\.5"),
@@ -253,3 +254,33 @@ def test_same_seed_same_parameters(name: str) -> None:
 def test_bad_arguments_raise_value_error_naming_the_value(args: tuple, kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build_model(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------- fashion-vgg (issue 19)
+
+
+def test_vgg_fashion_has_the_papers_widest_factors_and_its_parameter_count() -> None:
+    model = build_model("vgg_fashion", (1, 28, 28), 10)
+    channels = [1, 64, 128, 256, 512, 512]
+    convs = sum(9 * c_in * c_out + c_out + 2 * c_out for c_in, c_out in itertools.pairwise(channels))
+    assert sum(p.numel() for p in model.parameters()) == convs + 512 * 10 + 10 == 3_917_706
+    assert model(torch.randn(3, 1, 28, 28)).shape == (3, 10)
+    pre = rkfac.KFACPreconditioner(model)
+    widths = sorted(layer.kind.factor_dims[0] for layer in pre.layers)
+    assert widths[-2:] == [2305, 4609]
+    assert pre.unsupported == []
+
+
+def test_vgg_fashion_refuses_inputs_too_small_for_three_poolings() -> None:
+    with pytest.raises(ValueError, match=r"vgg_fashion needs inputs of at least 8×8 .* got 7×7"):
+        build_model("vgg_fashion", (1, 7, 7), 10)
+
+
+def test_the_issue_19_presets_resolve() -> None:
+    from rkfac.experiments.presets import resolve_config
+
+    assert resolve_config("kfac", "fashion-vgg", {}).model == "vgg_fashion"
+    for name in ("fashion-cnn-2048", "fashion-mlp-wide-2048"):
+        config = resolve_config("sre-kfac", name, {})
+        assert config.batch_size == 2048 and config.epochs == 10
+    assert resolve_config("sgd", "fashion-mlp-wide-2048", {}).widths == [2048, 2048]

@@ -31,6 +31,12 @@ ViT keeps PyTorch's defaults, except that the position embedding starts at N(0, 
 ViT) and each encoder block is built afresh: ``nn.TransformerEncoder`` deep-copies one layer
 ``depth`` times, which would start every block with the same weights.
 
+``vgg_fashion`` is the paper's regime sized for Fashion-MNIST on a CPU (issue 19's ``fashion-vgg``):
+VGG-style 3×3 convolutions with BatchNorm, 64 → M → 128 → M → 256 → 512 → M → 512 on 28×28
+inputs (feature maps 28, 14, 7, 7, 3), global average pooling and one Linear head, so that its
+widest Kronecker factors are those of VGG16_bn's deep layers: A = 9·256 + 1 = 2305 and
+9·512 + 1 = 4609, where exact K-FAC's O(d³) decompositions dominate as in the paper.
+
 The convolutions keep their bias even before BatchNorm (where it is redundant) because the
 paper's parameter count includes it; K-FAC then gives each convolution an A factor with the
 bias column (9·C_in + 1 wide). Every convolution has groups = 1 and every layer with weights is an
@@ -53,7 +59,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-MODELS = ("mlp", "cnn", "vgg16_bn", "vit")
+MODELS = ("mlp", "cnn", "vgg16_bn", "vgg_fashion", "vit")
 
 #: The default hidden widths of the MLP, before ``width_scale``.
 MLP_WIDTHS: tuple[int, ...] = (1024, 1024)
@@ -91,7 +97,7 @@ def build_model(
     """One of :data:`MODELS` for inputs of shape (B, *input_shape) and ``num_classes`` logits.
 
     Args:
-        name: "mlp", "cnn", "vgg16_bn" or "vit".
+        name: "mlp", "cnn", "vgg16_bn", "vgg_fashion" or "vit".
         input_shape: (channels, height, width) of one sample. The CNN needs height and width
             of at least 4 (two 2× poolings); VGG16_bn needs multiples of 32 (five of them); the
             ViT multiples of 7 (its patches).
@@ -134,6 +140,10 @@ def build_model(
             )
         tokens = (height // VIT_PATCH) * (width // VIT_PATCH)
         return VisionTransformer(channels, tokens, num_classes, model_width, scaled(VIT_FEEDFORWARD, width_scale))
+    if name == "vgg_fashion":
+        if height < 8 or width < 8:
+            raise ValueError(f"vgg_fashion needs inputs of at least 8×8 (three 2× poolings), got {height}×{width}")
+        return _vgg_fashion(channels, num_classes, width_scale)
     if height < 32 or width < 32 or height % 32 or width % 32:
         raise ValueError(f"vgg16_bn needs inputs whose sides are multiples of 32 (five 2× poolings), got {height}×{width}")
     return _vgg16_bn(channels, height, width, num_classes, width_scale)
@@ -227,6 +237,25 @@ def _vgg16_bn(channels: int, height: int, width: int, num_classes: int, width_sc
         nn.Dropout(0.5),
         nn.Linear(hidden, num_classes),
     )
+    _init_vgg(model)
+    return model
+
+
+VGG_FASHION_CONFIG: tuple[int | str, ...] = (64, "M", 128, "M", 256, 512, "M", 512)
+
+
+def _vgg_fashion(channels: int, num_classes: int, width_scale: float) -> nn.Sequential:
+    """The ``fashion-vgg`` network (module docstring), initialised as VGG16_bn."""
+    layers: list[nn.Module] = []
+    previous = channels
+    for item in VGG_FASHION_CONFIG:
+        if item == "M":
+            layers.append(nn.MaxPool2d(2, 2))
+            continue
+        out = scaled(int(item), width_scale)
+        layers += [nn.Conv2d(previous, out, 3, padding=1, bias=True), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
+        previous = out
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(previous, num_classes))
     _init_vgg(model)
     return model
 

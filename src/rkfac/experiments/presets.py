@@ -146,6 +146,40 @@ PRESETS: dict[str, Preset] = {
         },
         optimizers=("adamw", "kfac", "sre-kfac"),
     ),
+    "fashion-vgg": Preset(
+        "Fashion-MNIST, VGG-style CNN 64-128-256-512-512 with BatchNorm (widest factors A = 2305 and 4609, "
+        "like VGG16_bn's deep layers), batch 256, 2 epochs: the paper's regime, where exact K-FAC's "
+        "decompositions dominate. Heavy on a CPU (seconds per step).",
+        {
+            "dataset": "fashion-mnist",
+            "model": "vgg_fashion",
+            "epochs": 2,
+            "batch_size": 256,
+            "target_acc": [0.88, 0.90],
+            "evals_per_epoch": 4,
+        },
+        optimizers=("sgd", "adamw", "kfac", "sre-kfac"),
+    ),
+    **{
+        f"{name}-2048": Preset(
+            f"{name} at batch 2048 (issue 19's large-batch workload: K-FAC's per-step cost is spread over "
+            "more samples), same settings otherwise, 10 epochs.",
+            {**base, "batch_size": 2048, "epochs": 10},
+        )
+        for name, base in (
+            ("fashion-cnn", {"dataset": "fashion-mnist", "model": "cnn", "target_acc": [0.89, 0.90], "evals_per_epoch": 4}),
+            (
+                "fashion-mlp-wide",
+                {
+                    "dataset": "fashion-mnist",
+                    "model": "mlp",
+                    "widths": [2048, 2048],
+                    "target_acc": [0.86, 0.88],
+                    "evals_per_epoch": 4,
+                },
+            ),
+        )
+    },
     "quick": Preset(
         "README demo: Fashion-MNIST, MLP 784-1536-1536-10, 2 epochs, SGD, Adam and the three K-FACs (about 6 min on 2 cores).",
         {
