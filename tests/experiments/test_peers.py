@@ -1,4 +1,5 @@
-"""Issue 19's peers: Muon (hidden matrices) + AdamW (the rest), and SOAP from pytorch-optimizer."""
+"""Issue 19's peers (Muon on hidden matrices + AdamW on the rest, SOAP from pytorch-optimizer)
+and workloads (every Fashion preset runs)."""
 
 from __future__ import annotations
 
@@ -103,3 +104,29 @@ def test_soap_without_its_package_is_refused_with_the_install_command(monkeypatc
     with pytest.raises(RuntimeError, match=r"pip install -e '\.\[peers\]' -c constraints\.txt"):
         build_optimizer(config, nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), steps_per_epoch=1)
     assert "pytorch-optimizer" in SOAP_MISSING
+
+
+FASHION_PRESETS = [
+    "quick",
+    "fashion-mlp-wide",
+    "fashion-cnn",
+    "fashion-vit",
+    "fashion-vgg",
+    "fashion-cnn-2048",
+    "fashion-mlp-wide-2048",
+]
+
+
+@pytest.mark.parametrize("preset", FASHION_PRESETS)
+def test_every_fashion_preset_trains_two_steps_of_its_last_optimizer_on_synthetic_data(tmp_path: Path, preset: str) -> None:
+    from rkfac.experiments.presets import PRESETS
+
+    optimizer = PRESETS[preset].optimizers[-1]  # a curvature method (K-FAC or SENG) in every preset
+    out = tmp_path / preset
+    args = ["train", "--preset", preset, "--optimizer", optimizer, "--dataset", "synthetic", "--width-scale", "0.125"]
+    args += ["--batch-size", "16", "--max-steps", "2", "--out", str(out), "--quiet"]
+    if "mlp" in preset or preset == "quick":
+        args += ["--widths", "32,32"]
+    assert main(args) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "max_steps" and summary["steps"] == 2
