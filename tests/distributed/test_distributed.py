@@ -180,3 +180,41 @@ def test_an_embedding_on_two_ranks_matches_one_process(tmp_path: Path) -> None:
     for name, value in one.items():
         torch.testing.assert_close(ranks[0][name], value)
         assert torch.equal(ranks[0][name], ranks[1][name])
+
+
+class AttentionModel(nn.Module):
+    """A routed nn.MultiheadAttention (four projection blocks, q/k/v rows of one packed weight)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.attn(x, x, x, need_weights=False)[0]).mean(1))
+
+
+def _train_attention(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+    torch.manual_seed(0)
+    net = AttentionModel().double()
+    model = nn.parallel.DistributedDataParallel(net) if world_size > 1 else net
+    optimizer = rkfac.KFAC(model, lr=0.1, factor_every=1, inverse_every=2)
+    assert "attn.k_proj" in optimizer.preconditioner.layer_names
+    generator = torch.Generator().manual_seed(3)
+    share = GLOBAL_BATCH // world_size
+    for _ in range(3):
+        x = torch.randn(GLOBAL_BATCH, 5, 8, generator=generator, dtype=torch.float64)
+        labels = torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator)
+        optimizer.zero_grad()
+        part = slice(rank * share, (rank + 1) * share)
+        F.cross_entropy(model(x[part]), labels[part]).backward()
+        optimizer.step()
+    return {name: p.detach().clone() for name, p in net.state_dict().items()}
+
+
+def test_attention_on_two_ranks_matches_one_process(tmp_path: Path) -> None:
+    one = _train_attention(0, 1)
+    ranks = run_ranks(_train_attention, 2, tmp_path)
+    for name, value in one.items():
+        torch.testing.assert_close(ranks[0][name], value)
+        assert torch.equal(ranks[0][name], ranks[1][name])
