@@ -157,29 +157,27 @@ class TokenModel(nn.Module):
         return self.head(torch.tanh(self.embed(tokens)).mean(1))
 
 
-def _train_tokens(rank: int, world_size: int) -> dict[str, torch.Tensor]:
+def _inputs(model: str, generator: torch.Generator) -> torch.Tensor:
+    if model == "tokens":
+        return torch.randint(0, 9, (GLOBAL_BATCH, 5), generator=generator)
+    return torch.randn(GLOBAL_BATCH, 5, 8, generator=generator, dtype=torch.float64)
+
+
+def _train_sequence_model(rank: int, world_size: int, model: str) -> dict[str, torch.Tensor]:
+    """Three K-FAC steps of TokenModel ("tokens") or AttentionModel ("attention") on this rank's share."""
     torch.manual_seed(0)
-    net = TokenModel().double()
-    model = nn.parallel.DistributedDataParallel(net) if world_size > 1 else net
-    optimizer = rkfac.KFAC(model, lr=0.1, factor_every=1, inverse_every=2)
+    net = (TokenModel() if model == "tokens" else AttentionModel()).double()
+    wrapped = nn.parallel.DistributedDataParallel(net) if world_size > 1 else net
+    optimizer = rkfac.KFAC(wrapped, lr=0.1, factor_every=1, inverse_every=2)
     generator = torch.Generator().manual_seed(2)
     share = GLOBAL_BATCH // world_size
     for _ in range(3):
-        tokens = torch.randint(0, 9, (GLOBAL_BATCH, 5), generator=generator)
-        labels = torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator)
+        inputs, labels = _inputs(model, generator), torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator)
         optimizer.zero_grad()
         part = slice(rank * share, (rank + 1) * share)
-        F.cross_entropy(model(tokens[part]), labels[part]).backward()
+        F.cross_entropy(wrapped(inputs[part]), labels[part]).backward()
         optimizer.step()
     return {name: p.detach().clone() for name, p in net.state_dict().items()}
-
-
-def test_an_embedding_on_two_ranks_matches_one_process(tmp_path: Path) -> None:
-    one = _train_tokens(0, 1)
-    ranks = run_ranks(_train_tokens, 2, tmp_path)
-    for name, value in one.items():
-        torch.testing.assert_close(ranks[0][name], value)
-        assert torch.equal(ranks[0][name], ranks[1][name])
 
 
 class AttentionModel(nn.Module):
@@ -194,27 +192,12 @@ class AttentionModel(nn.Module):
         return self.head(torch.tanh(self.attn(x, x, x, need_weights=False)[0]).mean(1))
 
 
-def _train_attention(rank: int, world_size: int) -> dict[str, torch.Tensor]:
-    torch.manual_seed(0)
-    net = AttentionModel().double()
-    model = nn.parallel.DistributedDataParallel(net) if world_size > 1 else net
-    optimizer = rkfac.KFAC(model, lr=0.1, factor_every=1, inverse_every=2)
-    assert "attn.k_proj" in optimizer.preconditioner.layer_names
-    generator = torch.Generator().manual_seed(3)
-    share = GLOBAL_BATCH // world_size
-    for _ in range(3):
-        x = torch.randn(GLOBAL_BATCH, 5, 8, generator=generator, dtype=torch.float64)
-        labels = torch.randint(0, 3, (GLOBAL_BATCH,), generator=generator)
-        optimizer.zero_grad()
-        part = slice(rank * share, (rank + 1) * share)
-        F.cross_entropy(model(x[part]), labels[part]).backward()
-        optimizer.step()
-    return {name: p.detach().clone() for name, p in net.state_dict().items()}
-
-
-def test_attention_on_two_ranks_matches_one_process(tmp_path: Path) -> None:
-    one = _train_attention(0, 1)
-    ranks = run_ranks(_train_attention, 2, tmp_path)
+@pytest.mark.parametrize("model", ["tokens", "attention"])
+def test_sequence_models_on_two_ranks_match_one_process(tmp_path: Path, model: str) -> None:
+    """An embedding (diagonal A, averaged across ranks as a vector) and a routed attention (q/k/v
+    rows of one packed weight, sharded like any other layer)."""
+    one = _train_sequence_model(0, 1, model)
+    ranks = run_ranks(_train_sequence_model, 2, tmp_path, model)
     for name, value in one.items():
         torch.testing.assert_close(ranks[0][name], value)
         assert torch.equal(ranks[0][name], ranks[1][name])

@@ -281,3 +281,17 @@ def test_a_sequence_first_decoder_with_cross_attention_is_preconditioned_whole()
     a_k, _ = opt.preconditioner.factors()["decoder.multihead_attn.k_proj"]
     a_q, _ = opt.preconditioner.factors()["decoder.multihead_attn.q_proj"]
     assert a_k.shape == a_q.shape == (E + 1, E + 1) and not torch.allclose(a_k, a_q)
+
+
+def test_a_deleted_model_with_attention_is_freed_after_remove() -> None:
+    """The router cache holds its attention modules weakly."""
+    import gc
+    import weakref
+
+    model = Head(attention())
+    pre = rkfac.KFACPreconditioner(model, factor_every=1)
+    alive = weakref.ref(model.attention)
+    pre.remove()
+    del model, pre
+    gc.collect()
+    assert alive() is None

@@ -65,8 +65,11 @@ def test_conv1d_equals_its_conv2d_equivalent(bias, stride, padding, dilation, pa
 
 
 def test_unbatched_conv_inputs_count_one_sample() -> None:
-    """An unbatched (c, L) / (c, H, W) input is one sample: G is that of the batched input."""
-    for conv, shape in ((nn.Conv1d(2, 3, 3).double(), (2, 7)), (nn.Conv2d(2, 3, 3).double(), (2, 5, 5))):
+    """An unbatched (c, L) / (c, H, W) input is one sample: G is that of the batched input (groups
+    = 1 and grouped convolutions alike)."""
+    convs = [(nn.Conv1d(2, 3, 3), (2, 7)), (nn.Conv2d(2, 3, 3), (2, 5, 5))]
+    convs += [(nn.Conv1d(4, 4, 3, groups=2), (4, 7)), (nn.Conv2d(3, 6, 3, groups=3), (3, 5, 5))]
+    for conv, shape in ((conv.double(), shape) for conv, shape in convs):
         x = torch.randn(*shape, dtype=DTYPE)
         factors = []
         for inputs in (x, x.unsqueeze(0)):

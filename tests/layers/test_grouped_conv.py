@@ -296,22 +296,6 @@ def test_seng_gives_grouped_convs_its_plain_step() -> None:
     assert pre.describe().splitlines()[-1] == "divided by (1 + λ): 4 other parameters"
 
 
-def test_unbatched_grouped_input_counts_one_sample() -> None:
-    """An unbatched (c, L) / (c, H, W) input is one sample: its factors are those of the batch of one."""
-    for conv, shape in ((nn.Conv1d(4, 4, 3, groups=2).double(), (4, 7)), (nn.Conv2d(3, 6, 3, groups=3).double(), (3, 5, 5))):
-        x = torch.randn(*shape, dtype=DTYPE)
-        factors = []
-        for inputs in (x, x.unsqueeze(0)):
-            conv.zero_grad()
-            pre = rkfac.KFACPreconditioner(conv, factor_every=1)
-            conv(inputs).square().sum().backward()
-            pre.step()
-            factors.append(pre.factors()[""])
-            pre.remove()
-        torch.testing.assert_close(factors[0][0], factors[1][0])
-        torch.testing.assert_close(factors[0][1], factors[1][1])
-
-
 @pytest.mark.gpu
 def test_grouped_convs_on_cuda_match_cpu() -> None:
     """The batched path on CUDA (batched eigh, baddbmm, dampings read back to the CPU) gives the CPU's directions."""

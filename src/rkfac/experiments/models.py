@@ -217,17 +217,24 @@ def _cnn(channels: int, height: int, width: int, num_classes: int, width_scale: 
     )
 
 
-def _vgg16_bn(channels: int, height: int, width: int, num_classes: int, width_scale: float) -> nn.Sequential:
-    """VGG configuration D with BatchNorm, sized for ``width_scale``, initialised as documented above."""
+def _vgg_features(config: Sequence[int | str], channels: int, width_scale: float) -> tuple[list[nn.Module], int]:
+    """VGG's feature layers for ``config`` (widths, "M" for a 2× max-pool): 3×3 conv + BatchNorm +
+    ReLU per width; returns the layers and the last width."""
     layers: list[nn.Module] = []
     previous = channels
-    for item in VGG16_CONFIG:
+    for item in config:
         if item == "M":
             layers.append(nn.MaxPool2d(2, 2))
             continue
         out = scaled(int(item), width_scale)
         layers += [nn.Conv2d(previous, out, 3, padding=1, bias=True), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
         previous = out
+    return layers, previous
+
+
+def _vgg16_bn(channels: int, height: int, width: int, num_classes: int, width_scale: float) -> nn.Sequential:
+    """VGG configuration D with BatchNorm, sized for ``width_scale``, initialised as documented above."""
+    layers, previous = _vgg_features(VGG16_CONFIG, channels, width_scale)
     hidden = scaled(512, width_scale)
     model = nn.Sequential(
         *layers,
@@ -246,15 +253,7 @@ VGG_FASHION_CONFIG: tuple[int | str, ...] = (64, "M", 128, "M", 256, 512, "M", 5
 
 def _vgg_fashion(channels: int, num_classes: int, width_scale: float) -> nn.Sequential:
     """The ``fashion-vgg`` network (module docstring), initialised as VGG16_bn."""
-    layers: list[nn.Module] = []
-    previous = channels
-    for item in VGG_FASHION_CONFIG:
-        if item == "M":
-            layers.append(nn.MaxPool2d(2, 2))
-            continue
-        out = scaled(int(item), width_scale)
-        layers += [nn.Conv2d(previous, out, 3, padding=1, bias=True), nn.BatchNorm2d(out), nn.ReLU(inplace=True)]
-        previous = out
+    layers, previous = _vgg_features(VGG_FASHION_CONFIG, channels, width_scale)
     model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(previous, num_classes))
     _init_vgg(model)
     return model

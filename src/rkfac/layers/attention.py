@@ -60,12 +60,14 @@ class Projection(nn.Module):
 
     def __init__(self, attention: nn.MultiheadAttention, role: str) -> None:
         super().__init__()
-        self._parent = (attention,)  # a tuple: nn.Module would register a module attribute as a child
+        # a weak reference: nn.Module would register a module attribute as a child, and a strong
+        # one would keep the attention alive through the router cache (_ROUTERS)
+        self._parent = weakref.ref(attention)
         self.role = role
 
     @property
     def training(self) -> bool:
-        return self._parent[0].training
+        return self.attention.training
 
     @training.setter
     def training(self, value: bool) -> None:
@@ -73,7 +75,9 @@ class Projection(nn.Module):
 
     @property
     def attention(self) -> nn.MultiheadAttention:
-        return self._parent[0]
+        attention = self._parent()
+        assert attention is not None, "the attention module of this projection was deleted"
+        return attention
 
     def weight_source(self) -> tuple[nn.Parameter, slice]:
         """The parameter holding this projection's weight, and its rows."""
@@ -189,9 +193,15 @@ class ExplicitAttention:
         reason = routable(attention)
         if reason is not None:
             raise ValueError(f"cannot route {attention!r}: {reason}")
-        self.attention = attention
+        self._attention = weakref.ref(attention)  # weak: _ROUTERS maps the module to this router
         self.projections = {role: Projection(attention, role) for role in ROLES}
         self._installs = 0
+
+    @property
+    def attention(self) -> nn.MultiheadAttention:
+        attention = self._attention()
+        assert attention is not None, "the routed attention module was deleted"
+        return attention
 
     def install(self) -> Callable[[], None]:
         """Route the attention's ``forward`` through :meth:`forward`; returns the undo."""
