@@ -254,14 +254,14 @@ def test_evaluation_time_is_excluded_from_training_time(tmp_path: Path, monkeypa
     """A fake clock: every reading advances 1 s, and each evaluation advances it 1000 s."""
     clock = itertools.count(0.0)
     monkeypatch.setattr(time, "perf_counter", lambda: float(next(clock)))  # the step clock reads time.perf_counter
-    real_evaluate = train_module.evaluate
+    real_evaluate = train_module.Trainer._evaluate
 
-    def slow_evaluate(*args: object) -> tuple[float, float]:
+    def slow_evaluate(self: train_module.Trainer) -> dict[str, float]:
         for _ in range(1000):
             next(clock)
-        return real_evaluate(*args)  # type: ignore[arg-type]
+        return real_evaluate(self)
 
-    monkeypatch.setattr(train_module, "evaluate", slow_evaluate)
+    monkeypatch.setattr(train_module.Trainer, "_evaluate", slow_evaluate)
     config = resolve_config(
         "sgd", None, dict(dataset="synthetic", synthetic_train=128, synthetic_test=64, widths=[16], batch_size=32, epochs=2)
     )

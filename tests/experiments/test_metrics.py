@@ -24,6 +24,7 @@ from rkfac.experiments.metrics import (
     ranks_record,
 )
 from rkfac.experiments.presets import resolve_config
+from rkfac.experiments.tasks import Target
 from rkfac.experiments.train import Trainer
 
 
@@ -72,10 +73,17 @@ def test_without_a_preconditioner_the_ledger_records_only_the_gradients() -> Non
 
 def test_a_target_is_timed_at_the_first_evaluation_that_meets_it() -> None:
     progress = Progress(train_time=2.0)
-    progress.note_targets([0.5, 0.9], test_acc=0.6, epoch=0.5)
+    targets = [Target("test_acc", 0.5), Target("test_acc", 0.9), Target("train_eval_loss", 12.0)]
+    progress.note_targets(targets, {"test_acc": 0.6, "test_loss": 1.0}, epoch=0.5)
     progress.train_time = 3.0
-    progress.note_targets([0.5, 0.9], test_acc=0.95, epoch=1)
-    assert progress.reached == {"0.5": {"time": 2.0, "epoch": 0.5}, "0.9": {"time": 3.0, "epoch": 1}}
+    progress.note_targets(targets, {"test_acc": 0.95, "train_eval_loss": 12.5}, epoch=1)
+    progress.train_time = 4.0
+    progress.note_targets(targets, {"test_acc": 0.2, "train_eval_loss": 12.0}, epoch=1.5)  # a level is met at equality
+    assert progress.reached == {
+        "0.5": {"time": 2.0, "epoch": 0.5},
+        "0.9": {"time": 3.0, "epoch": 1},
+        "loss:12": {"time": 4.0, "epoch": 1.5},
+    }
 
 
 def test_progress_sums_steps_and_clears_the_epochs_counters() -> None:
@@ -124,6 +132,8 @@ SUMMARY_KEYS = [
     "final_test_loss",
     "final_test_acc",
     "best_test_acc",
+    "final_train_eval_loss",
+    "objective",
     "targets",
     "phase_seconds",
     "world_size",

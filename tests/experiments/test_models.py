@@ -223,7 +223,11 @@ def test_same_seed_same_parameters(name: str) -> None:
 @pytest.mark.parametrize(
     ("args", "kwargs", "message"),
     [
-        (("resnet", FASHION, 10), {}, r"model must be one of \('mlp', 'cnn', 'vgg16_bn', 'vgg_fashion', 'vit'\), got 'resnet'"),
+        (
+            ("resnet", FASHION, 10),
+            {},
+            r"model must be one of \('mlp', 'cnn', 'vgg16_bn', 'vgg_fashion', 'vit', 'autoencoder'\), got 'resnet'",
+        ),
         (("MLP", FASHION, 10), {}, "got 'MLP'"),
         (("mlp", FASHION, 10), {"width_scale": 0}, "width_scale must be > 0, got 0"),
         (("cnn", FASHION, 10), {"width_scale": -0.5}, r"width_scale must be > 0, got -0\.5"),

@@ -15,7 +15,7 @@ from rkfac.experiments.cli import main
 from rkfac.experiments.models import build_model
 from rkfac.experiments.optimizers import build_optimizer
 from rkfac.experiments.peers import SOAP_MISSING, MuonWithAdamW, muon_split
-from rkfac.experiments.presets import resolve_config
+from rkfac.experiments.presets import PRESETS, resolve_config
 
 SMALL = ["--dataset", "synthetic", "--model", "mlp", "--widths", "16", "--batch-size", "16", "--quiet"]
 FASHION = (1, 28, 28)
@@ -106,21 +106,16 @@ def test_soap_without_its_package_is_refused_with_the_install_command(monkeypatc
     assert "pytorch-optimizer" in SOAP_MISSING
 
 
-FASHION_PRESETS = [
-    "quick",
-    "fashion-mlp-wide",
-    "fashion-cnn",
-    "fashion-vit",
-    "fashion-vgg",
-    "fashion-cnn-2048",
-    "fashion-mlp-wide-2048",
-]
+FASHION_PRESETS = [name for name, preset in PRESETS.items() if preset.common["dataset"] == "fashion-mnist"]
+
+
+def test_the_smoke_tests_cover_every_workload() -> None:
+    expected = ["fashion-autoencoder", "fashion-cnn", "fashion-cnn-2048", "fashion-mlp-wide", "fashion-mlp-wide-2048"]
+    assert sorted(FASHION_PRESETS) == [*expected, "fashion-vgg", "fashion-vit", "quick"]
 
 
 @pytest.mark.parametrize("preset", FASHION_PRESETS)
 def test_every_fashion_preset_trains_two_steps_of_its_last_optimizer_on_synthetic_data(tmp_path: Path, preset: str) -> None:
-    from rkfac.experiments.presets import PRESETS
-
     optimizer = PRESETS[preset].optimizers[-1]  # a curvature method (K-FAC or SENG) in every preset
     out = tmp_path / preset
     args = ["train", "--preset", preset, "--optimizer", optimizer, "--dataset", "synthetic", "--width-scale", "0.125"]

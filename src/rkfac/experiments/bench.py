@@ -2,9 +2,10 @@
 
 Runs are interleaved by seed (every optimizer runs seed 0, then every optimizer runs seed 1,
 …) so that slow drifts of the machine touch all optimizers alike. Reported per optimizer,
-medians over seeds: training seconds per epoch, training time and epochs to each target test
-accuracy (only when every seed reached it; otherwise how many did), final test accuracy
-(mean), the per-step time split, and each K-FAC variant's ratios to exact K-FAC. Names may be
+medians over seeds: training seconds per epoch, training time and epochs to each target (a test
+accuracy, or a training-loss level: only when every seed reached it; otherwise how many did),
+the final test accuracy (mean) or, for a reconstruction, the final training and test losses
+(means), the per-step time split, and each K-FAC variant's ratios to exact K-FAC. Names may be
 optimizers or the named variants of :data:`rkfac.experiments.presets.VARIANTS` (e.g.
 ``sre-kfac-adaptive``), so a setting can be compared with the paper's inside one bench.
 
@@ -27,6 +28,7 @@ from rkfac.experiments.plot import plot_runs
 from rkfac.experiments.presets import PRESETS, resolve_config
 from rkfac.experiments.resume import run_config
 from rkfac.experiments.rundir import RunDirectory
+from rkfac.experiments.tasks import Target
 from rkfac.experiments.train import TrainingDivergedError, train
 
 PHASES = ("data", "forward_backward", "statistics", "decomposition", "precondition", "optimizer")
@@ -36,7 +38,12 @@ def _median(values: list[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def summarize(preset: str, results: dict[str, list[dict[str, Any]]], targets: list[float]) -> list[dict[str, Any]]:
+def _mean(values: list[float | None]) -> float | None:
+    known = [value for value in values if value is not None]
+    return statistics.mean(known) if known and len(known) == len(values) else None
+
+
+def summarize(preset: str, results: dict[str, list[dict[str, Any]]], targets: list[Target]) -> list[dict[str, Any]]:
     rows = []
     for optimizer, summaries in results.items():
         done = [s for s in summaries if s["status"] != "diverged"]
@@ -46,12 +53,14 @@ def summarize(preset: str, results: dict[str, list[dict[str, Any]]], targets: li
             "seeds": len(summaries),
             "diverged": len(summaries) - len(done),
             "seconds_per_epoch": _median([s["seconds_per_epoch"] for s in done if s["seconds_per_epoch"]]),
-            "final_test_acc": statistics.mean([s["final_test_acc"] for s in done]) if done else None,
+            "final_test_acc": _mean([s["final_test_acc"] for s in done]),
+            "final_train_eval_loss": _mean([s.get("final_train_eval_loss") for s in done]),
+            "final_test_loss": _mean([s["final_test_loss"] for s in done]),
         }
         for phase in PHASES:
             row[f"{phase}_per_epoch"] = _median([s["phase_seconds"].get(phase, 0.0) / s["epochs"] for s in done if s["epochs"]])
         for target in targets:
-            key = f"{target:g}"
+            key = target.key
             hits = [s["targets"].get(key) for s in summaries]
             reached = [hit for hit in hits if hit]
             row[f"time_to_{key}"] = _median([hit["time"] for hit in reached]) if len(reached) == len(summaries) else None
@@ -64,7 +73,7 @@ def summarize(preset: str, results: dict[str, list[dict[str, Any]]], targets: li
             continue
         row["exact_over_this_per_epoch"] = _ratio(exact["seconds_per_epoch"], row["seconds_per_epoch"])
         for target in targets:
-            key = f"time_to_{target:g}"
+            key = f"time_to_{target.key}"
             row[f"exact_over_this_{key}"] = _ratio(exact[key], row[key])
     return rows
 
@@ -81,26 +90,37 @@ def _cell(value: Any, digits: int = 1) -> str:
     return str(value)
 
 
-def format_table(rows: list[dict[str, Any]], targets: list[float]) -> str:
+def format_table(rows: list[dict[str, Any]], targets: list[Target]) -> str:
+    """The bench's table (markdown). The final-result columns are those the rows have: test
+    accuracy for classifiers, training-subset and test loss for a reconstruction."""
+    finals = [
+        (key, header, scale, digits)
+        for key, header, scale, digits in (
+            ("final_test_acc", "final acc %", 100.0, 2),
+            ("final_train_eval_loss", "final train loss", 1.0, 3),
+            ("final_test_loss", "final test loss", 1.0, 3),
+        )
+        if any(row.get(key) is not None for row in rows) and (key != "final_test_loss" or not _has_accuracy(rows))
+    ]
     header = [
         "optimizer",
         "s/epoch",
-        *[f"time to {t:.0%}" for t in targets],
-        *[f"epochs to {t:.0%}" for t in targets],
-        "final acc %",
+        *[f"time to {t.label}" for t in targets],
+        *[f"epochs to {t.label}" for t in targets],
+        *[name for _, name, _, _ in finals],
         "exact/this s/epoch",
-        *[f"exact/this time to {t:.0%}" for t in targets],
+        *[f"exact/this time to {t.label}" for t in targets],
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [row["optimizer"], _cell(row["seconds_per_epoch"])]
         cells += [
-            _cell(row[f"time_to_{t:g}"]) + ("" if row[f"time_to_{t:g}"] else f" ({row[f'reached_{t:g}']})") for t in targets
+            _cell(row[f"time_to_{t.key}"]) + ("" if row[f"time_to_{t.key}"] else f" ({row[f'reached_{t.key}']})") for t in targets
         ]
-        cells += [_cell(row[f"epochs_to_{t:g}"], 2) for t in targets]
-        cells += [_cell(100 * row["final_test_acc"] if row["final_test_acc"] is not None else None, 2)]
+        cells += [_cell(row[f"epochs_to_{t.key}"], 2) for t in targets]
+        cells += [_cell(scale * row[key] if row.get(key) is not None else None, digits) for key, _, scale, digits in finals]
         cells += [_cell(row.get("exact_over_this_per_epoch"), 2)]
-        cells += [_cell(row.get(f"exact_over_this_time_to_{t:g}"), 2) for t in targets]
+        cells += [_cell(row.get(f"exact_over_this_time_to_{t.key}"), 2) for t in targets]
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -112,6 +132,10 @@ def format_table(rows: list[dict[str, Any]], targets: list[float]) -> str:
     for row in rows:
         lines.append(f"| {row['optimizer']} | " + " | ".join(_cell(row[f"{p}_per_epoch"], 2) for p in PHASES) + " |")
     return "\n".join(lines)
+
+
+def _has_accuracy(rows: list[dict[str, Any]]) -> bool:
+    return any(row.get("final_test_acc") is not None for row in rows)
 
 
 def run_bench(
@@ -132,11 +156,11 @@ def run_bench(
     seed_list = seeds or list(PRESETS[preset].seeds)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in chosen}
     run_dirs = []
-    targets: list[float] = []
+    targets: list[Target] = []
     for seed in seed_list:
         for name in chosen:
             config = resolve_config(name, preset, {**(overrides or {}), "seed": seed})
-            targets = config.target_acc
+            targets = config.targets
             run_dir = out / f"{name}-seed{seed}"
             run_dirs.append(run_dir)
             try:
@@ -145,8 +169,8 @@ def run_bench(
                 print(f"{name} seed {seed}: {error}")
                 summary = RunDirectory(run_dir).read_json("summary.json")
             results[name].append(summary)
-            speed, accuracy = summary["seconds_per_epoch"] or 0.0, 100 * summary["final_test_acc"]
-            print(f"{name} seed {seed}: {speed:.1f} s/epoch, final test acc {accuracy:.2f}%", flush=True)
+            speed = summary["seconds_per_epoch"] or 0.0
+            print(f"{name} seed {seed}: {speed:.1f} s/epoch, {final_result(summary)}", flush=True)
         # after every seed, so that an interrupted bench keeps the tables of the seeds it finished
         rows = summarize(preset, results, targets)
         table, plotted = _write_tables(out, preset, seed_list[: seed_list.index(seed) + 1], rows, targets, run_dirs)
@@ -155,6 +179,15 @@ def run_bench(
     if not plotted:
         print("no run completed an epoch (--max-steps below one epoch): no bench.png, which plots per-epoch records")
     return rows
+
+
+def final_result(summary: dict[str, Any]) -> str:
+    """Where a run ended, in words: its test accuracy, or its training and test losses."""
+    if summary.get("final_test_acc") is not None:
+        return f"final test acc {100 * summary['final_test_acc']:.2f}%"
+    train_loss = summary.get("final_train_eval_loss")
+    train = f"final train loss {train_loss:.3f}, " if train_loss is not None else ""
+    return f"{train}final test loss {summary['final_test_loss']:.3f}"
 
 
 def _run_or_reuse(config: RunConfig, run_dir: Path, *, quiet: bool, resume: bool) -> dict[str, Any]:
@@ -180,7 +213,7 @@ def _as_json(config: RunConfig) -> Any:
 
 
 def _write_tables(
-    out: Path, preset: str, seeds: list[int], rows: list[dict[str, Any]], targets: list[float], run_dirs: list[Path]
+    out: Path, preset: str, seeds: list[int], rows: list[dict[str, Any]], targets: list[Target], run_dirs: list[Path]
 ) -> tuple[str, bool]:
     """bench.json, bench.csv, bench.md and bench.png for the seeds done so far; returns the table and
     whether bench.png was written (it plots per-epoch records: not when no run completed an epoch)."""

@@ -236,6 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from rkfac.experiments.bench import final_result
     from rkfac.experiments.distributed import placement_from_environment
     from rkfac.experiments.train import train
 
@@ -251,7 +252,7 @@ def _train(args: argparse.Namespace) -> int:
     if placement_from_environment().is_main:  # under torchrun, one line from rank 0 (which evaluates)
         print(
             f"{config.optimizer}: {summary['status']}, {summary['steps']} steps, train time {summary['train_time']:.1f} s, "
-            f"final test acc {100 * summary['final_test_acc']:.2f}% -> {out}"
+            f"{final_result(summary)} -> {out}"
         )
     return 0
 

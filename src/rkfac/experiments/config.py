@@ -33,6 +33,7 @@ import torch
 from rkfac.decompositions import BrandUpdate, SymmetricRandomizedEVD
 from rkfac.experiments.datasets import DATASETS
 from rkfac.experiments.models import MODELS
+from rkfac.experiments.tasks import RECONSTRUCTING_MODELS, Target
 from rkfac.options import KFACOptions, SENGOptions, UpdateOptions
 from rkfac.schedules import check_int
 from rkfac.schema import check_field, option
@@ -159,7 +160,14 @@ class RunConfig:
     target_acc: list[float] = run_option(
         default_factory=list, help="test accuracies to time, e.g. 0.86,0.88", low=0.0, high=1.0, items=True
     )
-    evals_per_epoch: int = run_option(1, "test-set evaluations per epoch (targets are timed at these)", kind="int", low=1)
+    target_loss: list[float] = run_option(
+        default_factory=list,
+        help="training-loss levels to time (on a fixed training subset), e.g. 12,10",
+        low=0.0,
+        low_inclusive=False,
+        items=True,
+    )
+    evals_per_epoch: int = run_option(1, "evaluations per epoch (targets are timed at these)", kind="int", low=1)
     checkpoint_every: int = run_option(1, "epochs between checkpoints (0: none)", kind="int", low=0)
     preset: str | None = run_option(None, "start from a named preset", kind="str")
 
@@ -170,12 +178,23 @@ class RunConfig:
         """Raise ValueError naming the first bad value (checked against its field's metadata); return self."""
         for field in dataclasses.fields(self):
             check_setting(field, getattr(self, field.name))
+        if self.model in RECONSTRUCTING_MODELS and self.target_acc:
+            raise ValueError(
+                f"the {self.model} reconstructs its input and has no accuracy: give target_loss, not target_acc={self.target_acc}"
+            )
         if self.optimizer == "b-r-kfac" and self.refresh_every is None:
             raise ValueError("b-r-kfac refreshes (U, D) every refresh_every steps: give refresh_every >= 1, got None")
         return self
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def targets(self) -> list[Target]:
+        """The levels the run is timed at: its test accuracies, then its training-loss levels."""
+        return [Target("test_acc", level) for level in self.target_acc] + [
+            Target("train_eval_loss", level) for level in self.target_loss
+        ]
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RunConfig:

@@ -81,7 +81,9 @@ class ImageDataset:
     Images are float32 (N, C, H, W), already normalised; labels are int64 (N,) in
     [0, num_classes). ``augment`` maps a normalised training batch and a generator to an
     augmented batch of the same shape (``None``: train on the images as they are). ``files``:
-    the files the dataset was read from, in the order read.
+    the files the dataset was read from, in the order read. ``mean`` and ``std``: the
+    normalisation per channel, ``image = (pixel − mean) / std`` with pixels in [0, 1] (0 and 1
+    for the synthetic set, whose images are not pixels), so that a task can recover the pixels.
     """
 
     name: str
@@ -92,6 +94,8 @@ class ImageDataset:
     num_classes: int
     augment: Callable[[Tensor, torch.Generator], Tensor] | None = None
     files: tuple[DataFile, ...] = ()
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -250,6 +254,8 @@ def load_fashion_mnist(data_dir: str | None = None, *, download: bool = True) ->
         labels("t10k-labels-idx1-ubyte.gz"),
         num_classes=10,
         files=read,
+        mean=FASHION_MEAN,
+        std=FASHION_STD,
     )
 
 
@@ -328,6 +334,8 @@ def load_cifar10(data_dir: str | None = None) -> ImageDataset:
         num_classes=10,
         augment=PadCropFlip(CIFAR_MEAN, CIFAR_STD),
         files=read,
+        mean=CIFAR_MEAN,
+        std=CIFAR_STD,
     )
 
 

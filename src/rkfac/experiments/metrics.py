@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from rkfac.experiments.tasks import Target
 from rkfac.protocol import Preconditioner
 
 PHASES = ("data", "forward_backward", "statistics", "decomposition", "precondition", "optimizer")
@@ -85,21 +86,17 @@ class Progress:
         self.epoch, self.batch = epoch, 0
         self.epoch_loss_sum, self.epoch_loss_count, self.epoch_time = 0.0, 0, 0.0
 
-    def note_targets(self, targets: Sequence[float], test_acc: float, epoch: float) -> None:
+    def note_targets(self, targets: Sequence[Target], evaluation: Mapping[str, float], epoch: float) -> None:
         """Record the training time and (fractional) epoch at which each target is first met.
 
         A target is timed at the first evaluation that reaches it, so finer evaluation
-        (``evals_per_epoch``) gives finer times to target.
+        (``evals_per_epoch``) gives finer times to target. ``evaluation``: the evaluation's
+        values by name (``test_acc``, ``train_eval_loss``, …; see :mod:`rkfac.experiments.tasks`).
         """
         for target in targets:
-            key = target_key(target)
-            if key not in self.reached and test_acc >= target:
-                self.reached[key] = {"time": self.train_time, "epoch": epoch}
-
-
-def target_key(target: float) -> str:
-    """How a target accuracy is spelled as a key of ``reached`` and ``summary["targets"]``."""
-    return f"{target:g}"
+            value = evaluation.get(target.metric)
+            if target.key not in self.reached and value is not None and target.met(value):
+                self.reached[target.key] = {"time": self.train_time, "epoch": epoch}
 
 
 @dataclass
@@ -226,29 +223,23 @@ def step_record(
     }
 
 
-def eval_record(progress: Progress, epoch: float, test_loss: float, test_acc: float) -> dict[str, Any]:
-    """A ``kind: "eval"`` record: a test evaluation inside an epoch, at fractional ``epoch``."""
-    return {
-        "kind": "eval",
-        "epoch": epoch,
-        "step": progress.step,
-        "test_loss": test_loss,
-        "test_acc": test_acc,
-        "train_time": progress.train_time,
-    }
+def eval_record(progress: Progress, epoch: float, evaluation: Mapping[str, float]) -> dict[str, Any]:
+    """A ``kind: "eval"`` record: an evaluation inside an epoch, at fractional ``epoch``; its
+    values (``test_loss`` and ``test_acc`` or ``train_eval_loss``) by name."""
+    return {"kind": "eval", "epoch": epoch, "step": progress.step, **evaluation, "train_time": progress.train_time}
 
 
-def epoch_record(progress: Progress, epoch: int, test_loss: float, test_acc: float, pre: Preconditioner | None) -> dict[str, Any]:
+def epoch_record(progress: Progress, epoch: int, evaluation: Mapping[str, float], pre: Preconditioner | None) -> dict[str, Any]:
     """A ``kind: "epoch"`` record at the end of ``epoch`` (from 1): mean ``train_loss`` of its
-    steps, test loss and accuracy, its ``epoch_time`` and the run's ``train_time`` (seconds),
-    and the preconditioner's :func:`health_record` and :func:`ranks_record`."""
+    steps, the evaluation's values (test loss and accuracy, or training-subset loss), its
+    ``epoch_time`` and the run's ``train_time`` (seconds), and the preconditioner's
+    :func:`health_record` and :func:`ranks_record`."""
     return {
         "kind": "epoch",
         "epoch": epoch,
         "step": progress.step,
         "train_loss": progress.epoch_loss,
-        "test_loss": test_loss,
-        "test_acc": test_acc,
+        **evaluation,
         "epoch_time": progress.epoch_time,
         "train_time": progress.train_time,
         "health": health_record(pre),
@@ -262,25 +253,30 @@ def build_summary(
     optimizer: str,
     preset: str | None,
     status: str,
-    targets: Sequence[float],
+    targets: Sequence[Target],
     epochs: list[dict[str, Any]],
-    final: tuple[float, float],
+    final: Mapping[str, float],
     steps_per_epoch: int,
     world_size: int,
     pre: Preconditioner | None,
+    objective: float,
 ) -> dict[str, Any]:
     """``summary.json``: how the run ended and what it cost.
 
     ``status`` is "completed", "max_steps" or "diverged"; ``epochs`` is the run's epoch
-    records and ``final`` the (test loss, test accuracy) where it stopped. ``epochs`` in the
-    summary counts steps in epochs (fractional after max_steps); ``seconds_per_epoch`` is
-    training time over that; ``best_test_acc`` is the best epoch's (the final one without
-    any); ``targets`` maps each target to its ``{"time", "epoch"}`` or None if never met;
+    records and ``final`` the evaluation where it stopped. ``epochs`` in the summary counts
+    steps in epochs (fractional after max_steps); ``seconds_per_epoch`` is training time over
+    that; ``final_test_acc`` and ``best_test_acc`` (the best epoch's, the final one without
+    any) are None for a task without accuracy, ``final_train_eval_loss`` None when the
+    training subset was not evaluated; ``objective`` is what tuning minimises (the task's, see
+    :mod:`rkfac.experiments.tasks`); ``targets`` maps each target's key to its
+    ``{"time", "epoch"}`` or None if never met;
     ``phase_seconds`` is the run's time split; ``bytes_per_factor_step`` and
     ``bytes_per_inverse_step`` are the mean bytes of statistics and decompositions over the
     steps that sent any (None if none did).
     """
-    final_loss, final_acc = final
+    final_acc = final.get("test_acc")
+    accuracies = [record["test_acc"] for record in epochs if "test_acc" in record]
     epochs_run = progress.step / steps_per_epoch
     return {
         "optimizer": optimizer,
@@ -291,10 +287,12 @@ def build_summary(
         "train_time": progress.train_time,
         "seconds_per_epoch": progress.train_time / epochs_run if epochs_run else None,
         "epoch_times": [record["epoch_time"] for record in epochs],
-        "final_test_loss": final_loss,
+        "final_test_loss": final["test_loss"],
         "final_test_acc": final_acc,
-        "best_test_acc": max([record["test_acc"] for record in epochs], default=final_acc),
-        "targets": {target_key(t): progress.reached.get(target_key(t)) for t in targets},
+        "best_test_acc": max(accuracies, default=final_acc),
+        "final_train_eval_loss": final.get("train_eval_loss"),
+        "objective": objective,
+        "targets": {target.key: progress.reached.get(target.key) for target in targets},
         "phase_seconds": progress.phase_totals,
         "world_size": world_size,
         "health": health_record(pre),

@@ -31,6 +31,13 @@ ViT keeps PyTorch's defaults, except that the position embedding starts at N(0, 
 ViT) and each encoder block is built afresh: ``nn.TransformerEncoder`` deep-copies one layer
 ``depth`` times, which would start every block with the same weights.
 
+``autoencoder`` (issue 19's ``fashion-autoencoder``, the classic K-FAC benchmark of Martens &
+Grosse 2015): 784-1000-500-250-30-250-500-1000-784 for 28×28 images, every hidden layer tanh
+except the 30-unit code, which is linear as in Hinton & Salakhutdinov (2006), and a linear
+output: a reconstruction of the flattened pixels (:mod:`rkfac.experiments.tasks` gives it its
+squared-error loss). ``num_classes`` does not apply: its output is as wide as its input. It keeps
+PyTorch's default initialisation (Martens & Grosse used a sparse one; the defaults train here).
+
 ``vgg_fashion`` is the paper's regime sized for Fashion-MNIST on a CPU (issue 19's ``fashion-vgg``):
 VGG-style 3×3 convolutions with BatchNorm, 64 → M → 128 → M → 256 → 512 → M → 512 on 28×28
 inputs (feature maps 28, 14, 7, 7, 3), global average pooling and one Linear head, so that its
@@ -52,6 +59,7 @@ as unsupported in rkfac's warning (as a class token would).
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 from collections.abc import Sequence
@@ -59,7 +67,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-MODELS = ("mlp", "cnn", "vgg16_bn", "vgg_fashion", "vit")
+MODELS = ("mlp", "cnn", "vgg16_bn", "vgg_fashion", "vit", "autoencoder")
+
+#: The deep autoencoder's encoder widths (Hinton & Salakhutdinov 2006), before ``width_scale``;
+#: the decoder mirrors them, and the last one is the linear code.
+AUTOENCODER_WIDTHS: tuple[int, ...] = (1000, 500, 250, 30)
 
 #: The default hidden widths of the MLP, before ``width_scale``.
 MLP_WIDTHS: tuple[int, ...] = (1024, 1024)
@@ -97,7 +109,7 @@ def build_model(
     """One of :data:`MODELS` for inputs of shape (B, *input_shape) and ``num_classes`` logits.
 
     Args:
-        name: "mlp", "cnn", "vgg16_bn", "vgg_fashion" or "vit".
+        name: "mlp", "cnn", "vgg16_bn", "vgg_fashion", "vit" or "autoencoder".
         input_shape: (channels, height, width) of one sample. The CNN needs height and width
             of at least 4 (two 2× poolings); VGG16_bn needs multiples of 32 (five of them); the
             ViT multiples of 7 (its patches).
@@ -123,6 +135,8 @@ def build_model(
     if name == "mlp":
         hidden = MLP_WIDTHS if widths is None else _check_widths(widths)
         return _mlp(channels * height * width, num_classes, [scaled(w, width_scale) for w in hidden])
+    if name == "autoencoder":
+        return _autoencoder(channels * height * width, [scaled(w, width_scale) for w in AUTOENCODER_WIDTHS])
     if name == "cnn":
         if height < 4 or width < 4:
             raise ValueError(f"cnn needs inputs of at least 4×4 (two 2× poolings), got {height}×{width}")
@@ -197,6 +211,19 @@ def _mlp(inputs: int, num_classes: int, hidden: Sequence[int]) -> nn.Sequential:
         layers += [nn.Linear(previous, width), nn.ReLU()]
         previous = width
     layers.append(nn.Linear(previous, num_classes))
+    return nn.Sequential(*layers)
+
+
+def _autoencoder(inputs: int, encoder: Sequence[int]) -> nn.Sequential:
+    """Flatten, the encoder widths (tanh, the last one the linear code), the mirrored decoder
+    (tanh), and a linear output as wide as the input."""
+    layers: list[nn.Module] = [nn.Flatten()]
+    widths = [inputs, *encoder, *reversed(encoder[:-1]), inputs]
+    code = len(encoder)
+    for index, (previous, width) in enumerate(itertools.pairwise(widths), start=1):
+        layers.append(nn.Linear(previous, width))
+        if index not in (code, len(widths) - 1):
+            layers.append(nn.Tanh())
     return nn.Sequential(*layers)
 
 

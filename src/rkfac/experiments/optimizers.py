@@ -8,6 +8,7 @@ from torch import nn
 import rkfac
 from rkfac.experiments import peers
 from rkfac.experiments.config import APPLY_DTYPES, KFAC_OPTIMIZERS, RunConfig, step_schedule, value_at_epoch
+from rkfac.experiments.tasks import task_for
 from rkfac.timing import PhaseTimer
 
 
@@ -62,6 +63,7 @@ def build_optimizer(
             clip=config.clip,
             clip_value=config.clip_value,
             fisher=config.fisher,
+            mc_loss=task_for(config.model).mc_loss,
             kfac_approx=config.kfac_approx,
             skip=config.skip,
             seed=config.seed,

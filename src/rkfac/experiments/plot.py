@@ -3,14 +3,48 @@
 A line is labelled by the name its run was run under and its seed (``sre-kfac (seed 0)``);
 where two runs would share a label, each of them is labelled by its run directory too, as
 few of the path's last parts as tell it from the others (``a/run: sre-kfac (seed 0)``).
+
+Four panels: the evaluation a run is judged on (test accuracy; for a reconstruction, the loss on
+the fixed training subset) against training time and against epochs, and the training loss of
+every step, smoothed, against training time and against steps. The smoothing is a causal
+exponential average with bias correction, ``m_t = β m_{t−1} + (1 − β) loss_t``, shown as
+``m_t / (1 − β^t)``, β = :data:`SMOOTHING` (about a 20-step window): the batch losses are too
+noisy to read, and a causal average lags the same for every optimizer.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 from rkfac.experiments.presets import variant_name
 from rkfac.experiments.rundir import RunDirectory
+
+SMOOTHING = 0.95
+
+
+def smoothed_steps(run: RunDirectory) -> tuple[list[float], list[int], list[float]]:
+    """(training time at the end of each step, step number from 1, smoothed loss) of a run's
+    step records; a non-finite loss (a diverging step) ends the curve."""
+    seconds, steps, losses = [], [], []
+    elapsed, average = 0.0, 0.0
+    for count, record in enumerate(run.metrics("step"), start=1):
+        if not math.isfinite(record["loss"]):
+            break
+        elapsed += sum(record["time"].values())
+        average = SMOOTHING * average + (1 - SMOOTHING) * record["loss"]
+        seconds.append(elapsed)
+        steps.append(record["step"] + 1)
+        losses.append(average / (1 - SMOOTHING**count))
+    return seconds, steps, losses
+
+
+def _judged_on(evals: list[dict[str, Any]]) -> tuple[str, float, str]:
+    """The evaluation value to plot: (record key, scale, axis label)."""
+    if any("test_acc" in record for record in evals):
+        return "test_acc", 100.0, "test accuracy (%)"
+    return "train_eval_loss", 1.0, "training loss (fixed subset)"
 
 
 def run_label(run: RunDirectory) -> str:
@@ -42,7 +76,7 @@ def _distinct_tail(path: Path, others: list[Path]) -> str:
 
 
 def plot_runs(paths: list[Path], out: Path) -> None:
-    """Test accuracy and loss against training time and epochs, one line per run, to a PNG."""
+    """The four panels of the module docstring, one line per run, to a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,22 +93,25 @@ def plot_runs(paths: list[Path], out: Path) -> None:
         if not epochs:
             continue
         plotted += 1
-        number = [record["epoch"] for record in epochs]
-        seconds = [record["train_time"] for record in epochs]
-        # accuracy at every evaluation (epoch ends and, with --evals-per-epoch, inside epochs)
+        # the judged value at every evaluation (epoch ends and, with --evals-per-epoch, inside epochs)
         evals = sorted([*epochs, *run.metrics("eval")], key=lambda record: record["step"])
-        axes[0, 0].plot([r["train_time"] for r in evals], [100 * r["test_acc"] for r in evals], marker=".", label=label)
-        axes[0, 1].plot([r["epoch"] for r in evals], [100 * r["test_acc"] for r in evals], marker=".", label=label)
-        axes[1, 0].plot(seconds, [r["train_loss"] for r in epochs], marker="o", label=label)
-        axes[1, 1].plot(number, [r["test_loss"] for r in epochs], marker="o", label=label)
+        key, scale, judged = _judged_on(evals)
+        evals = [record for record in evals if key in record]
+        axes[0, 0].plot([r["train_time"] for r in evals], [scale * r[key] for r in evals], marker=".", label=label)
+        axes[0, 1].plot([r["epoch"] for r in evals], [scale * r[key] for r in evals], marker=".", label=label)
+        seconds, steps, losses = smoothed_steps(run)
+        axes[1, 0].plot(seconds, losses, label=label)
+        axes[1, 1].plot(steps, losses, label=label)
     if not plotted:
         raise ValueError(f"no completed epoch in {[str(p) for p in paths]}: nothing to plot")
     titles = [
-        ("training time (s)", "test accuracy (%)"),
-        ("epoch", "test accuracy (%)"),
-        ("training time (s)", "train loss"),
-        ("epoch", "test loss"),
+        ("training time (s)", judged),
+        ("epoch", judged),
+        ("training time (s)", f"training loss, smoothed (β = {SMOOTHING})"),
+        ("step", f"training loss, smoothed (β = {SMOOTHING})"),
     ]
+    for axis in (axes[1, 0], axes[1, 1], *((axes[0, 0], axes[0, 1]) if key != "test_acc" else ())):
+        axis.set_yscale("log")
     for axis, (xlabel, ylabel) in zip(axes.flat, titles, strict=True):
         axis.set_xlabel(xlabel)
         axis.set_ylabel(ylabel)

@@ -2,9 +2,11 @@
 
 What each step and evaluation records (the time split, collective traffic, health, the
 summary) is :mod:`rkfac.experiments.metrics`. Training time is the sum of each step's split;
-evaluation (on the test set, at each epoch's end and ``evals_per_epoch - 1`` evenly spaced
-points inside it) is never counted, runs in eval mode and draws no random numbers, so it never
-changes the trajectory. A target accuracy is timed at the first evaluation that reaches it.
+evaluation (on the test set, and on a fixed training subset when the run has training-loss
+targets or reconstructs, at each epoch's end and ``evals_per_epoch - 1`` evenly spaced points
+inside it) is never counted, runs in eval mode and draws no random numbers, so it never changes
+the trajectory. A target is timed at the first evaluation that reaches it. What the run learns
+(its loss, what it evaluates) is its task, :mod:`rkfac.experiments.tasks`.
 
 Reproducibility: the data order of epoch e is a permutation drawn from a generator seeded by
 (seed, "order", e), the augmentation of step s from (seed, "augment", s), and the model's own
@@ -26,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -39,10 +40,9 @@ from rkfac.experiments.models import build_model
 from rkfac.experiments.optimizers import build_optimizer
 from rkfac.experiments.resume import RESUMES, check_resume, record_resume, run_config
 from rkfac.experiments.rundir import RunDirectory, environment
+from rkfac.experiments.tasks import TRAIN_EVAL_SAMPLES, Classification, Reconstruction, task_for
 from rkfac.seeding import keyed_generator
 from rkfac.timing import PhaseTimer
-
-EVAL_BATCH = 1000
 
 
 class TrainingDivergedError(RuntimeError):
@@ -55,21 +55,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' was asked for but torch.cuda.is_available() is False")
     return torch.device(name)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, images: Tensor, labels: Tensor) -> tuple[float, float]:
-    """(mean loss, accuracy) over a dataset, in eval mode, restoring the previous mode."""
-    was_training = model.training
-    model.eval()
-    total_loss, correct = 0.0, 0
-    for first in range(0, len(images), EVAL_BATCH):
-        logits = model(images[first : first + EVAL_BATCH])
-        target = labels[first : first + EVAL_BATCH]
-        total_loss += float(F.cross_entropy(logits, target, reduction="sum"))
-        correct += int((logits.argmax(1) == target).sum())
-    model.train(was_training)
-    return total_loss / len(images), correct / len(images)
 
 
 class Trainer:
@@ -92,6 +77,7 @@ class Trainer:
             seed=config.seed,
         )
         self.data = data
+        self.task = task_for(config.model, data.mean, data.std)
         self.train_images, self.train_labels = data.train_images.to(self.device), data.train_labels.to(self.device)
         self.test_images, self.test_labels = data.test_images.to(self.device), data.test_labels.to(self.device)
         self.steps_per_epoch = len(self.train_images) // config.batch_size
@@ -108,7 +94,7 @@ class Trainer:
         self.timer = PhaseTimer(synchronize=self.device.type == "cuda") if config.optimizer in PRECONDITIONED else None
         self.optimizer = build_optimizer(config, self.model, self.steps_per_epoch, self.timer)
         self.preconditioner = preconditioner_of(self.optimizer)
-        # with the MC Fisher, the preconditioner samples labels from each forward's logits
+        # with the MC Fisher, the preconditioner samples targets from each forward's outputs
         self._label_sampler = self.preconditioner if config.fisher == "mc" and config.optimizer in KFAC_OPTIMIZERS else None
         gradient_bytes = sum(p.numel() * p.element_size() for p in self.net.parameters() if p.requires_grad)
         self.traffic = TrafficLedger(self.preconditioner, gradient_bytes if self.placement.active else 0)
@@ -244,10 +230,11 @@ class Trainer:
         clock.data_done = clock.now()
         self.traffic.begin()
         self.optimizer.zero_grad(set_to_none=True)
-        logits = self.model(images)
+        inputs, targets = self.task.batch(images, labels)
+        outputs = self.model(inputs)
         if self._label_sampler is not None:
-            self._label_sampler.sample_fisher(logits)
-        loss = F.cross_entropy(logits, labels)
+            self._label_sampler.sample_fisher(outputs)
+        loss = self.task.loss(outputs, targets)
         loss.backward()
         clock.backward_done = clock.optimizer_start = clock.now()
         if self.after_backward is not None:
@@ -265,25 +252,41 @@ class Trainer:
         damping = None if self._damping is None else _at(self._damping, step)
         return metrics.step_record(step, progress.epoch + 1, loss_value, lr, damping, times, traffic)
 
-    def _evaluate(self) -> tuple[float, float]:
-        """Test loss and accuracy; rank 0 alone evaluates in a distributed run (others get NaN)."""
+    def _evaluate(self) -> dict[str, float]:
+        """The evaluation's values by name: ``test_loss``, and ``test_acc`` for a classifier,
+        ``train_eval_loss`` (on the first TRAIN_EVAL_SAMPLES training images) when the run has
+        training-loss targets or reconstructs. Rank 0 alone evaluates in a distributed run
+        (the others get NaN for each)."""
+        on_train = bool(self.config.target_loss) or isinstance(self.task, Reconstruction)
+        names = [
+            "test_loss",
+            *(["test_acc"] if isinstance(self.task, Classification) else []),
+            *(["train_eval_loss"] if on_train else []),
+        ]
         if not self.placement.is_main:
-            return math.nan, math.nan
-        return evaluate(self.net, self.test_images, self.test_labels)
+            return dict.fromkeys(names, math.nan)
+        test = self.task.evaluate(self.net, self.test_images, self.test_labels)
+        values = {"test_loss": test["loss"], **({"test_acc": test["acc"]} if "acc" in test else {})}
+        if on_train:
+            subset = slice(0, TRAIN_EVAL_SAMPLES)
+            values["train_eval_loss"] = self.task.evaluate(self.net, self.train_images[subset], self.train_labels[subset])["loss"]
+        return values
 
     def _evaluate_inside_epoch(self) -> dict[str, Any]:
-        test_loss, test_acc = self._evaluate()
+        evaluation = self._evaluate()
         epoch = self.progress.step / self.steps_per_epoch
-        self.progress.note_targets(self.config.target_acc, test_acc, epoch)
-        return metrics.eval_record(self.progress, epoch, test_loss, test_acc)
+        self.progress.note_targets(self.config.targets, evaluation, epoch)
+        return metrics.eval_record(self.progress, epoch, evaluation)
 
     def _end_epoch(self, bar: tqdm) -> None:
         config, progress = self.config, self.progress
-        test_loss, test_acc = self._evaluate()
+        evaluation = self._evaluate()
         epoch = progress.epoch + 1
-        progress.note_targets(config.target_acc, test_acc, epoch)
-        self.run_dir.append_metrics([metrics.epoch_record(progress, epoch, test_loss, test_acc, self.preconditioner)])
-        bar.set_postfix(loss=f"{progress.epoch_loss:.3f}", acc=f"{test_acc:.4f}")
+        progress.note_targets(config.targets, evaluation, epoch)
+        self.run_dir.append_metrics([metrics.epoch_record(progress, epoch, evaluation, self.preconditioner)])
+        shown = {"test_acc": "acc", "train_eval_loss": "train"}
+        postfix = {"loss": f"{progress.epoch_loss:.3f}", **{shown[k]: f"{v:.4f}" for k, v in evaluation.items() if k in shown}}
+        bar.set_postfix(postfix)
         progress.start_epoch(epoch)
         if config.checkpoint_every and epoch % config.checkpoint_every == 0:
             self.run_dir.save_checkpoint(self.checkpoint_state())
@@ -291,7 +294,9 @@ class Trainer:
     def _write_summary(self, status: str) -> dict[str, Any]:
         epochs = list(self.run_dir.metrics("epoch"))
         if epochs and epochs[-1]["step"] == self.progress.step:
-            final = epochs[-1]["test_loss"], epochs[-1]["test_acc"]
+            final: dict[str, float] = {
+                name: epochs[-1][name] for name in ("test_loss", "test_acc", "train_eval_loss") if name in epochs[-1]
+            }
         else:  # stopped inside an epoch (max_steps, divergence): evaluate where it stopped
             final = self._evaluate()
         summary = metrics.build_summary(
@@ -299,15 +304,23 @@ class Trainer:
             optimizer=self.config.optimizer,
             preset=self.config.preset,
             status=status,
-            targets=self.config.target_acc,
+            targets=self.config.targets,
             epochs=epochs,
             final=final,
             steps_per_epoch=self.steps_per_epoch,
             world_size=self.placement.world_size,
             pre=self.preconditioner,
+            objective=_objective(final, status),
         )
         self.run_dir.write_json("summary.json", summary)
         return summary
+
+
+def _objective(final: dict[str, float], status: str) -> float:
+    """What tuning minimises: the final test error 1 − accuracy of a classifier, the final
+    training-subset loss of a reconstruction; infinite for a diverged or non-finite run."""
+    value = 1.0 - final["test_acc"] if "test_acc" in final else final.get("train_eval_loss", math.inf)
+    return value if status != "diverged" and math.isfinite(value) else math.inf
 
 
 def _at(schedule: EpochSchedule | Callable[[int], float], step: int) -> float:
