@@ -13,6 +13,10 @@ With ``resume`` an interrupted bench continues in its directory: a run that fini
 (``summary.json``) is read back, a run that was cut off continues from its checkpoint, and the
 rest start; a run directory whose saved config differs from the bench's is an error, not a
 silent mix of settings.
+
+``per_optimizer`` gives an optimizer settings of its own, applied after the shared
+``overrides`` (``rkfac tune`` runs each optimizer's winning grid point so), and
+``setting_labels`` names them in a "setting" column of the table.
 """
 
 from __future__ import annotations
@@ -55,7 +59,7 @@ def summarize(preset: str, results: dict[str, list[dict[str, Any]]], targets: li
             "seconds_per_epoch": _median([s["seconds_per_epoch"] for s in done if s["seconds_per_epoch"]]),
             "final_test_acc": _mean([s["final_test_acc"] for s in done]),
             "final_train_eval_loss": _mean([s.get("final_train_eval_loss") for s in done]),
-            "final_test_loss": _mean([s["final_test_loss"] for s in done]),
+            "final_test_loss": _mean([s.get("final_test_loss") for s in done]),
         }
         for phase in PHASES:
             row[f"{phase}_per_epoch"] = _median([s["phase_seconds"].get(phase, 0.0) / s["epochs"] for s in done if s["epochs"]])
@@ -102,8 +106,10 @@ def format_table(rows: list[dict[str, Any]], targets: list[Target]) -> str:
         )
         if any(row.get(key) is not None for row in rows) and (key != "final_test_loss" or not _has_accuracy(rows))
     ]
+    labelled = any("setting" in row for row in rows)  # a "setting" column only when some row names one
     header = [
         "optimizer",
+        *(["setting"] if labelled else []),
         "s/epoch",
         *[f"time to {t.label}" for t in targets],
         *[f"epochs to {t.label}" for t in targets],
@@ -113,7 +119,7 @@ def format_table(rows: list[dict[str, Any]], targets: list[Target]) -> str:
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        cells = [row["optimizer"], _cell(row["seconds_per_epoch"])]
+        cells = [row["optimizer"], *([_cell(row.get("setting"))] if labelled else []), _cell(row["seconds_per_epoch"])]
         cells += [
             _cell(row[f"time_to_{t.key}"]) + ("" if row[f"time_to_{t.key}"] else f" ({row[f'reached_{t.key}']})") for t in targets
         ]
@@ -147,24 +153,32 @@ def run_bench(
     overrides: dict[str, Any] | None = None,
     quiet: bool = False,
     resume: bool = False,
+    per_optimizer: dict[str, dict[str, Any]] | None = None,
+    setting_labels: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
+    """Bench ``optimizers`` (default: the preset's) on ``seeds`` into ``out``; returns the table's rows.
+
+    ``per_optimizer[name]`` is merged over ``overrides`` for that optimizer's runs;
+    ``setting_labels[name]`` is shown in the table's "setting" column (and its rows' ``setting``).
+    """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     chosen = optimizers or list(PRESETS[preset].optimizers)
+    own = per_optimizer or {}
     for name in chosen:
-        resolve_config(name, preset, overrides)  # fail on a bad name or value before any run
+        resolve_config(name, preset, {**(overrides or {}), **own.get(name, {})})  # fail on a bad name or value before any run
     seed_list = seeds or list(PRESETS[preset].seeds)
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in chosen}
     run_dirs = []
     targets: list[Target] = []
     for seed in seed_list:
         for name in chosen:
-            config = resolve_config(name, preset, {**(overrides or {}), "seed": seed})
+            config = resolve_config(name, preset, {**(overrides or {}), **own.get(name, {}), "seed": seed})
             targets = config.targets
             run_dir = out / f"{name}-seed{seed}"
             run_dirs.append(run_dir)
             try:
-                summary = _run_or_reuse(config, run_dir, quiet=quiet, resume=resume)
+                summary = run_or_reuse(config, run_dir, quiet=quiet, resume=resume)
             except TrainingDivergedError as error:
                 print(f"{name} seed {seed}: {error}")
                 summary = RunDirectory(run_dir).read_json("summary.json")
@@ -173,6 +187,9 @@ def run_bench(
             print(f"{name} seed {seed}: {speed:.1f} s/epoch, {final_result(summary)}", flush=True)
         # after every seed, so that an interrupted bench keeps the tables of the seeds it finished
         rows = summarize(preset, results, targets)
+        for row in rows:
+            if setting_labels and row["optimizer"] in setting_labels:
+                row["setting"] = setting_labels[row["optimizer"]]
         table, plotted = _write_tables(out, preset, seed_list[: seed_list.index(seed) + 1], rows, targets, run_dirs)
     print(f"\n## rkfac bench --preset {preset}: seeds {seed_list}\n\n{table}")
     print(f"\nwrote {out / 'bench.json'}, bench.csv, bench.md" + (", bench.png" if plotted else ""))
@@ -190,14 +207,18 @@ def final_result(summary: dict[str, Any]) -> str:
     return f"{train}final test loss {summary['final_test_loss']:.3f}"
 
 
-def _run_or_reuse(config: RunConfig, run_dir: Path, *, quiet: bool, resume: bool) -> dict[str, Any]:
-    """Train ``config`` into ``run_dir``; with ``resume``, reuse a finished run or continue a cut-off one."""
+def run_or_reuse(config: RunConfig, run_dir: Path, *, quiet: bool, resume: bool) -> dict[str, Any]:
+    """Train ``config`` into ``run_dir``; with ``resume``, reuse a finished run or continue a cut-off one.
+
+    A run directory holding other settings is refused; a finished run that diverged raises
+    TrainingDivergedError again (its summary.json says so), as training it would.
+    """
     saved = RunDirectory(run_dir, writer=False)
     started = resume and (run_dir / "config.json").exists()
     if started and _as_json(run_config(run_dir)) != _as_json(config):  # config.json, extended by a resume if any
         raise ValueError(
-            f"cannot resume the bench: {run_dir} holds a run with other settings than {config.optimizer} "
-            f"seed {config.seed} now asks for; remove that directory or bench into another --out"
+            f"cannot resume: {run_dir} holds a run with other settings than {config.optimizer} "
+            f"seed {config.seed} now asks for; remove that directory or run into another --out"
         )
     if started and (run_dir / "summary.json").exists():
         summary: dict[str, Any] = saved.read_json("summary.json")

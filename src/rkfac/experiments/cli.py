@@ -1,4 +1,4 @@
-"""The ``rkfac`` command: ``train``, ``bench``, ``spectrum`` and ``plot``.
+"""The ``rkfac`` command: ``train``, ``bench``, ``tune``, ``spectrum`` and ``plot``.
 
 The run flags are generated from :class:`rkfac.experiments.config.RunConfig`'s fields (the
 flag ``--refresh-every`` for the field ``refresh_every``, its help and reading from the field's
@@ -193,6 +193,38 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_flags(bench, with_seed=False)
 
+    tune = commands.add_parser(
+        "tune", help="the same lr grid (and one knob) for every optimizer on seed 0, then each winner on every seed"
+    )
+    tune.add_argument(
+        "--optimizers",
+        type=_argument(_strings),
+        default=None,
+        help=f"comma-separated from {', '.join(RUNNABLE)}; default: the preset's",
+    )
+    tune.add_argument(
+        "--seeds", type=_argument(_ints), default=None, help="phase 2's seeds, comma-separated; default: the preset's"
+    )
+    tune.add_argument(
+        "--lr-factors",
+        type=_argument(_floats),
+        default=None,
+        help="multipliers of each optimizer's own lr, the same for all (default 0.1,0.3,1,3)",
+    )
+    tune.add_argument(
+        "--knob",
+        action="append",
+        default=None,
+        metavar="FIELD=V1,V2",
+        help="at most one more setting, crossed with the lr values, e.g. momentum=0,0.9 (';' separates values with commas)",
+    )
+    tune.add_argument("--tune-steps", type=_argument(_int), default=None, help="steps of each grid run (default: one epoch)")
+    tune.add_argument("--out", default=None, help="tune directory (default runs/tune-<preset>)")
+    tune.add_argument(
+        "--resume", action="store_true", help="continue an interrupted tune in --out: reuse finished runs, resume cut-off ones"
+    )
+    _add_run_flags(tune, with_seed=False)
+
     spectrum = commands.add_parser("spectrum", help="record the factors' spectra while training (or from a run's checkpoint)")
     spectrum.add_argument(
         "--optimizer", default=None, choices=("kfac", "rs-kfac", "sre-kfac"), help=f"default: {DEFAULT_OPTIMIZER}"
@@ -227,6 +259,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _train(args)
         if args.command == "bench":
             return _bench(args)
+        if args.command == "tune":
+            return _tune(args)
         if args.command == "spectrum":
             return _spectrum(args)
         return _plot(args)
@@ -288,6 +322,25 @@ def _bench(args: argparse.Namespace) -> int:
         out,
         optimizers=args.optimizers,
         seeds=args.seeds,
+        overrides=_overrides(args),
+        quiet=args.quiet,
+        resume=args.resume,
+    )
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from rkfac.experiments.tune import Grid, run_tune
+
+    preset = args.preset or "quick"
+    out = Path(args.out or f"runs/tune-{preset}")
+    run_tune(
+        preset,
+        out,
+        grid=Grid.parse(args.lr_factors, args.knob or ()),
+        optimizers=args.optimizers,
+        seeds=args.seeds,
+        tune_steps=args.tune_steps,
         overrides=_overrides(args),
         quiet=args.quiet,
         resume=args.resume,

@@ -259,7 +259,7 @@ def build_summary(
     steps_per_epoch: int,
     world_size: int,
     pre: Preconditioner | None,
-    objective: float,
+    objective: float | None,
 ) -> dict[str, Any]:
     """``summary.json``: how the run ended and what it cost.
 
@@ -269,7 +269,7 @@ def build_summary(
     that; ``final_test_acc`` and ``best_test_acc`` (the best epoch's, the final one without
     any) are None for a task without accuracy, ``final_train_eval_loss`` None when the
     training subset was not evaluated; ``objective`` is what tuning minimises (the task's, see
-    :mod:`rkfac.experiments.tasks`); ``targets`` maps each target's key to its
+    :mod:`rkfac.experiments.tasks`; None for a diverged run); ``targets`` maps each target's key to its
     ``{"time", "epoch"}`` or None if never met;
     ``phase_seconds`` is the run's time split; ``bytes_per_factor_step`` and
     ``bytes_per_inverse_step`` are the mean bytes of statistics and decompositions over the

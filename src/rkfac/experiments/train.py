@@ -316,11 +316,11 @@ class Trainer:
         return summary
 
 
-def _objective(final: dict[str, float], status: str) -> float:
+def _objective(final: dict[str, float], status: str) -> float | None:
     """What tuning minimises: the final test error 1 − accuracy of a classifier, the final
-    training-subset loss of a reconstruction; infinite for a diverged or non-finite run."""
+    training-subset loss of a reconstruction; None (JSON null) for a diverged or non-finite run."""
     value = 1.0 - final["test_acc"] if "test_acc" in final else final.get("train_eval_loss", math.inf)
-    return value if status != "diverged" and math.isfinite(value) else math.inf
+    return value if status != "diverged" and math.isfinite(value) else None
 
 
 def _at(schedule: EpochSchedule | Callable[[int], float], step: int) -> float:
