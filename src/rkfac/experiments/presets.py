@@ -166,15 +166,15 @@ PRESETS: dict[str, Preset] = {
     ),
     "fashion-autoencoder": Preset(
         "Fashion-MNIST deep autoencoder 784-1000-500-250-30-250-500-1000-784 (tanh, linear code and "
-        "output), pixels in [0, 1], squared error per image; batch 256, 10 epochs; targets are "
+        "output), pixels in [0, 1], squared error per image; batch 256, 4 epochs; targets are "
         "training-loss levels on a fixed 10,000-image training subset (the classic K-FAC benchmark).",
         {
             "dataset": "fashion-mnist",
             "model": "autoencoder",
-            "epochs": 10,
+            "epochs": 4,
             "batch_size": 256,
             "target_loss": [15.0, 12.0, 10.0],
-            "evals_per_epoch": 10,
+            "evals_per_epoch": 5,
         },
         {name: _AUTOENCODER_KFAC for name in KFAC_OPTIMIZERS},
         optimizers=("sgd", "adamw", "muon", "soap", "kfac", "sre-kfac"),
