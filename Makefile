@@ -10,7 +10,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: demo test install data lint bench clean
 
 demo: install data
-	$(BIN)/rkfac bench --preset quick
+	$(BIN)/rkfac bench --preset demo
 
 test: install
 	$(BIN)/python -m pytest

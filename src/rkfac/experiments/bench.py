@@ -5,7 +5,9 @@ Runs are interleaved by seed (every optimizer runs seed 0, then every optimizer 
 medians over seeds: training seconds per epoch, training time and epochs to each target (a test
 accuracy, or a training-loss level: only when every seed reached it; otherwise how many did),
 the final test accuracy (mean) or, for a reconstruction, the final training and test losses
-(means), the per-step time split, and each K-FAC variant's ratios to exact K-FAC. Names may be
+(means), the per-step time split, each K-FAC variant's ratios to exact K-FAC, and each
+curvature method's ratio to the best peer (the first-order optimizer, SOAP included, that
+reached the target soonest: above 1, the curvature method is faster). Names may be
 optimizers or the named variants of :data:`rkfac.experiments.presets.VARIANTS` (e.g.
 ``sre-kfac-adaptive``), so a setting can be compared with the paper's inside one bench.
 
@@ -27,8 +29,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from rkfac.experiments.config import KFAC_OPTIMIZERS, RunConfig
-from rkfac.experiments.plot import plot_runs
+from rkfac.experiments.config import KFAC_OPTIMIZERS, PEERS, PRECONDITIONED, RunConfig
+from rkfac.experiments.plot import plot_median_curves, plot_runs
 from rkfac.experiments.presets import PRESETS, resolve_config
 from rkfac.experiments.resume import run_config
 from rkfac.experiments.rundir import RunDirectory
@@ -79,7 +81,40 @@ def summarize(preset: str, results: dict[str, list[dict[str, Any]]], targets: li
         for target in targets:
             key = f"time_to_{target.key}"
             row[f"exact_over_this_{key}"] = _ratio(exact[key], row[key])
+    _compare_with_peers(rows, targets)
     return rows
+
+
+def _compare_with_peers(rows: list[dict[str, Any]], targets: list[Target]) -> None:
+    """Give each curvature method's row, per target, the best peer (``best_peer_time_to_*``:
+    the peer row with the shortest median time, None when no peer reached it on every seed)
+    and ``peer_over_this_time_to_*``: that time over this row's."""
+    peers = [row for row in rows if row["family"] in PEERS]
+    if not peers:
+        return
+    for row in rows:
+        if row["family"] not in PRECONDITIONED:
+            continue
+        for target in targets:
+            key = f"time_to_{target.key}"
+            best = min((peer for peer in peers if peer[key]), key=lambda peer: peer[key], default=None)
+            row[f"best_peer_{key}"] = None if best is None else best["optimizer"]
+            row[f"best_peer_time_{key}"] = None if best is None else best[key]
+            row[f"peer_over_this_{key}"] = None if best is None else _ratio(best[key], row[key])
+
+
+def _peer_cell(row: dict[str, Any], target: Target) -> str:
+    """``2.00 (adamw)``; ``no peer`` where only this row reached the target; ``not reached
+    (soap 110.5 s)`` where only the peer did."""
+    key = f"time_to_{target.key}"
+    if f"best_peer_{key}" not in row:
+        return "—"
+    best = row[f"best_peer_{key}"]
+    if best is None:
+        return "no peer" if row[key] else "—"
+    if not row[key]:
+        return f"not reached ({best} {_cell(row[f'best_peer_time_{key}'])} s)"
+    return f"{_cell(row[f'peer_over_this_{key}'], 2)} ({best})"
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:
@@ -107,6 +142,7 @@ def format_table(rows: list[dict[str, Any]], targets: list[Target]) -> str:
         if any(row.get(key) is not None for row in rows) and (key != "final_test_loss" or not _has_accuracy(rows))
     ]
     labelled = any("setting" in row for row in rows)  # a "setting" column only when some row names one
+    compared = any(key.startswith("best_peer_") for row in rows for key in row)
     header = [
         "optimizer",
         *(["setting"] if labelled else []),
@@ -116,6 +152,7 @@ def format_table(rows: list[dict[str, Any]], targets: list[Target]) -> str:
         *[name for _, name, _, _ in finals],
         "exact/this s/epoch",
         *[f"exact/this time to {t.label}" for t in targets],
+        *([f"best peer/this time to {t.label}" for t in targets] if compared else []),
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -127,6 +164,7 @@ def format_table(rows: list[dict[str, Any]], targets: list[Target]) -> str:
         cells += [_cell(scale * row[key] if row.get(key) is not None else None, digits) for key, _, scale, digits in finals]
         cells += [_cell(row.get("exact_over_this_per_epoch"), 2)]
         cells += [_cell(row.get(f"exact_over_this_time_to_{t.key}"), 2) for t in targets]
+        cells += [_peer_cell(row, t) for t in targets] if compared else []
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -192,7 +230,9 @@ def run_bench(
                 row["setting"] = setting_labels[row["optimizer"]]
         table, plotted = _write_tables(out, preset, seed_list[: seed_list.index(seed) + 1], rows, targets, run_dirs)
     print(f"\n## rkfac bench --preset {preset}: seeds {seed_list}\n\n{table}")
-    print(f"\nwrote {out / 'bench.json'}, bench.csv, bench.md" + (", bench.png" if plotted else ""))
+    if PRESETS[preset].note:
+        print(f"\n{PRESETS[preset].note}")
+    print(f"\nwrote {out / 'bench.json'}, bench.csv, bench.md, bench-curves.png" + (", bench.png" if plotted else ""))
     if not plotted:
         print("no run completed an epoch (--max-steps below one epoch): no bench.png, which plots per-epoch records")
     return rows
@@ -236,8 +276,9 @@ def _as_json(config: RunConfig) -> Any:
 def _write_tables(
     out: Path, preset: str, seeds: list[int], rows: list[dict[str, Any]], targets: list[Target], run_dirs: list[Path]
 ) -> tuple[str, bool]:
-    """bench.json, bench.csv, bench.md and bench.png for the seeds done so far; returns the table and
-    whether bench.png was written (it plots per-epoch records: not when no run completed an epoch)."""
+    """bench.json, bench.csv, bench.md, bench-curves.png (median smoothed step loss per optimizer)
+    and bench.png for the seeds done so far; returns the table and whether bench.png was written
+    (it plots per-epoch records: not when no run completed an epoch)."""
     table = format_table(rows, targets)
     out.mkdir(parents=True, exist_ok=True)
     RunDirectory(out).write_json(
@@ -249,6 +290,10 @@ def _write_tables(
         writer.writerows(rows)
     (out / "bench.md").write_text(table + "\n")
     plotted = any(any(True for _ in RunDirectory(path, writer=False).metrics("epoch")) for path in run_dirs)
+    groups: dict[str, list[Path]] = {}
+    for path in run_dirs:  # <name>-seed<seed>
+        groups.setdefault(path.name.rsplit("-seed", 1)[0], []).append(path)
+    plot_median_curves(groups, out / "bench-curves.png")
     if plotted:
         plot_runs(run_dirs, out / "bench.png")
     else:

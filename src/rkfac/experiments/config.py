@@ -46,6 +46,7 @@ EpochSchedule: TypeAlias = float | dict[int, float]
 OPTIMIZERS = ("sgd", "adam", "adamw", "muon", "soap", "kfac", "rs-kfac", "sre-kfac", "b-kfac", "b-r-kfac", "seng")
 KFAC_OPTIMIZERS = ("kfac", "rs-kfac", "sre-kfac", "b-kfac", "b-r-kfac")
 PRECONDITIONED = (*KFAC_OPTIMIZERS, "seng")  # optimizers with a preconditioner (and a phase timer)
+PEERS = tuple(name for name in OPTIMIZERS if name not in PRECONDITIONED)  # what users would pick instead
 
 # Which optimizers read the options of each library class, prefixed to their help.
 _SCOPES: dict[type, str] = {

@@ -15,6 +15,7 @@ noisy to read, and a causal average lags the same for every optimizer.
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -117,6 +118,52 @@ def plot_runs(paths: list[Path], out: Path) -> None:
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
     axes[0, 0].legend(fontsize=8)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+
+
+def median_curve(paths: list[Path]) -> tuple[list[float], list[int], list[float]]:
+    """(median training time, step, median smoothed loss) at each step, over the runs in
+    ``paths``, up to the step where the shortest of them stops."""
+    curves = [smoothed_steps(RunDirectory(path)) for path in paths]
+    length = min((len(steps) for _, steps, _ in curves), default=0)
+    seconds = [statistics.median(curve[0][i] for curve in curves) for i in range(length)]
+    losses = [statistics.median(curve[2][i] for curve in curves) for i in range(length)]
+    return seconds, (curves[0][1][:length] if curves else []), losses
+
+
+def plot_median_curves(groups: dict[str, list[Path]], out: Path) -> None:
+    """Per name (an optimizer and its seeds' run directories), the median over the runs of the
+    smoothed step loss, against the median training time at each step and against steps: the
+    bench's "loss against time and against steps in one plot". A curve stops at the step where
+    its shortest run stops (a diverged seed shortens it; the label counts the runs). Nothing is
+    written when no run has a step."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    for name, paths in groups.items():
+        runs = [path for path in paths if (path / "metrics.jsonl").exists()]
+        seconds, steps, losses = median_curve(runs)
+        if steps:
+            curves[f"{name} (median of {len(runs)})"] = seconds, steps, losses
+    if not curves:  # no run took a step yet: no plot (and not an earlier bench's)
+        out.unlink(missing_ok=True)
+        return
+    figure, (by_time, by_step) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for label, (seconds, steps, losses) in curves.items():
+        by_time.plot(seconds, losses, label=label)
+        by_step.plot(steps, losses, label=label)
+    for axis, xlabel in ((by_time, "training time (s)"), (by_step, "step")):
+        axis.set_xlabel(xlabel)
+        axis.set_ylabel(f"training loss, smoothed (β = {SMOOTHING})")
+        axis.set_yscale("log")
+        axis.grid(alpha=0.3)
+    by_time.legend(fontsize=8)
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)
