@@ -145,7 +145,8 @@ def test_fashion_vit_preset() -> None:
     assert (adamw.model, adamw.dataset, adamw.epochs, adamw.batch_size) == ("vit", "fashion-mnist", 5, 256)
     assert (adamw.lr, adamw.weight_decay) == (1e-3, 0.05)
     assert resolve_config("sre-kfac", "fashion-vit").weight_decay == resolve_config("sre-kfac").weight_decay
-    named = {"fashion-vit", "fashion-vgg", "fashion-autoencoder"}  # the presets that name AdamW (issue 19's peer) themselves
+    # the presets that name AdamW (issue 19's peer) themselves
+    named = {"fashion-vit", "fashion-vgg", "fashion-autoencoder", "demo"}
     assert all("adamw" not in p.optimizers for name, p in PRESETS.items() if name not in named)
 
 
