@@ -48,6 +48,11 @@ def test_reconstruction_recovers_pixels_and_sums_the_squared_error_per_image() -
     assert float(task.loss(outputs, targets)) == pytest.approx(by_hand, rel=1e-12)
     assert float(task.loss(outputs, targets, reduction="sum")) == pytest.approx(5 * by_hand, rel=1e-12)
     assert task_for("autoencoder").mc_loss == "mse" and task_for("mlp").mc_loss == "cross_entropy"
+    # per channel, as CIFAR-10 normalises
+    means, stds = (0.49, 0.48, 0.45), (0.20, 0.19, 0.21)
+    colour = torch.rand(2, 3, 4, 4, dtype=torch.float64)
+    normalised = torch.stack([(colour[:, c] - means[c]) / stds[c] for c in range(3)], dim=1)
+    torch.testing.assert_close(Reconstruction(mean=means, std=stds).pixels(normalised), colour.flatten(1))
 
 
 def test_a_target_level_is_met_from_the_right_side() -> None:

@@ -87,8 +87,9 @@ def summarize(preset: str, results: dict[str, list[dict[str, Any]]], targets: li
 
 def _compare_with_peers(rows: list[dict[str, Any]], targets: list[Target]) -> None:
     """Give each curvature method's row, per target, the best peer (``best_peer_time_to_*``:
-    the peer row with the shortest median time, None when no peer reached it on every seed)
-    and ``peer_over_this_time_to_*``: that time over this row's."""
+    the peer row with the shortest median time, None when no peer reached it on every seed),
+    its time (``best_peer_seconds_to_*``) and ``peer_over_this_time_to_*``: that time over
+    this row's."""
     peers = [row for row in rows if row["family"] in PEERS]
     if not peers:
         return
@@ -99,7 +100,7 @@ def _compare_with_peers(rows: list[dict[str, Any]], targets: list[Target]) -> No
             key = f"time_to_{target.key}"
             best = min((peer for peer in peers if peer[key]), key=lambda peer: peer[key], default=None)
             row[f"best_peer_{key}"] = None if best is None else best["optimizer"]
-            row[f"best_peer_time_{key}"] = None if best is None else best[key]
+            row[f"best_peer_seconds_to_{target.key}"] = None if best is None else best[key]
             row[f"peer_over_this_{key}"] = None if best is None else _ratio(best[key], row[key])
 
 
@@ -113,7 +114,7 @@ def _peer_cell(row: dict[str, Any], target: Target) -> str:
     if best is None:
         return "no peer" if row[key] else "—"
     if not row[key]:
-        return f"not reached ({best} {_cell(row[f'best_peer_time_{key}'])} s)"
+        return f"not reached ({best} {_cell(row[f'best_peer_seconds_to_{target.key}'])} s)"
     return f"{_cell(row[f'peer_over_this_{key}'], 2)} ({best})"
 
 
