@@ -99,7 +99,10 @@ def _train(
             optimizer.preconditioner.sample_fisher(logits)
         loss = F.cross_entropy(logits, y)
         loss.backward()
-        optimizer.step()
+        if getattr(optimizer, "adaptive", None) is not None:  # the adaptive step measures on the batch
+            optimizer.step(inputs=x, targets=y)
+        else:
+            optimizer.step()
         losses.append(float(loss.detach()))
     return losses
 

@@ -8,6 +8,13 @@
   π = sqrt((tr A / d_A) / (tr G / d_G)), so that λ_A λ_G = δ. If either trace is zero,
   π = 1.
 
+With ``damping_scale="tikhonov"`` (the adaptive step, :mod:`rkfac.adaptive`) δ is instead the
+Tikhonov term λ of the damped curvature A ⊗ G + λI, and both modes split it so that
+λ_A λ_G = λ (the I ⊗ I coefficient of (A + λ_A I) ⊗ (G + λ_G I), Martens & Grosse section 6.3):
+"pi" as above (it already does), "relative" with π = sqrt(λ_max(A) / λ_max(G)), i.e. the
+relative rule with δ_rel = sqrt(λ / (λ_max(A) λ_max(G))) per layer, so the damping keeps
+following each factor's scale.
+
 Block factors (:class:`rkfac.lowrank.BlockEigenpairs`, a grouped convolution's groups) get the
 same rule per block, from each block's own λ_max or traces, as B separate layers would: the
 dampings are then (B,) float64 tensors, computed on the CPU from the values read back at the
@@ -24,6 +31,7 @@ from torch import Tensor
 from rkfac.lowrank import BlockEigenpairs, Damping, FactorInverse
 
 DAMPING_MODES = ("relative", "pi")
+DAMPING_SCALES = ("factor", "tikhonov")
 
 
 def factor_dampings(mode: str, damping: float, a_pairs: FactorInverse, g_pairs: FactorInverse) -> tuple[Damping, Damping]:
@@ -40,6 +48,27 @@ def factor_dampings(mode: str, damping: float, a_pairs: FactorInverse, g_pairs: 
         root = math.sqrt(damping)
         return pi * root, root / pi
     raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {mode!r}")
+
+
+def tikhonov_dampings(mode: str, damping: float, a_pairs: FactorInverse, g_pairs: FactorInverse) -> tuple[Damping, Damping]:
+    """(λ_A, λ_G) with λ_A λ_G = ``damping`` (the Tikhonov λ), split as ``mode`` says."""
+    if mode == "pi":
+        return factor_dampings(mode, damping, a_pairs, g_pairs)
+    if mode != "relative":
+        raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {mode!r}")
+    if isinstance(a_pairs, BlockEigenpairs) and isinstance(g_pairs, BlockEigenpairs):
+        products = a_pairs.tops * g_pairs.tops
+        shares = torch.where(products > 0, (damping / torch.where(products > 0, products, 1.0)).sqrt(), math.sqrt(damping))
+        return _relative_blocks_by(shares, a_pairs.tops), _relative_blocks_by(shares, g_pairs.tops)
+    if isinstance(a_pairs, BlockEigenpairs) or isinstance(g_pairs, BlockEigenpairs):
+        raise ValueError("block factors need block factors on the other side too")
+    product = a_pairs.top * g_pairs.top
+    share = math.sqrt(damping / product) if product > 0 else math.sqrt(damping)
+    return _relative(share, a_pairs.top), _relative(share, g_pairs.top)
+
+
+def _relative_blocks_by(shares: Tensor, tops: Tensor) -> Tensor:
+    return torch.where(tops > 0, shares * tops, shares)
 
 
 def _relative(damping: float, top: float) -> float:

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from rkfac.clipping import CLIP_MODES
-from rkfac.damping import DAMPING_MODES
+from rkfac.damping import DAMPING_MODES, DAMPING_SCALES
 from rkfac.decompositions import Decomposition, SymmetricRandomizedEVD
 from rkfac.mc_fisher import MC_LOSSES
 from rkfac.schedules import FloatSchedule, IntSchedule
@@ -45,6 +45,9 @@ class KFACOptions:
         0.1, "damping δ > 0 (number or callable of the step)", low=0.0, low_inclusive=False, schedule=True
     )
     damping_mode: str = option("relative", "relative: λ = δ·λ_max per factor; pi: factored Tikhonov", choices=DAMPING_MODES)
+    damping_scale: str = option(
+        "factor", "factor: δ as damping_mode says; tikhonov: δ is λ of A⊗G + λI, split so λ_A λ_G = λ", choices=DAMPING_SCALES
+    )
     factor_decay: float = option(0.95, "ρ of the factors' exponential average", low=0.0, high=1.0, high_inclusive=False)
     factor_every: IntSchedule = option(10, "steps between factor updates", kind="int", low=1, schedule=True)
     inverse_every: IntSchedule = option(50, "steps between decompositions", kind="int", low=1, schedule=True)

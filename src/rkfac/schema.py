@@ -32,12 +32,13 @@ def option(
     high_inclusive: bool = True,
     choices: Sequence[object] | None = None,
     schedule: bool = False,
+    optional: bool = False,
     default_factory: Callable[[], Any] | Any = dataclasses.MISSING,
 ) -> Any:
     """A dataclass field whose metadata says how to check it and how to describe it.
 
     ``kind`` is "float", "int", "bool", "choice" (one of ``choices``) or "any" (checked by the
-    owning class itself).
+    owning class itself). ``optional``: None is a value too (it always is when the default is None).
     """
     metadata = {
         "help": help,
@@ -45,6 +46,7 @@ def option(
         "bounds": {"low": low, "high": high, "low_inclusive": low_inclusive, "high_inclusive": high_inclusive},
         "choices": None if choices is None else tuple(choices),
         "schedule": schedule,
+        "optional": optional or default is None,
     }
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
@@ -65,7 +67,7 @@ def check_field(field: dataclasses.Field[Any], value: Any) -> Any:
     if kind == "int":
         if meta["schedule"]:
             return int_schedule(value, name, low=int(bounds["low"]))
-        if value is None and field.default is None:
+        if value is None and meta.get("optional", field.default is None):
             return None
         return check_int(value, name, low=int(bounds["low"]))
     if kind == "float":

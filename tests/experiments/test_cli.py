@@ -19,6 +19,7 @@ from rkfac.experiments import train as train_module
 from rkfac.experiments.bench import run_bench
 from rkfac.experiments.cli import RUN_FLAGS, main
 from rkfac.experiments.config import RunConfig, parse_schedule, step_schedule, value_at_epoch
+from rkfac.experiments.metrics import PHASES
 from rkfac.experiments.presets import resolve_config
 from rkfac.experiments.rundir import RunDirectory
 
@@ -64,7 +65,7 @@ def test_train_writes_a_complete_run_directory(tmp_path: Path) -> None:
     assert env["torch"] == torch.__version__ and env["device"] == "cpu"
     steps, epochs = read_metrics(run, "step"), read_metrics(run, "epoch")
     assert [r["step"] for r in steps] == list(range(16))
-    assert set(steps[0]["time"]) == {"data", "forward_backward", "statistics", "decomposition", "precondition", "optimizer"}
+    assert set(steps[0]["time"]) == set(PHASES)
     assert steps[0]["damping"] == 0.1 and steps[0]["lr"] == 0.1
     assert [r["epoch"] for r in epochs] == [1, 2] and all(0 <= r["test_acc"] <= 1 for r in epochs)
     summary = json.loads((run / "summary.json").read_text())
@@ -82,7 +83,9 @@ def test_train_writes_a_complete_run_directory(tmp_path: Path) -> None:
     assert summary["final_test_acc"] == epochs[-1]["test_acc"]
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adam", "kfac", "rs-kfac", "b-kfac", "b-r-kfac", "seng"])
+@pytest.mark.parametrize(
+    "optimizer", ["sgd", "adam", "kfac", "rs-kfac", "b-kfac", "b-r-kfac", "seng", "kfac-auto", "sre-kfac-auto"]
+)
 def test_every_optimizer_trains(tmp_path: Path, optimizer: str) -> None:
     assert main(["train", "--optimizer", optimizer, "--max-steps", "3", "--out", str(tmp_path / optimizer), *SMALL]) == 0
     summary = json.loads((tmp_path / optimizer / "summary.json").read_text())
@@ -101,6 +104,23 @@ def test_resume_continues_the_uninterrupted_run_exactly(tmp_path: Path) -> None:
         assert torch.equal(tensor, final["split"][key]), key
     assert [r["loss"] for r in read_metrics(whole, "step")] == [r["loss"] for r in read_metrics(split, "step")]
     assert [r["test_acc"] for r in read_metrics(whole, "epoch")] == [r["test_acc"] for r in read_metrics(split, "epoch")]
+
+
+def test_an_adaptive_run_logs_its_choices_and_resumes_exactly(tmp_path: Path) -> None:
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    common = ["train", "--optimizer", "sre-kfac-auto", "--epochs", "2", "--curvature-samples", "8", *SMALL]
+    assert main([*common, "--out", str(whole)]) == 0
+    assert main([*common, "--out", str(split), "--max-steps", "11"]) == 0
+    assert main(["train", "--resume", str(split), "--max-steps", "none", "--quiet"]) == 0
+    final = {name: RunDirectory(path).load_checkpoint()["model"] for name, path in (("whole", whole), ("split", split))}
+    for key, tensor in final["whole"].items():
+        assert torch.equal(tensor, final["split"][key]), key
+    steps = read_metrics(whole, "step")
+    assert [r["loss"] for r in steps] == [r["loss"] for r in read_metrics(split, "step")]
+    assert all(r["lr"] > 0 and r["damping"] > 0 and not r["skipped"] for r in steps)  # α and λ in place of lr, damping
+    assert steps[0]["mu"] == 0.0 and any(r["mu"] != 0.0 for r in steps[1:])
+    assert [r["rho"] is not None for r in steps[:6]] == [True, False, False, False, False, True]  # every 5 steps
+    assert all(r["time"]["adaptive"] > 0 for r in steps)
 
 
 def test_truncated_or_corrupted_checkpoint_gives_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from rkfac import spectrum
+from rkfac.adaptive import AdaptiveOptions
 from rkfac.decompositions import MODE_THRESHOLD, BrandUpdate, ExactEigh, RandomizedSVD, SymmetricRandomizedEVD
 from rkfac.experiments import cli
 from rkfac.experiments.config import SCHEDULED, RunConfig
@@ -20,7 +21,7 @@ from rkfac.options import KFACOptions, SENGOptions, UpdateOptions
 from rkfac.schema import default_of
 
 LIBRARY: dict[str, type] = {
-    cls.__name__: cls for cls in (KFACOptions, SENGOptions, UpdateOptions, SymmetricRandomizedEVD, BrandUpdate)
+    cls.__name__: cls for cls in (KFACOptions, SENGOptions, UpdateOptions, SymmetricRandomizedEVD, BrandUpdate, AdaptiveOptions)
 }
 RUN_FIELDS = {field.name: field for field in dataclasses.fields(RunConfig)}
 

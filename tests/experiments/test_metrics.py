@@ -30,7 +30,7 @@ from rkfac.experiments.train import Trainer
 
 def test_the_time_split_takes_the_inner_phases_out_of_their_spans_and_sums_to_the_training_time() -> None:
     clock = StepClock(torch.device("cpu"), start=1.0, data_done=1.5, backward_done=3.5, optimizer_start=10.0, step_done=14.0)
-    times = clock.split({"statistics": 0.5, "decomposition": 2.0, "precondition": 1.0})
+    times = clock.split({"statistics": 0.5, "decomposition": 2.0, "precondition": 1.0, "adaptive": 0.25})
     assert list(times) == list(PHASES)
     assert times == {
         "data": 0.5,
@@ -38,7 +38,8 @@ def test_the_time_split_takes_the_inner_phases_out_of_their_spans_and_sums_to_th
         "statistics": 0.5,
         "decomposition": 2.0,
         "precondition": 1.0,
-        "optimizer": 1.0,
+        "adaptive": 0.25,
+        "optimizer": 0.75,
     }
     assert clock.elapsed() == sum(times.values()) == 6.5  # the after_backward gap (3.5 → 10) is not training
     assert clock.split({})["optimizer"] == 4.0  # without a PhaseTimer the whole step() is the optimizer's

@@ -30,14 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from rkfac.experiments.config import KFAC_OPTIMIZERS, PEERS, PRECONDITIONED, RunConfig
+from rkfac.experiments.metrics import PHASES
 from rkfac.experiments.plot import plot_median_curves, plot_runs
 from rkfac.experiments.presets import PRESETS, resolve_config
 from rkfac.experiments.resume import run_config
 from rkfac.experiments.rundir import RunDirectory
 from rkfac.experiments.tasks import Target
 from rkfac.experiments.train import TrainingDivergedError, train
-
-PHASES = ("data", "forward_backward", "statistics", "decomposition", "precondition", "optimizer")
 
 
 def _median(values: list[float]) -> float | None:

@@ -107,7 +107,7 @@ def _parser(field: dataclasses.Field[Any]) -> Any:
         return bool
     if kind == "choice":
         return _optional_choice if None in meta["choices"] else str
-    if kind == "int" and field.default is None:
+    if kind == "int" and meta.get("optional", field.default is None):
         return _optional_int
     return _SCALARS.get(kind, str)
 

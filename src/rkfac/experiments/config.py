@@ -30,6 +30,7 @@ from typing import Any, TypeAlias
 
 import torch
 
+from rkfac.adaptive import AdaptiveOptions
 from rkfac.decompositions import BrandUpdate, SymmetricRandomizedEVD
 from rkfac.experiments.datasets import DATASETS
 from rkfac.experiments.models import MODELS
@@ -43,8 +44,12 @@ APPLY_DTYPES: dict[str, torch.dtype | None] = {"float32": None, "bfloat16": torc
 
 EpochSchedule: TypeAlias = float | dict[int, float]
 
-OPTIMIZERS = ("sgd", "adam", "adamw", "muon", "soap", "kfac", "rs-kfac", "sre-kfac", "b-kfac", "b-r-kfac", "seng")
-KFAC_OPTIMIZERS = ("kfac", "rs-kfac", "sre-kfac", "b-kfac", "b-r-kfac")
+# the adaptive step (rkfac.adaptive): lr, momentum and damping chosen each step; the fixed-step
+# settings (lr, momentum, damping) are not read
+ADAPTIVE_OPTIMIZERS = ("kfac-auto", "sre-kfac-auto")
+FIXED_STEP_KFAC = ("kfac", "rs-kfac", "sre-kfac", "b-kfac", "b-r-kfac")
+OPTIMIZERS = ("sgd", "adam", "adamw", "muon", "soap", *FIXED_STEP_KFAC, "seng", *ADAPTIVE_OPTIMIZERS)
+KFAC_OPTIMIZERS = (*FIXED_STEP_KFAC, *ADAPTIVE_OPTIMIZERS)
 PRECONDITIONED = (*KFAC_OPTIMIZERS, "seng")  # optimizers with a preconditioner (and a phase timer)
 PEERS = tuple(name for name in OPTIMIZERS if name not in PRECONDITIONED)  # what users would pick instead
 
@@ -55,6 +60,7 @@ _SCOPES: dict[type, str] = {
     SymmetricRandomizedEVD: "RS/SRE: ",
     BrandUpdate: "",  # its helps name the variant (B-R-KFAC, B-KFAC-c)
     SENGOptions: "SENG: ",
+    AdaptiveOptions: "K-FAC auto: ",
 }
 
 
@@ -148,6 +154,9 @@ class RunConfig:
     clip_value: float = library_option(KFACOptions, "clip_value")
     fisher: str = library_option(KFACOptions, "fisher")
     kfac_approx: str = library_option(KFACOptions, "kfac_approx")
+    initial_damping: float = library_option(AdaptiveOptions, "initial_damping")
+    damping_every: int = library_option(AdaptiveOptions, "damping_every")
+    curvature_samples: int | None = library_option(AdaptiveOptions, "curvature_samples")
     update_freq: int = library_option(SENGOptions, "update_freq")
     col_sample_size: int = library_option(SENGOptions, "col_sample_size")
     sketch_threshold: float = library_option(SENGOptions, "sketch_threshold")
@@ -233,7 +242,7 @@ def check_setting(field: dataclasses.Field[Any], value: Any) -> None:
     """Check one RunConfig ``value`` against its ``field``: a number, a choice, a list of
     items or an epoch schedule, each item checked by :func:`rkfac.schema.check_field`."""
     meta, name = field.metadata, field.name
-    if value is None and field.default is None:
+    if value is None and meta.get("optional", field.default is None):
         return
     if meta["epochs"] and isinstance(value, dict):
         for epoch, item in value.items():

@@ -33,7 +33,7 @@ import torch
 from rkfac.experiments.tasks import Target
 from rkfac.protocol import Preconditioner
 
-PHASES = ("data", "forward_backward", "statistics", "decomposition", "precondition", "optimizer")
+PHASES = ("data", "forward_backward", "statistics", "decomposition", "precondition", "adaptive", "optimizer")
 TRAFFIC_KINDS = ("statistics", "decomposition")  # the preconditioner's collectives
 
 
@@ -129,14 +129,17 @@ class StepClock:
         The hooks' statistics ran inside the backward and the decomposition and the solve inside
         ``optimizer.step()``, so each is taken out of the span that contains it.
         """
-        statistics, decomposition, precondition = (inside.get(k, 0.0) for k in ("statistics", "decomposition", "precondition"))
+        statistics, decomposition, precondition, adaptive = (
+            inside.get(k, 0.0) for k in ("statistics", "decomposition", "precondition", "adaptive")
+        )
         return {
             "data": self.data_done - self.start,
             "forward_backward": self.backward_done - self.data_done - statistics,
             "statistics": statistics,
             "decomposition": decomposition,
             "precondition": precondition,
-            "optimizer": self.step_done - self.optimizer_start - decomposition - precondition,
+            "adaptive": adaptive,
+            "optimizer": self.step_done - self.optimizer_start - decomposition - precondition - adaptive,
         }
 
     def elapsed(self) -> float:

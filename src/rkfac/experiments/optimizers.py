@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 import rkfac
 from rkfac.experiments import peers
-from rkfac.experiments.config import APPLY_DTYPES, KFAC_OPTIMIZERS, RunConfig, step_schedule, value_at_epoch
+from rkfac.experiments.config import ADAPTIVE_OPTIMIZERS, APPLY_DTYPES, KFAC_OPTIMIZERS, RunConfig, step_schedule, value_at_epoch
 from rkfac.experiments.tasks import task_for
 from rkfac.timing import PhaseTimer
 
@@ -17,6 +19,8 @@ def decomposition_for(config: RunConfig, steps_per_epoch: int) -> rkfac.Decompos
     the run's settings for the factors it cannot update online; its own rank is the first
     epoch's value of ``rank``. Only b-r-kfac refreshes (every ``refresh_every`` steps): b-kfac
     ignores the field, as it always has."""
+    if config.optimizer in ADAPTIVE_OPTIMIZERS:  # the fixed-step method's decomposition
+        return decomposition_for(config.updated(optimizer=config.optimizer.removesuffix("-auto")), steps_per_epoch)
     if config.optimizer == "kfac":
         return rkfac.ExactEigh()
     if config.optimizer in ("b-kfac", "b-r-kfac"):
@@ -48,14 +52,21 @@ def build_optimizer(
     if config.optimizer == "soap":
         return peers.soap(model, lr=lr, weight_decay=config.weight_decay)
     if config.optimizer in KFAC_OPTIMIZERS:
+        if config.optimizer in ADAPTIVE_OPTIMIZERS:
+            step: dict[str, Any] = {
+                "loss": task_for(config.model).mc_loss,
+                "initial_damping": config.initial_damping,
+                "damping_every": config.damping_every,
+                "curvature_samples": config.curvature_samples,
+            }
+        else:
+            step = {"lr": lr, "momentum": config.momentum, "damping": step_schedule(config.damping, steps_per_epoch)}
         return rkfac.KFAC(
             model,
-            lr=lr,
-            momentum=config.momentum,
+            **step,
             weight_decay=config.weight_decay,
             weight_decay_start=config.weight_decay_start,
             decomposition=decomposition_for(config, steps_per_epoch),
-            damping=step_schedule(config.damping, steps_per_epoch),
             damping_mode=config.damping_mode,
             factor_decay=config.factor_decay,
             factor_every=step_schedule(config.factor_every, steps_per_epoch, cast=int),

@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from rkfac.experiments.config import KFAC_OPTIMIZERS, OPTIMIZERS, RunConfig
+from rkfac.experiments.config import ADAPTIVE_OPTIMIZERS, FIXED_STEP_KFAC, KFAC_OPTIMIZERS, OPTIMIZERS, RunConfig
 from rkfac.options import SENGOptions
 from rkfac.schema import default_of, from_options
 
@@ -59,6 +59,8 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     "muon": {"lr": 1e-3, "weight_decay": 0.05},
     "soap": {"lr": 1e-3, "weight_decay": 0.01},
     **{name: {} for name in KFAC_OPTIMIZERS},
+    # the adaptive step sets the length itself (no clip) and models the true Fisher's curvature
+    **{name: {"clip": "none", "fisher": "mc", "damping_mode": "pi"} for name in ADAPTIVE_OPTIMIZERS},
     "b-r-kfac": {"refresh_every": 50},
     "seng": {"lr": seng_lr_schedule(), "momentum": 0.9, "weight_decay": 1e-2, "damping": default_of(SENGOptions, "damping")},
 }
@@ -66,7 +68,7 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 
 # What a preset benches unless it names its own: every optimizer but the issue-19 peers (AdamW,
 # Muon, SOAP), which the presets that want them name.
-DEFAULT_OPTIMIZERS = tuple(name for name in OPTIMIZERS if name not in ("adamw", "muon", "soap"))
+DEFAULT_OPTIMIZERS = tuple(name for name in OPTIMIZERS if name not in ("adamw", "muon", "soap", *ADAPTIVE_OPTIMIZERS))
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,7 @@ PRESETS: dict[str, Preset] = {
             "target_loss": [15.0, 12.0, 10.0],
             "evals_per_epoch": 5,
         },
-        {name: _AUTOENCODER_KFAC for name in KFAC_OPTIMIZERS},
+        {name: _AUTOENCODER_KFAC for name in FIXED_STEP_KFAC},
         optimizers=("sgd", "adamw", "muon", "soap", "kfac", "sre-kfac"),
     ),
     **{

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from rkfac.experiments import metrics
-from rkfac.experiments.config import KFAC_OPTIMIZERS, PRECONDITIONED, EpochSchedule, RunConfig, step_schedule
+from rkfac.experiments.config import ADAPTIVE_OPTIMIZERS, KFAC_OPTIMIZERS, PRECONDITIONED, EpochSchedule, RunConfig, step_schedule
 from rkfac.experiments.datasets import ImageDataset, load_dataset
 from rkfac.experiments.distributed import mean_over_ranks, placement_from_environment, start
 from rkfac.experiments.metrics import Progress, StepClock, TrafficLedger, preconditioner_of
@@ -94,6 +94,7 @@ class Trainer:
         self.timer = PhaseTimer(synchronize=self.device.type == "cuda") if config.optimizer in PRECONDITIONED else None
         self.optimizer = build_optimizer(config, self.model, self.steps_per_epoch, self.timer)
         self.preconditioner = preconditioner_of(self.optimizer)
+        self._adaptive = config.optimizer in ADAPTIVE_OPTIMIZERS
         # with the MC Fisher, the preconditioner samples targets from each forward's outputs
         self._label_sampler = self.preconditioner if config.fisher == "mc" and config.optimizer in KFAC_OPTIMIZERS else None
         gradient_bytes = sum(p.numel() * p.element_size() for p in self.net.parameters() if p.requires_grad)
@@ -240,7 +241,10 @@ class Trainer:
         if self.after_backward is not None:
             self.after_backward(step)
             clock.optimizer_start = clock.now(synchronize=False)
-        self.optimizer.step()
+        if self._adaptive:  # the adaptive step measures its quadratic model on this batch
+            self.optimizer.step(inputs=inputs, targets=targets)  # type: ignore[call-overload]
+        else:
+            self.optimizer.step()
         clock.step_done = clock.now()
 
         traffic = self.traffic.end(progress.traffic)
@@ -250,6 +254,10 @@ class Trainer:
         progress.step += 1
         progress.batch += 1
         damping = None if self._damping is None else _at(self._damping, step)
+        if self._adaptive:  # what the adaptive step chose: α as the lr, λ as the damping, μ and ρ
+            chosen = self.optimizer.adaptive.last  # type: ignore[attr-defined]
+            record = metrics.step_record(step, progress.epoch + 1, loss_value, chosen.alpha, chosen.damping, times, traffic)
+            return {**record, "mu": chosen.momentum, "rho": chosen.rho, "skipped": chosen.skipped}
         return metrics.step_record(step, progress.epoch + 1, loss_value, lr, damping, times, traffic)
 
     def _evaluate(self) -> dict[str, float]:

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from rkfac.clipping import clip_directions
-from rkfac.damping import factor_dampings
+from rkfac.damping import factor_dampings, tikhonov_dampings
 from rkfac.decompositions import Pairs
 from rkfac.distributed import Communicator, TrafficCounter
 from rkfac.distributed.sharded import average_statistics, decompose_across_ranks, refuse_block_layers
@@ -302,6 +302,7 @@ class KFACPreconditioner:
 
     def _precondition(self, step: int, faults: Faults) -> None:
         damping = at_step_float(self.options.damping, step, "damping", low=0.0, low_inclusive=False)
+        split = tikhonov_dampings if self.options.damping_scale == "tikhonov" else factor_dampings
         updated: list[tuple[LayerState, Tensor]] = []
         grads: list[Tensor] = []
         for layer in self._layers:
@@ -313,7 +314,7 @@ class KFACPreconditioner:
                 continue
             a_pairs, g_pairs = pairs
             grad = grad.to(a_pairs.values.dtype)
-            a_damping, g_damping = factor_dampings(self.options.damping_mode, damping, a_pairs, g_pairs)
+            a_damping, g_damping = split(self.options.damping_mode, damping, a_pairs, g_pairs)
             dtype = self._solve_dtype(grad, pairs)
             updated.append((layer, kronecker_solve(grad, g_pairs, g_damping, a_pairs, a_damping, dtype)))
             grads.append(grad)

@@ -1,0 +1,293 @@
+"""Adaptive step control for K-FAC: learning rate and momentum from the quadratic model, and
+Levenberg–Marquardt damping (Martens & Grosse 2015, sections 6–7; spec section 8).
+
+Each step, with g the batch gradient (plus η θ, η the weight decay), Δ = −(F̂⁻¹ g + η θ) the
+preconditioned direction (F̂ K-FAC's damped Kronecker curvature) and δ₀ the previous update::
+
+    (α, μ) ← argmin M(αΔ + μδ₀)          (rkfac.quadratic_model; μ = 0 on the first step)
+    δ = αΔ + μδ₀;  θ ← θ + δ
+
+M's curvature is the exact GGN of the batch, plus (λ + η)I. Every ``damping_every`` (T) steps
+the reduction ratio (the same samples and dropout draws for both losses)
+
+    ρ = (h(θ + δ) − h(θ)) / (M(δ) − M(0))
+
+adjusts λ: λ ← ω λ if ρ > 3/4, λ ← λ / ω if ρ < 1/4, ω = ``damping_decay``^T, clamped to
+[``min_damping``, ``max_damping``]. h includes the weight-decay term η/2 ‖θ‖², so that the
+actual and the predicted change measure the same objective. M includes the damping, as the
+spec states (kfac-jax leaves it out of ρ by default; with it in, the predicted decrease is
+smaller, so λ shrinks a little more readily).
+
+The factor damping follows λ: the preconditioner runs with ``damping_scale="tikhonov"`` and
+δ = λ + η, split so that λ_A λ_G = λ + η in both damping modes (:mod:`rkfac.damping`), so F̂
+approximates the model's C + (λ + η)I. Discarded modes of a truncated decomposition see only
+λ_A or λ_G, as they always do; the quadratic model then measures the resulting direction with
+the exact curvature, so a poor direction gets a short step rather than a wrong one.
+
+Subsampling: C and both losses of ρ are measured on the first ``curvature_samples`` samples of
+the batch (the batch is a random draw, so they are a random subset); g is the whole batch's.
+Each is then an unbiased estimate of its whole-batch value: the predicted change uses the
+subset's curvature, the measured one the subset's losses. h(θ) is the primal of the first
+forward-mode pass, so ρ costs one extra forward of the subset every T steps.
+
+Costs per step, measured in BENCHMARKS.md: one forward-mode pass per tangent (two after the
+first step) on the subset, about a forward and backward of that many samples each; a few
+passes over the parameters (inner products, the update). In a process
+group the curvature terms and both losses are averaged across ranks, so every rank takes the
+same step (the gradient terms are already equal: DDP averaged the gradients).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from rkfac.distributed import Communicator
+from rkfac.quadratic_model import LOSS_KINDS, QuadraticModel, forward, ggn_inner, loss_value, output_tangents
+from rkfac.schema import option, validate
+from rkfac.seeding import derived_seed
+
+
+@dataclass(frozen=True)
+class AdaptiveOptions:
+    """The adaptive step's settings; ``loss`` given turns it on (see :class:`rkfac.KFAC`)."""
+
+    loss: str | None = option(None, "the loss trained on; given, lr, momentum and damping adapt", choices=(*LOSS_KINDS, None))
+    initial_damping: float = option(1.0, "λ at the first step", low=0.0, low_inclusive=False)
+    min_damping: float = option(1e-8, "the smallest λ", low=0.0, low_inclusive=False)
+    max_damping: float = option(1e4, "the largest λ", low=0.0, low_inclusive=False)
+    damping_every: int = option(5, "steps between damping adjustments (T)", kind="int", low=1)
+    damping_decay: float = option(0.95, "ω per step: λ moves by ω^T per adjustment", low=0.0, high=1.0, low_inclusive=False)
+    adapt_momentum: bool = option(True, "choose μ too (else μ = 0)", kind="bool")
+    curvature_samples: int | None = option(
+        32, "samples of the batch the curvature products and ρ use (None: all)", kind="int", low=1, optional=True
+    )
+
+    def __post_init__(self) -> None:
+        validate(self)
+        if self.min_damping > self.max_damping:
+            raise ValueError(f"min_damping {self.min_damping} exceeds max_damping {self.max_damping}")
+        if not self.min_damping <= self.initial_damping <= self.max_damping:
+            raise ValueError(
+                f"initial_damping {self.initial_damping} is outside [min_damping, max_damping] = "
+                f"[{self.min_damping}, {self.max_damping}]"
+            )
+
+
+@dataclass
+class StepRecord:
+    """What the last adaptive step chose: α, μ, the λ it used, the model's predicted change and,
+    on adjustment steps, ρ and the losses it came from (None otherwise). ``skipped`` when M had
+    no minimum (a non-finite or non-positive curvature term): the parameters were left alone."""
+
+    alpha: float = math.nan
+    momentum: float = 0.0
+    damping: float = math.nan
+    predicted: float = math.nan
+    rho: float | None = None
+    skipped: bool = False
+
+    def as_dict(self) -> dict[str, float | bool | None]:
+        return {"alpha": self.alpha, "mu": self.momentum, "lambda": self.damping, "rho": self.rho, "skipped": self.skipped}
+
+
+class AdaptiveStep:
+    """The update of :mod:`rkfac.adaptive` (module docstring) for ``params`` of ``model``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Sequence[nn.Parameter],
+        options: AdaptiveOptions,
+        *,
+        loss_reduction: str = "mean",
+        batch_dim: int = 0,
+        seed: int = 0,
+        process_group: torch.distributed.ProcessGroup | None = None,
+    ) -> None:
+        if options.loss is None:
+            raise ValueError("AdaptiveStep needs options.loss")
+        self.model, self.options = model, options
+        self.loss_reduction, self.batch_dim, self.seed = loss_reduction, batch_dim, seed
+        self.names = {id(p): name for name, p in model.named_parameters()}
+        self.params = list(params)
+        missing = [p for p in self.params if id(p) not in self.names]
+        if missing:
+            raise ValueError(f"{len(missing)} parameter(s) to step are not parameters of the model")
+        self.damping = options.initial_damping
+        self.steps = 0
+        self.previous: dict[int, Tensor] = {}  # id(param) -> the last update δ₀
+        self.last = StepRecord()
+        self._loss_before = torch.zeros(1)  # h(θ) on the curvature samples, from this step's first pass
+        self._comm = Communicator(process_group)
+
+    # ------------------------------------------------------------------ the step
+
+    @torch.no_grad()
+    def step(
+        self, raw_grads: Sequence[Tensor | None], weight_decay: float, inputs: Sequence[Tensor], targets: Tensor
+    ) -> StepRecord:
+        """Update the parameters in place. ``raw_grads`` are the gradients before preconditioning
+        (one per parameter, None where absent); the parameters' ``.grad`` hold the preconditioned
+        ones. Returns (and keeps as ``last``) what it chose."""
+        pairs = [(p, g) for p, g in zip(self.params, raw_grads, strict=True) if g is not None and p.grad is not None]
+        params = [p for p, _ in pairs]
+        grads = [g + weight_decay * p if weight_decay else g for p, g in pairs]
+        directions = [-(p.grad + weight_decay * p) if weight_decay else -p.grad for p in params]  # type: ignore[operator]
+        previous = [self.previous.get(id(p)) for p in params]
+        use_momentum = self.options.adapt_momentum and all(d is not None for d in previous) and bool(previous)
+        shift = self.damping + weight_decay
+        tangents = [directions, previous] if use_momentum else [directions]
+        model = self._quadratic_model(params, grads, tangents, shift, inputs, targets)  # type: ignore[arg-type]
+        coefficients = model.minimiser()
+        record = StepRecord(damping=self.damping)
+        if coefficients is None:
+            record.skipped = True
+            self.last, self.steps = record, self.steps + 1
+            return record
+        adjust = self.steps % self.options.damping_every == 0
+        if adjust:
+            before = float(self._comm.average_flat([self._loss_before])[0][0]) + _decay_term(params, weight_decay)
+        alpha, mu = float(coefficients[0]), float(coefficients[1]) if use_momentum else 0.0
+        for index, p in enumerate(params):
+            update = directions[index].mul(alpha)
+            if use_momentum:
+                update.add_(previous[index], alpha=mu)  # type: ignore[arg-type]
+            p.add_(update)
+            self.previous[id(p)] = update
+        record.alpha, record.momentum, record.predicted = alpha, mu, model.change(coefficients)
+        if adjust:
+            after = self._objective(params, weight_decay, inputs, targets)
+            record.rho = self._adjust(after - before, record.predicted)
+        self.last, self.steps = record, self.steps + 1
+        return record
+
+    def _quadratic_model(
+        self,
+        params: Sequence[Tensor],
+        grads: list[Tensor],
+        tangents: list[list[Tensor]],
+        shift: float,
+        inputs: Sequence[Tensor],
+        targets: Tensor,
+    ) -> QuadraticModel:
+        """Q and b of M over the coefficients of ``tangents`` (Δ, and δ₀ when given); keeps the
+        objective at θ on the curvature samples (the first pass's primal) for ρ."""
+        sample_inputs, sample_targets = self._curvature_batch(inputs, targets)
+        primals, derivatives = self._primals(), []
+        for tangent in tangents:  # one pass each, every pass with the same dropout draws
+            named = {self.names[id(p)]: t for p, t in zip(params, tangent, strict=True)}
+            with self._dropout_draws():
+                outputs, (derivative,) = output_tangents(self.model, primals, sample_inputs, [named])
+            derivatives.append(derivative)
+        loss = loss_value(self._loss, outputs, sample_targets, self.loss_reduction).double()
+        self._loss_before = loss.reshape(1)
+        k = len(tangents)
+        reduction = self.loss_reduction
+        curvature = torch.stack(
+            [ggn_inner(self._loss, outputs, derivatives[i], derivatives[j], reduction) for i in range(k) for j in range(k)]
+        ).double()
+        curvature = self._comm.average_flat([curvature])[0].reshape(k, k).cpu()
+        gram = _gram([*tangents, grads], rows=k)  # ⟨Δ, δ₀⟩ among themselves, then ⟨g, Δ⟩, ⟨g, δ₀⟩
+        return QuadraticModel(curvature + shift * gram[:k], gram[k].clone())
+
+    def _objective(self, params: Sequence[Tensor], weight_decay: float, inputs: Sequence[Tensor], targets: Tensor) -> float:
+        """h + η/2 ‖θ‖² on the curvature samples, averaged over ranks, with this step's dropout draws."""
+        sample_inputs, sample_targets = self._curvature_batch(inputs, targets)
+        with self._dropout_draws():
+            outputs = forward(self.model, self._primals(), sample_inputs)
+        loss = loss_value(self._loss, outputs, sample_targets, self.loss_reduction).double()
+        return float(self._comm.average_flat([loss.reshape(1)])[0][0]) + _decay_term(params, weight_decay)
+
+    def _adjust(self, actual: float, predicted: float) -> float | None:
+        """ρ from the actual and predicted changes, and λ moved by the Levenberg–Marquardt rule."""
+        if not math.isfinite(actual):  # the step blew the loss up: damp harder
+            self.damping = min(self.damping / self._omega, self.options.max_damping)
+            return math.inf
+        if not predicted < 0:  # no decrease predicted (M's minimum is at 0): nothing to compare
+            return math.nan
+        rho = actual / predicted
+        if rho > 0.75:
+            self.damping = max(self.damping * self._omega, self.options.min_damping)
+        elif rho < 0.25:
+            self.damping = min(self.damping / self._omega, self.options.max_damping)
+        return rho
+
+    @property
+    def _omega(self) -> float:
+        return float(self.options.damping_decay**self.options.damping_every)
+
+    @property
+    def _loss(self) -> str:
+        assert self.options.loss is not None
+        return self.options.loss
+
+    def _primals(self) -> dict[str, Tensor]:
+        return {name: p.detach() for name, p in self.model.named_parameters()}
+
+    def _curvature_batch(self, inputs: Sequence[Tensor], targets: Tensor) -> tuple[list[Tensor], Tensor]:
+        """The first ``curvature_samples`` samples of the batch (along ``batch_dim``)."""
+        count = self.options.curvature_samples
+        if count is None or count >= inputs[0].shape[self.batch_dim]:
+            return list(inputs), targets
+        dim = self.batch_dim
+        return [x.narrow(dim, 0, count) for x in inputs], targets.narrow(dim, 0, count)
+
+    @contextlib.contextmanager
+    def _dropout_draws(self) -> Iterator[None]:
+        """Global random numbers keyed by (seed, step), restored afterwards: the passes here see
+        the same dropout draws as each other and do not move the training's own stream."""
+        devices = [torch.cuda.current_device()] if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(derived_seed(self.seed, "quadratic-model", self.steps))
+            yield
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """λ, the step count and the previous update of each parameter (by position)."""
+        return {
+            "damping": self.damping,
+            "steps": self.steps,
+            "previous": [self.previous.get(id(p)) for p in self.params],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.damping = float(state["damping"])
+        self.steps = int(state["steps"])
+        previous = state["previous"]
+        if len(previous) != len(self.params):
+            raise ValueError(f"adaptive state has {len(previous)} parameters; this optimizer steps {len(self.params)}")
+        self.previous = {id(p): t.to(p.device) for p, t in zip(self.params, previous, strict=True) if t is not None}
+
+
+def _decay_term(params: Sequence[Tensor], weight_decay: float) -> float:
+    """η/2 ‖θ‖², the weight decay's part of the objective."""
+    return 0.5 * weight_decay * sum(float(p.double().pow(2).sum()) for p in params) if weight_decay else 0.0
+
+
+def _gram(vectors: Sequence[Sequence[Tensor]], rows: int) -> Tensor:
+    """The float64 inner products ⟨vectors[i], vectors[j]⟩ for i < ``rows``, j ≤ i (and j ≥ rows:
+    every vector against the first ``rows``), each vector a list of per-parameter tensors. One
+    ``torch.dot`` per parameter and pair, summed in float64 across parameters, one read-back."""
+    k = len(vectors)
+    flat = [[piece.reshape(-1) for piece in vector] for vector in vectors]
+    pairs = [(i, j) for i in range(k) for j in range(min(i, rows - 1) + 1)]
+    entries = torch.stack(
+        [torch.stack([torch.dot(a, b) for a, b in zip(flat[i], flat[j], strict=True)]).double().sum() for i, j in pairs]
+    ).cpu()
+    gram = torch.zeros(k, rows, dtype=torch.float64)
+    for (i, j), value in zip(pairs, entries, strict=True):
+        gram[i, j] = value
+        if i < rows:
+            gram[j, i] = value
+    return gram
+
+
+__all__ = ["AdaptiveOptions", "AdaptiveStep", "StepRecord"]

@@ -1,0 +1,130 @@
+"""The local quadratic model of the loss and its exact curvature products (spec section 8).
+
+With Δ the step direction, δ₀ the previous update, h the loss on the current batch, g its
+gradient, C the batch's generalized Gauss–Newton matrix (GGN) and λ the damping,
+
+    M(δ) = h + gᵀδ + ½ δᵀ (C + λI) δ.
+
+For δ = αΔ + μδ₀ the model is a quadratic in (α, μ) with
+
+    Q = [[Δᵀ(C+λ)Δ,  Δᵀ(C+λ)δ₀],        b = [gᵀΔ, gᵀδ₀],
+         [δ₀ᵀ(C+λ)Δ, δ₀ᵀ(C+λ)δ₀]]
+
+and its minimiser solves Q [α, μ]ᵀ = −b; the predicted change there is M(δ) − M(0) = ½ bᵀ[α, μ].
+
+Curvature: the GGN, C = Jᵀ H J with J the Jacobian of the network's outputs in the parameters
+and H the Hessian of the loss in the outputs. Why the GGN and not the Hessian: it is positive
+semi-definite, so Q is positive definite for λ > 0 and the 2 × 2 solve always has a minimum,
+and it is the matrix K-FAC approximates (for these losses it equals the true Fisher). Why
+forward mode: vᵀCw = (Jv)ᵀ H (Jw) needs only Jv and Jw, one forward pass with a tangent each
+(``torch.autograd.forward_ad``), about the cost of a forward and backward; a Hessian–vector
+product by double backward costs about twice that and is indefinite.
+
+Loss kinds (``LOSS_KINDS``; "mean" averages over samples, "sum" adds them):
+
+- "cross_entropy": outputs are logits (..., C), targets class indices (...); every leading
+  position is a sample row, as in ``F.cross_entropy``. Per row H = diag(p) − ppᵀ, p = softmax.
+- "mse": the squared error summed over each sample's outputs, ‖y − t‖², then reduced over the
+  samples (the first dimension). Per sample H = 2I. (This is the loss whose Gaussian the
+  "mc" Fisher samples from, :mod:`rkfac.mc_fisher`.)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.autograd.forward_ad as forward_ad
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+LOSS_KINDS = ("cross_entropy", "mse")
+
+
+def loss_value(kind: str, outputs: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """The loss of ``kind`` (see the module docstring), as the quadratic model assumes it."""
+    if kind == "cross_entropy":
+        return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1), reduction=reduction)
+    if kind == "mse":
+        per_sample = (outputs - targets).pow(2).reshape(outputs.shape[0], -1).sum(1)
+        return per_sample.mean() if reduction == "mean" else per_sample.sum()
+    raise ValueError(f"loss must be one of {LOSS_KINDS}, got {kind!r}")
+
+
+def ggn_inner(kind: str, outputs: Tensor, left: Tensor, right: Tensor, reduction: str = "mean") -> Tensor:
+    """vᵀ C w from the output tangents ``left`` = Jv and ``right`` = Jw (shaped like ``outputs``)."""
+    dtype = torch.promote_types(outputs.dtype, torch.float32)  # half precision outputs: in float32
+    if kind == "cross_entropy":
+        width = outputs.shape[-1]
+        probs = F.softmax(outputs.reshape(-1, width).to(dtype), dim=-1)
+        a, b = left.reshape(-1, width).to(dtype), right.reshape(-1, width).to(dtype)
+        rows = (probs * a * b).sum(1) - (probs * a).sum(1) * (probs * b).sum(1)
+    elif kind == "mse":
+        rows = 2.0 * (left.to(dtype) * right.to(dtype)).reshape(outputs.shape[0], -1).sum(1)
+    else:
+        raise ValueError(f"loss must be one of {LOSS_KINDS}, got {kind!r}")
+    return rows.mean() if reduction == "mean" else rows.sum()
+
+
+def output_tangents(
+    model: nn.Module, params: dict[str, Tensor], inputs: Sequence[Tensor], tangents: Sequence[dict[str, Tensor]]
+) -> tuple[Tensor, list[Tensor]]:
+    """The model's outputs at ``params`` and their directional derivatives J·t for each tangent.
+
+    One forward-mode pass per tangent, in the module's current mode (train mode: batch norms
+    use the batch's statistics). Buffers are passed as copies, so running statistics are not
+    updated; run it under ``torch.no_grad()`` so that rkfac's capture hooks record nothing.
+    Parameters missing from a tangent get a zero tangent.
+    """
+    outputs: Tensor | None = None
+    derivatives = []
+    for tangent in tangents:
+        buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+        with forward_ad.dual_level():
+            duals = {
+                name: forward_ad.make_dual(value, tangent[name]) if name in tangent else value for name, value in params.items()
+            }
+            result = functional_call(model, {**duals, **buffers}, tuple(inputs))
+            primal, derivative = forward_ad.unpack_dual(result)
+        outputs = primal if outputs is None else outputs
+        derivatives.append(torch.zeros_like(primal) if derivative is None else derivative)
+    if outputs is None:
+        raise ValueError("output_tangents needs at least one tangent")
+    return outputs, derivatives
+
+
+def forward(model: nn.Module, params: dict[str, Tensor], inputs: Sequence[Tensor]) -> Tensor:
+    """The model's outputs at ``params``, with copies of its buffers (running statistics stay put)."""
+    buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
+    return functional_call(model, {**params, **buffers}, tuple(inputs))
+
+
+@dataclass(frozen=True)
+class QuadraticModel:
+    """Q (``matrix``, k × k, k = 1 or 2) and b (``vector``, k) of M over the step's coefficients; float64."""
+
+    matrix: Tensor
+    vector: Tensor
+
+    def minimiser(self) -> Tensor | None:
+        """The coefficients minimising M, or None when Q is not positive definite or a value is
+        not finite (the step is then skipped). A 2 × 2 system that is nearly singular (Δ and δ₀
+        nearly parallel) falls back to the first coefficient alone, μ = 0."""
+        q, b = self.matrix, self.vector
+        if not (torch.isfinite(q).all() and torch.isfinite(b).all()) or q[0, 0] <= 0:
+            return None
+        if q.shape[0] == 2:
+            determinant = q[0, 0] * q[1, 1] - q[0, 1] * q[1, 0]
+            if q[1, 1] > 0 and determinant > 1e-10 * q[0, 0] * q[1, 1]:
+                return torch.linalg.solve(q, -b)
+        return torch.stack([-b[0] / q[0, 0], torch.zeros((), dtype=q.dtype)])[: q.shape[0]]
+
+    def change(self, coefficients: Tensor) -> float:
+        """M(δ) − M(0) at ``coefficients``: bᵀc + ½ cᵀQc."""
+        c = coefficients
+        return float(self.vector @ c + 0.5 * c @ self.matrix @ c)
+
+
+__all__ = ["LOSS_KINDS", "QuadraticModel", "forward", "ggn_inner", "loss_value", "output_tangents"]

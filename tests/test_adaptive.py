@@ -1,0 +1,257 @@
+"""The adaptive step (rkfac.KFAC with loss=...) against dense references: α and μ minimise the
+quadratic model built from an explicit GGN, ρ is the measured over the predicted change, λ
+follows the Levenberg–Marquardt rule, the factor damping follows λ, and everything it needs
+is saved, averaged over ranks and refused by name when it cannot be honoured."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import rkfac
+from rkfac.adaptive import AdaptiveOptions, AdaptiveStep
+from rkfac.damping import factor_dampings, tikhonov_dampings
+from rkfac.lowrank import BlockEigenpairs, Eigenpairs
+from tests.gloo import run_ranks
+from tests.test_quadratic_model import dense_ggn, flat_params
+
+WEIGHT_DECAY = 0.01
+
+
+def make_model(dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3)).double()
+
+
+def batch(seed: int, n: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 4, generator=generator, dtype=torch.float64), torch.randint(0, 3, (n,), generator=generator)
+
+
+def make_optimizer(model: nn.Module, **options: object) -> rkfac.KFAC:
+    settings = {
+        "loss": "cross_entropy",
+        "decomposition": rkfac.ExactEigh(),
+        "factor_every": 1,
+        "inverse_every": 1,
+        "weight_decay": WEIGHT_DECAY,
+        **options,
+    }
+    return rkfac.KFAC(model, **settings)
+
+
+def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+@pytest.mark.parametrize("samples", [None, 4])
+def test_each_step_takes_the_alpha_and_mu_that_minimise_the_dense_quadratic_model(samples: int | None) -> None:
+    model = make_model()
+    opt = make_optimizer(model, curvature_samples=samples, initial_damping=0.3)
+    previous: torch.Tensor | None = None
+    for step in range(3):
+        x, y = batch(step)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        theta, _ = flat_params(model)
+        g = flat([p.grad for p in model.parameters()]).clone() + WEIGHT_DECAY * theta
+        damping = opt.adaptive.damping  # type: ignore[union-attr]
+        gradient = torch.cat([model[0].weight.grad, model[0].bias.grad[:, None]], 1).clone()
+        curvature = dense_ggn(model, x[:samples], y[:samples], "cross_entropy", "mean")
+        opt.step(inputs=x, targets=y)
+        # the factors were damped by λ + η, split as "pi" splits it: a dense Kronecker solve
+        a, g_factor = opt.preconditioner.factors()["0"]  # type: ignore[attr-defined]
+        pi = math.sqrt((a.trace() / a.shape[0]) / (g_factor.trace() / g_factor.shape[0]))
+        root = math.sqrt(damping + WEIGHT_DECAY)
+        eye = torch.eye
+        solved = torch.linalg.solve(g_factor + root / pi * eye(8, dtype=torch.float64), gradient)
+        solved = torch.linalg.solve(a + pi * root * eye(5, dtype=torch.float64), solved.T).T
+        torch.testing.assert_close(torch.cat([model[0].weight.grad, model[0].bias.grad[:, None]], 1), solved)
+        direction = -(flat([p.grad for p in model.parameters()]) + WEIGHT_DECAY * theta)
+        update = flat_params(model)[0] - theta
+        shifted = curvature + (damping + WEIGHT_DECAY) * torch.eye(len(theta), dtype=torch.float64)
+        vectors = [direction] if previous is None else [direction, previous]
+        matrix = torch.tensor([[float(u @ shifted @ v) for v in vectors] for u in vectors], dtype=torch.float64)
+        b = torch.tensor([float(g @ v) for v in vectors], dtype=torch.float64)
+        coefficients = torch.linalg.solve(matrix, -b)
+        expected = sum(c * v for c, v in zip(coefficients, vectors, strict=True))
+        torch.testing.assert_close(update, expected, rtol=1e-7, atol=1e-12)
+        record = opt.adaptive.last  # type: ignore[union-attr]
+        assert record.alpha == pytest.approx(float(coefficients[0]), rel=1e-7)
+        assert record.momentum == (0.0 if previous is None else pytest.approx(float(coefficients[1]), rel=1e-7))
+        assert record.predicted == pytest.approx(float(g @ update + 0.5 * update @ shifted @ update), rel=1e-7)
+        previous = update
+
+
+def test_rho_is_the_measured_over_the_predicted_change_of_the_objective() -> None:
+    model = make_model()
+    opt = make_optimizer(model, curvature_samples=None)
+    x, y = batch(0)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+
+    def objective() -> float:
+        with torch.no_grad():
+            decay = 0.5 * WEIGHT_DECAY * float(flat_params(model)[0].pow(2).sum())
+            return float(F.cross_entropy(model(x), y)) + decay
+
+    before = objective()
+    opt.step(inputs=x, targets=y)
+    record = opt.adaptive.last  # type: ignore[union-attr]
+    assert record.rho is not None and math.isfinite(record.rho)
+    assert record.rho == pytest.approx((objective() - before) / record.predicted, rel=1e-9)
+
+
+def test_damping_moves_by_the_levenberg_marquardt_rule_within_its_bounds() -> None:
+    step = AdaptiveStep(make_model(), [], AdaptiveOptions(loss="mse", initial_damping=1.0, max_damping=2.0))
+    omega = 0.95**5
+    step._adjust(actual=-0.9, predicted=-1.0)  # ρ = 0.9 > 3/4: shrink
+    assert step.damping == pytest.approx(omega)
+    step._adjust(actual=-0.5, predicted=-1.0)  # ρ = 0.5: keep
+    assert step.damping == pytest.approx(omega)
+    step._adjust(actual=0.1, predicted=-1.0)  # ρ < 1/4: grow
+    assert step.damping == pytest.approx(1.0)
+    for _ in range(10):
+        step._adjust(actual=float("inf"), predicted=-1.0)  # a blown-up loss grows it, up to the bound
+    assert step.damping == 2.0
+
+
+def pairs(values: list[float]) -> Eigenpairs:
+    d = len(values)
+    return Eigenpairs(torch.eye(d, dtype=torch.float64), torch.tensor(values, dtype=torch.float64), sum(values), max(values))
+
+
+def test_tikhonov_damping_splits_lambda_so_the_product_is_lambda_in_both_modes() -> None:
+    a, g = pairs([4.0, 1.0, 0.5]), pairs([0.02, 0.01])
+    lam = 0.3
+    pi_a, pi_g = tikhonov_dampings("pi", lam, a, g)
+    assert (pi_a, pi_g) == factor_dampings("pi", lam, a, g)  # pi already means λ_A λ_G = δ
+    rel_a, rel_g = tikhonov_dampings("relative", lam, a, g)
+    assert rel_a * rel_g == pytest.approx(lam) and pi_a * pi_g == pytest.approx(lam)
+    assert rel_a / rel_g == pytest.approx(4.0 / 0.02)  # each follows its factor's λ_max
+    blocks = BlockEigenpairs(
+        torch.eye(2, dtype=torch.float64).repeat(2, 1, 1),
+        torch.tensor([[2.0, 1.0], [8.0, 1.0]], dtype=torch.float64),
+        traces=torch.tensor([3.0, 9.0], dtype=torch.float64),
+        tops=torch.tensor([2.0, 8.0], dtype=torch.float64),
+    )
+    block_a, block_g = tikhonov_dampings("relative", lam, blocks, blocks)
+    torch.testing.assert_close(block_a * block_g, torch.full((2,), lam, dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"lr": 0.1}, "drop {'lr': 0.1}"),
+        ({"momentum": 0.9}, "drop {'momentum': 0.9}"),
+        ({"damping": 0.01}, "initial_damping"),
+        ({"clip": "kl"}, "clip='kl'"),
+        ({"fallback": torch.optim.AdamW}, "fallback"),
+        ({"grad_scaler": torch.amp.GradScaler("cpu")}, "GradScaler"),
+        ({"loss": "hinge"}, "'hinge'"),
+        ({"initial_damping": 10.0, "max_damping": 1.0}, "initial_damping 10.0"),
+    ],
+)
+def test_settings_the_adaptive_step_cannot_honour_are_refused_by_name(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        rkfac.KFAC(make_model(), **{"loss": "cross_entropy", **options})
+
+
+def test_the_step_asks_for_the_batch_and_the_fixed_step_refuses_one() -> None:
+    model = make_model()
+    x, y = batch(0)
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match=r"opt\.step\(inputs=x, targets=y\)"):
+        make_optimizer(model).step()
+    with pytest.raises(ValueError, match="loss="):
+        rkfac.KFAC(model).step(inputs=x, targets=y)
+
+
+def run_steps(model: nn.Module, opt: rkfac.KFAC, steps: range) -> None:
+    for step in steps:
+        x, y = batch(step)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step(inputs=x, targets=y)
+
+
+def test_a_restored_optimizer_continues_bitwise_and_the_training_random_stream_is_untouched() -> None:
+    model = make_model(dropout=0.3)
+    opt = make_optimizer(model, curvature_samples=6, damping_every=2)
+    run_steps(model, opt, range(4))
+    saved_model = {k: v.clone() for k, v in model.state_dict().items()}
+    saved_opt = copy.deepcopy(opt.state_dict())  # the live state moves on with the training
+    rng = torch.get_rng_state()
+    run_steps(model, opt, range(4, 8))
+    uninterrupted = flat_params(model)[0]
+
+    twin = make_model(dropout=0.3)
+    twin.load_state_dict(saved_model)
+    twin_opt = make_optimizer(twin, curvature_samples=6, damping_every=2)
+    twin_opt.load_state_dict(saved_opt)
+    torch.set_rng_state(rng)
+    run_steps(twin, twin_opt, range(4, 8))
+    assert torch.equal(flat_params(twin)[0], uninterrupted)
+    assert twin_opt.adaptive.damping == opt.adaptive.damping  # type: ignore[union-attr]
+
+    x, y = batch(9)
+    twin_opt.zero_grad()
+    F.cross_entropy(twin(x), y).backward()
+    state = torch.get_rng_state()
+    twin_opt.step(inputs=x, targets=y)
+    assert torch.equal(torch.get_rng_state(), state)  # its own passes drew from a forked stream
+
+
+def test_state_of_a_fixed_step_optimizer_is_refused_by_an_adaptive_one() -> None:
+    fixed = rkfac.KFAC(make_model())
+    with pytest.raises(ValueError, match="adaptive step"):
+        make_optimizer(make_model()).load_state_dict(fixed.state_dict())
+
+
+def test_adaptive_kfac_trains_a_small_problem_without_a_learning_rate() -> None:
+    model = make_model()
+    opt = make_optimizer(model, weight_decay=0.0)
+    x = batch(0, n=64)[0]
+    y = x[:, :3].argmax(1)  # a rule the network can learn
+    losses = []
+    for _ in range(40):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step(inputs=x, targets=y)
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.5 * losses[0]
+    assert not any(record for record in [opt.adaptive.last.skipped])  # type: ignore[union-attr]
+
+
+GLOBAL = 12
+
+
+def _train_adaptive(rank: int, world_size: int) -> list[torch.Tensor]:
+    model = make_model()
+    wrapped = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    opt = make_optimizer(wrapped, curvature_samples=None, damping_every=1)
+    share = GLOBAL // world_size
+    part = slice(rank * share, (rank + 1) * share)
+    for step in range(4):
+        x, y = batch(step, n=GLOBAL)
+        opt.zero_grad()
+        F.cross_entropy(wrapped(x[part]), y[part]).backward()
+        opt.step(inputs=x[part], targets=y[part])
+    return [p.detach().clone() for p in model.parameters()] + [torch.tensor(opt.adaptive.damping)]  # type: ignore[union-attr]
+
+
+def test_two_ranks_take_the_step_one_process_takes_over_the_global_batch(tmp_path: Path) -> None:
+    ranks = run_ranks(_train_adaptive, 2, tmp_path)
+    for mine, theirs in zip(ranks[0], ranks[1], strict=True):
+        assert torch.equal(mine, theirs)
+    alone = _train_adaptive(0, 1)
+    for distributed, single in zip(ranks[0], alone, strict=True):
+        torch.testing.assert_close(distributed, single, rtol=1e-9, atol=1e-12)
