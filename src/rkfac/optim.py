@@ -180,26 +180,19 @@ class KFAC(PreconditionedSGD):
 
     method_options = KFACOptions
 
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        grad_scaler: torch.amp.GradScaler | None = None,
-        process_group: torch.distributed.ProcessGroup | None = None,
-        timer: PhaseTimer | None = None,
-        fallback: Callable[[list[nn.Parameter]], torch.optim.Optimizer] | None = None,
-        **options: Any,
-    ) -> None:
+    def __init__(self, model: nn.Module, **options: Any) -> None:
+        """``options``: PreconditionedSGD's objects (grad_scaler, process_group, timer, fallback)
+        and settings, plus :class:`rkfac.adaptive.AdaptiveOptions`' fields."""
         adaptive_fields = {field.name for field in dataclasses.fields(AdaptiveOptions)}
         self.adaptive_options = AdaptiveOptions(**{k: options.pop(k) for k in list(options) if k in adaptive_fields})
         self.adaptive: AdaptiveStep | None = None
         self._decay_now = 0.0
         loss = self.adaptive_options.loss
         if loss is not None:
-            _refuse_with_adaptive(options, grad_scaler, fallback, loss)
+            _refuse_with_adaptive(options, loss)
             options = {"clip": None, "damping_mode": "pi", **options, "damping_scale": "tikhonov", "lr": 1.0}
             options["damping"] = lambda _step: self._adaptive_damping()
-        super().__init__(model, grad_scaler=grad_scaler, process_group=process_group, timer=timer, fallback=fallback, **options)
+        super().__init__(model, **options)
         if loss is not None:
             pre_options = self.preconditioner.options  # type: ignore[attr-defined]
             self.adaptive = AdaptiveStep(
@@ -209,7 +202,7 @@ class KFAC(PreconditionedSGD):
                 loss_reduction=pre_options.loss_reduction,
                 batch_dim=pre_options.batch_dim,
                 seed=pre_options.seed,
-                process_group=process_group,
+                process_group=options.get("process_group"),
             )
 
     def _preconditioner(self, model: nn.Module, options: dict[str, Any], objects: dict[str, Any]) -> Preconditioner:
@@ -275,7 +268,7 @@ class KFAC(PreconditionedSGD):
 _ADAPTED = ("lr", "momentum", "damping", "damping_scale")
 
 
-def _refuse_with_adaptive(options: dict[str, Any], grad_scaler: object, fallback: object, loss: str) -> None:
+def _refuse_with_adaptive(options: dict[str, Any], loss: str) -> None:
     """Settings the adaptive step chooses itself, or cannot honour yet, named in a ValueError."""
     given = {name: options[name] for name in _ADAPTED if name in options}
     if given:
@@ -285,9 +278,9 @@ def _refuse_with_adaptive(options: dict[str, Any], grad_scaler: object, fallback
         )
     if options.get("clip") == "kl":
         raise ValueError("clip='kl' needs a learning rate; the adaptive step (loss=...) chooses the step length itself")
-    if grad_scaler is not None:
+    if options.get("grad_scaler") is not None:
         raise ValueError("the adaptive step (loss=...) does not support a GradScaler yet: its losses are unscaled")
-    if fallback is not None:
+    if options.get("fallback") is not None:
         raise ValueError("the adaptive step (loss=...) chooses one step for all parameters; it takes no fallback optimizer")
 
 
