@@ -121,6 +121,14 @@ def test_an_adaptive_run_logs_its_choices_and_resumes_exactly(tmp_path: Path) ->
     assert steps[0]["mu"] == 0.0 and any(r["mu"] != 0.0 for r in steps[1:])
     assert [r["rho"] is not None for r in steps[:6]] == [True, False, False, False, False, True]  # every 5 steps
     assert all(r["time"]["adaptive"] > 0 for r in steps)
+    assert main(["plot", str(whole), "--out", str(tmp_path / "runs.png")]) == 0
+    assert (tmp_path / "runs-adaptive.png").stat().st_size > 0  # α, μ, λ, ρ per step
+
+
+def test_a_plot_of_fixed_step_runs_draws_no_adaptive_panel(tmp_path: Path) -> None:
+    assert main(["train", "--optimizer", "sre-kfac", "--epochs", "1", "--out", str(tmp_path / "run"), *SMALL]) == 0
+    assert main(["plot", str(tmp_path / "run"), "--out", str(tmp_path / "run.png")]) == 0
+    assert (tmp_path / "run.png").exists() and not (tmp_path / "run-adaptive.png").exists()
 
 
 def test_truncated_or_corrupted_checkpoint_gives_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

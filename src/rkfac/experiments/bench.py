@@ -31,7 +31,7 @@ from typing import Any
 
 from rkfac.experiments.config import KFAC_OPTIMIZERS, PEERS, PRECONDITIONED, RunConfig
 from rkfac.experiments.metrics import PHASES
-from rkfac.experiments.plot import plot_median_curves, plot_runs
+from rkfac.experiments.plot import plot_adaptive, plot_median_curves, plot_runs
 from rkfac.experiments.presets import PRESETS, resolve_config
 from rkfac.experiments.resume import run_config
 from rkfac.experiments.rundir import RunDirectory
@@ -298,4 +298,6 @@ def _write_tables(
         plot_runs(run_dirs, out / "bench.png")
     else:
         (out / "bench.png").unlink(missing_ok=True)  # not an earlier bench's plot
+    if not plot_adaptive([path for path in run_dirs if (path / "metrics.jsonl").exists()], out / "bench-adaptive.png"):
+        (out / "bench-adaptive.png").unlink(missing_ok=True)
     return table, plotted

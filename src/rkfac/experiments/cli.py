@@ -379,11 +379,14 @@ def _spectrum(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from rkfac.experiments.plot import plot_runs
+    from rkfac.experiments.plot import plot_adaptive, plot_runs
 
     out = Path(args.out) if args.out else Path(args.runs[0]) / "plot.png"
     plot_runs([Path(run) for run in args.runs], out)
     print(f"wrote {out}")
+    adaptive = out.with_name(f"{out.stem}-adaptive{out.suffix}")
+    if plot_adaptive([Path(run) for run in args.runs], adaptive):
+        print(f"wrote {adaptive} (what the adaptive step chose: α, μ, λ, ρ)")
     return 0
 
 

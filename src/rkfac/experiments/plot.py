@@ -4,12 +4,15 @@ A line is labelled by the name its run was run under and its seed (``sre-kfac (s
 where two runs would share a label, each of them is labelled by its run directory too, as
 few of the path's last parts as tell it from the others (``a/run: sre-kfac (seed 0)``).
 
-Four panels: the evaluation a run is judged on (test accuracy; for a reconstruction, the loss on
+:func:`plot_runs` draws four panels: the evaluation a run is judged on (test accuracy; for a reconstruction, the loss on
 the fixed training subset) against training time and against epochs, and the training loss of
 every step, smoothed, against training time and against steps. The smoothing is a causal
 exponential average with bias correction, ``m_t = β m_{t−1} + (1 − β) loss_t``, shown as
 ``m_t / (1 − β^t)``, β = :data:`SMOOTHING` (about a 20-step window): the batch losses are too
 noisy to read, and a causal average lags the same for every optimizer.
+
+:func:`plot_adaptive` draws what the adaptive step (kfac-auto, sre-kfac-auto) chose at every step:
+α, μ, λ and ρ, from the step records' ``lr``, ``mu``, ``damping`` and ``rho``.
 """
 
 from __future__ import annotations
@@ -168,3 +171,46 @@ def plot_median_curves(groups: dict[str, list[Path]], out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)
     plt.close(figure)
+
+
+def adaptive_runs(paths: list[Path]) -> list[Path]:
+    """The runs among ``paths`` whose step records carry the adaptive step's choices."""
+    return [path for path in paths if any("mu" in record for record in RunDirectory(path, writer=False).metrics("step"))]
+
+
+def plot_adaptive(paths: list[Path], out: Path) -> bool:
+    """α, μ, λ (log scales) and ρ against the step, one line per adaptive run among ``paths``, to
+    a PNG; False (and nothing written) when none of them is adaptive."""
+    runs = adaptive_runs(paths)
+    if not runs:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directories = [RunDirectory(path, writer=False) for path in runs]
+    panels = (("lr", "α (learning rate)", True), ("mu", "μ (momentum)", False), ("damping", "λ (damping)", True))
+    figure, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for run, label in zip(directories, run_labels(directories), strict=True):
+        records = [r for r in run.metrics("step") if "mu" in r]
+        for axis, (key, _, _) in zip(axes.flat, panels, strict=False):
+            axis.plot([r["step"] for r in records], [r[key] for r in records], label=label, linewidth=0.8)
+        measured = [r for r in records if r["rho"] is not None and math.isfinite(r["rho"])]
+        axes[1, 1].plot([r["step"] for r in measured], [r["rho"] for r in measured], ".", label=label, markersize=3)
+    for axis, (_, ylabel, log) in zip(axes.flat, panels, strict=False):
+        axis.set_ylabel(ylabel)
+        if log:
+            axis.set_yscale("log")
+    axes[1, 1].set_ylabel("ρ (reduction ratio; λ shrinks above 3/4, grows below 1/4)")
+    for level in (0.25, 0.75):
+        axes[1, 1].axhline(level, color="grey", linewidth=0.5)
+    for axis in axes.flat:
+        axis.set_xlabel("step")
+        axis.grid(alpha=0.3)
+    axes[0, 0].legend(fontsize=8)
+    figure.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(out, dpi=110)
+    plt.close(figure)
+    return True
