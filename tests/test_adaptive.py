@@ -81,6 +81,9 @@ def test_each_step_takes_the_alpha_and_mu_that_minimise_the_dense_quadratic_mode
         matrix = torch.tensor([[float(u @ shifted @ v) for v in vectors] for u in vectors], dtype=torch.float64)
         b = torch.tensor([float(g @ v) for v in vectors], dtype=torch.float64)
         coefficients = torch.linalg.solve(matrix, -b)
+        if len(vectors) == 2 and not 0.0 <= coefficients[1] <= 0.95:  # μ on its nearest bound
+            mu = min(max(float(coefficients[1]), 0.0), 0.95)
+            coefficients = torch.tensor([-(b[0] + matrix[0, 1] * mu) / matrix[0, 0], mu], dtype=torch.float64)
         expected = sum(c * v for c, v in zip(coefficients, vectors, strict=True))
         torch.testing.assert_close(update, expected, rtol=1e-7, atol=1e-12)
         record = opt.adaptive.last  # type: ignore[union-attr]

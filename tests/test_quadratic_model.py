@@ -99,6 +99,17 @@ def test_the_minimiser_solves_the_two_by_two_system_and_predicts_its_change() ->
     assert model.change(c) == pytest.approx(0.5 * float(b @ c))
 
 
+@pytest.mark.parametrize("bounds", [(0.0, 0.95), (0.0, 0.2), (-1.0, -0.5)])
+def test_a_bounded_momentum_is_the_constrained_minimum_found_by_a_grid(bounds: tuple[float, float]) -> None:
+    model = QuadraticModel(torch.tensor([[2.0, 1.5], [1.5, 3.0]], dtype=torch.float64), torch.tensor([-1.0, 2.0]).double())
+    c = model.minimiser(second_range=bounds)
+    assert c is not None and bounds[0] <= float(c[1]) <= bounds[1]
+    mus = torch.linspace(*bounds, 201, dtype=torch.float64)
+    alphas = torch.linspace(-3, 3, 1201, dtype=torch.float64)
+    best = min(model.change(torch.stack([a, m])) for m in mus for a in alphas[::10])
+    assert model.change(c) <= best + 1e-12
+
+
 def test_parallel_directions_fall_back_to_alpha_alone_and_a_bad_model_to_no_step() -> None:
     parallel = QuadraticModel(torch.tensor([[2.0, 4.0], [4.0, 8.0]], dtype=torch.float64), torch.tensor([-1.0, -2.0]).double())
     c = parallel.minimiser()

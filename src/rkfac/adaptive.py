@@ -4,10 +4,12 @@ Levenberg–Marquardt damping (Martens & Grosse 2015, sections 6–7; spec secti
 Each step, with g the batch gradient (plus η θ, η the weight decay), Δ = −(F̂⁻¹ g + η θ) the
 preconditioned direction (F̂ K-FAC's damped Kronecker curvature) and δ₀ the previous update::
 
-    (α, μ) ← argmin M(αΔ + μδ₀)          (rkfac.quadratic_model; μ = 0 on the first step)
+    (α, μ) ← argmin M(αΔ + μδ₀), 0 ≤ μ ≤ max_momentum   (rkfac.quadratic_model; μ = 0 on the first step)
     δ = αΔ + μδ₀;  θ ← θ + δ
 
-M's curvature is the exact GGN of the batch, plus (λ + η)I. Every ``damping_every`` (T) steps
+M's curvature is the exact GGN of the batch, plus (λ + η)I. μ is kept in [0, ``max_momentum``]
+(0.95): measured on a subset of the batch, the 2 × 2 model is noisy, and on the quick MLP its free
+minimum swung μ between −8 and 4·10³ within ten steps and blew the run up (BENCHMARKS.md). Every ``damping_every`` (T) steps
 the reduction ratio (the same samples and dropout draws for both losses)
 
     ρ = (h(θ + δ) − h(θ)) / (M(δ) − M(0))
@@ -65,6 +67,7 @@ class AdaptiveOptions:
     damping_every: int = option(5, "steps between damping adjustments (T)", kind="int", low=1)
     damping_decay: float = option(0.95, "ω per step: λ moves by ω^T per adjustment", low=0.0, high=1.0, low_inclusive=False)
     adapt_momentum: bool = option(True, "choose μ too (else μ = 0)", kind="bool")
+    max_momentum: float = option(0.95, "μ is kept in [0, max_momentum]", low=0.0, high=1.0, high_inclusive=False)
     curvature_samples: int | None = option(
         32, "samples of the batch the curvature products and ρ use (None: all)", kind="int", low=1, optional=True
     )
@@ -145,7 +148,7 @@ class AdaptiveStep:
         shift = self.damping + weight_decay
         tangents = [directions, previous] if use_momentum else [directions]
         model = self._quadratic_model(params, grads, tangents, shift, inputs, targets)  # type: ignore[arg-type]
-        coefficients = model.minimiser()
+        coefficients = model.minimiser(second_range=(0.0, self.options.max_momentum))
         record = StepRecord(damping=self.damping)
         if coefficients is None:
             record.skipped = True

@@ -31,6 +31,7 @@ Loss kinds (``LOSS_KINDS``; "mean" averages over samples, "sum" adds them):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -108,18 +109,27 @@ class QuadraticModel:
     matrix: Tensor
     vector: Tensor
 
-    def minimiser(self) -> Tensor | None:
-        """The coefficients minimising M, or None when Q is not positive definite or a value is
-        not finite (the step is then skipped). A 2 × 2 system that is nearly singular (Δ and δ₀
-        nearly parallel) falls back to the first coefficient alone, μ = 0."""
+    def minimiser(self, second_range: tuple[float, float] = (-math.inf, math.inf)) -> Tensor | None:
+        """The coefficients minimising M, the second one (μ) kept in ``second_range``; None when
+        Q is not positive definite or a value is not finite (the step is then skipped).
+
+        M is convex, so when the free minimum has μ outside the range the constrained one lies
+        on the nearest bound: μ there, and α = −(b₀ + Q₀₁ μ) / Q₀₀. A 2 × 2 system that is nearly
+        singular (Δ and δ₀ nearly parallel) takes μ = 0 (or the bound nearest 0)."""
         q, b = self.matrix, self.vector
         if not (torch.isfinite(q).all() and torch.isfinite(b).all()) or q[0, 0] <= 0:
             return None
-        if q.shape[0] == 2:
-            determinant = q[0, 0] * q[1, 1] - q[0, 1] * q[1, 0]
-            if q[1, 1] > 0 and determinant > 1e-10 * q[0, 0] * q[1, 1]:
-                return torch.linalg.solve(q, -b)
-        return torch.stack([-b[0] / q[0, 0], torch.zeros((), dtype=q.dtype)])[: q.shape[0]]
+        if q.shape[0] == 1:
+            return -b / q[0, 0]
+        low, high = second_range
+        determinant = q[0, 0] * q[1, 1] - q[0, 1] * q[1, 0]
+        if q[1, 1] > 0 and determinant > 1e-10 * q[0, 0] * q[1, 1]:
+            mu = float(torch.linalg.solve(q, -b)[1])
+        else:
+            mu = 0.0
+        mu = min(max(mu, low), high)
+        alpha = -(b[0] + q[0, 1] * mu) / q[0, 0]
+        return torch.stack([alpha, torch.tensor(mu, dtype=q.dtype)])
 
     def change(self, coefficients: Tensor) -> float:
         """M(δ) − M(0) at ``coefficients``: bᵀc + ½ cᵀQc."""

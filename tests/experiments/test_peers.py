@@ -110,7 +110,8 @@ FASHION_PRESETS = [name for name, preset in PRESETS.items() if preset.common["da
 
 
 def test_the_smoke_tests_cover_every_workload() -> None:
-    expected = ["fashion-autoencoder", "fashion-cnn", "fashion-cnn-2048", "fashion-mlp-wide", "fashion-mlp-wide-2048"]
+    expected = ["fashion-autoencoder", "fashion-autoencoder-auto", "fashion-cnn", "fashion-cnn-2048", "fashion-mlp-wide"]
+    expected.append("fashion-mlp-wide-2048")
     assert sorted(FASHION_PRESETS) == ["demo", *expected, "fashion-vgg", "fashion-vit", "quick"]
 
 

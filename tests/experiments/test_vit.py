@@ -146,7 +146,7 @@ def test_fashion_vit_preset() -> None:
     assert (adamw.lr, adamw.weight_decay) == (1e-3, 0.05)
     assert resolve_config("sre-kfac", "fashion-vit").weight_decay == resolve_config("sre-kfac").weight_decay
     # the presets that name AdamW (issue 19's peer) themselves
-    named = {"fashion-vit", "fashion-vgg", "fashion-autoencoder", "demo"}
+    named = {"fashion-vit", "fashion-vgg", "fashion-autoencoder", "fashion-autoencoder-auto", "demo"}
     assert all("adamw" not in p.optimizers for name, p in PRESETS.items() if name not in named)
 
 

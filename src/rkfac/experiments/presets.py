@@ -119,6 +119,10 @@ BENCHMARKS.md "Issue 19: tuned peers on fashion-autoencoder"):
   every accuracy target first.
 Curves: runs/bench-demo/bench-curves.png (median smoothed step loss against time and steps)."""
 
+# The winners of `rkfac tune --preset fashion-autoencoder` (lr × 0.1, 0.3, 1, 3 of each
+# optimizer's own; SGD diverged at every point): AdamW ×1, SOAP ×3 (SRE-KFAC ×3: lr 0.09).
+_TUNED_AUTOENCODER: dict[str, dict[str, Any]] = {"adamw": {"lr": 1e-3}, "soap": {"lr": 3e-3}}
+
 PRESETS: dict[str, Preset] = {
     "paper-vgg16-cifar10": Preset(
         "The paper's experiment (spec section 6): VGG16_bn on CIFAR-10, batch 256, 50 epochs. Needs the "
@@ -197,6 +201,21 @@ PRESETS: dict[str, Preset] = {
         {name: _AUTOENCODER_KFAC for name in FIXED_STEP_KFAC},
         optimizers=("sgd", "adamw", "muon", "soap", "kfac", "sre-kfac"),
     ),
+    "fashion-autoencoder-auto": Preset(
+        "fashion-autoencoder (4 epochs), the adaptive SRE-KFAC at its defaults against AdamW and SOAP at "
+        "the settings rkfac tune chose for them, 3 seeds (issue 20's bench).",
+        {
+            "dataset": "fashion-mnist",
+            "model": "autoencoder",
+            "epochs": 4,
+            "batch_size": 256,
+            "target_loss": [15.0, 12.0, 10.0],
+            "evals_per_epoch": 5,
+        },
+        _TUNED_AUTOENCODER,
+        optimizers=("adamw", "soap", "sre-kfac-auto"),
+        seeds=(0, 1, 2),
+    ),
     **{
         f"{name}-2048": Preset(
             f"{name} at batch 2048 (issue 19's large-batch workload: K-FAC's per-step cost is spread over "
@@ -228,9 +247,7 @@ PRESETS: dict[str, Preset] = {
             "target_loss": [15.0, 12.0],
             "evals_per_epoch": 4,
         },
-        # the winners of `rkfac tune --preset fashion-autoencoder` (lr × 0.1, 0.3, 1, 3 of each
-        # optimizer's own; SGD diverged at every point): AdamW ×1, SOAP ×3, SRE-KFAC ×3
-        {"adamw": {"lr": 1e-3}, "soap": {"lr": 3e-3}, "sre-kfac": {**_AUTOENCODER_KFAC, "lr": 0.09}},
+        {**_TUNED_AUTOENCODER, "sre-kfac": {**_AUTOENCODER_KFAC, "lr": 0.09}},
         optimizers=("adamw", "soap", "sre-kfac"),
         note=DEMO_NOTE,
     ),
