@@ -123,6 +123,16 @@ Curves: runs/bench-demo/bench-curves.png (median smoothed step loss against time
 # optimizer's own; SGD diverged at every point): AdamW ×1, SOAP ×3 (SRE-KFAC ×3: lr 0.09).
 _TUNED_AUTOENCODER: dict[str, dict[str, Any]] = {"adamw": {"lr": 1e-3}, "soap": {"lr": 3e-3}}
 
+# fashion-autoencoder's workload: 4 epochs at batch 256, timed at training losses 15, 12, 10
+_AUTOENCODER_COMMON: dict[str, Any] = {
+    "dataset": "fashion-mnist",
+    "model": "autoencoder",
+    "epochs": 4,
+    "batch_size": 256,
+    "target_loss": [15.0, 12.0, 10.0],
+    "evals_per_epoch": 5,
+}
+
 PRESETS: dict[str, Preset] = {
     "paper-vgg16-cifar10": Preset(
         "The paper's experiment (spec section 6): VGG16_bn on CIFAR-10, batch 256, 50 epochs. Needs the "
@@ -190,28 +200,14 @@ PRESETS: dict[str, Preset] = {
         "Fashion-MNIST deep autoencoder 784-1000-500-250-30-250-500-1000-784 (tanh, linear code and "
         "output), pixels in [0, 1], squared error per image; batch 256, 4 epochs; targets are "
         "training-loss levels on a fixed 10,000-image training subset (the classic K-FAC benchmark).",
-        {
-            "dataset": "fashion-mnist",
-            "model": "autoencoder",
-            "epochs": 4,
-            "batch_size": 256,
-            "target_loss": [15.0, 12.0, 10.0],
-            "evals_per_epoch": 5,
-        },
+        _AUTOENCODER_COMMON,
         {name: _AUTOENCODER_KFAC for name in FIXED_STEP_KFAC},
         optimizers=("sgd", "adamw", "muon", "soap", "kfac", "sre-kfac"),
     ),
     "fashion-autoencoder-auto": Preset(
         "fashion-autoencoder (4 epochs), the adaptive SRE-KFAC at its defaults against AdamW and SOAP at "
         "the settings rkfac tune chose for them, 3 seeds (issue 20's bench).",
-        {
-            "dataset": "fashion-mnist",
-            "model": "autoencoder",
-            "epochs": 4,
-            "batch_size": 256,
-            "target_loss": [15.0, 12.0, 10.0],
-            "evals_per_epoch": 5,
-        },
+        _AUTOENCODER_COMMON,
         _TUNED_AUTOENCODER,
         optimizers=("adamw", "soap", "sre-kfac-auto"),
         seeds=(0, 1, 2),
