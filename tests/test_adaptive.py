@@ -51,7 +51,7 @@ def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-@pytest.mark.parametrize("samples", [None, 4])
+@pytest.mark.parametrize("samples", [10_000, 4])  # more than the batch: all of it
 def test_each_step_takes_the_alpha_and_mu_that_minimise_the_dense_quadratic_model(samples: int | None) -> None:
     model = make_model()
     opt = make_optimizer(model, curvature_samples=samples, initial_damping=0.3)
@@ -95,7 +95,7 @@ def test_each_step_takes_the_alpha_and_mu_that_minimise_the_dense_quadratic_mode
 
 def test_rho_is_the_measured_over_the_predicted_change_of_the_objective() -> None:
     model = make_model()
-    opt = make_optimizer(model, curvature_samples=None)
+    opt = make_optimizer(model, curvature_samples=10_000)
     x, y = batch(0)
     opt.zero_grad()
     F.cross_entropy(model(x), y).backward()
@@ -147,6 +147,22 @@ def test_tikhonov_damping_splits_lambda_so_the_product_is_lambda_in_both_modes()
     )
     block_a, block_g = tikhonov_dampings("relative", lam, blocks, blocks)
     torch.testing.assert_close(block_a * block_g, torch.full((2,), lam, dtype=torch.float64))
+
+
+def test_the_floor_raises_each_factor_damping_to_a_fraction_of_its_top_eigenvalue() -> None:
+    a, g = pairs([4.0, 1.0, 0.5]), pairs([0.02, 0.01])
+    tiny = 1e-8
+    floor_a, floor_g = tikhonov_dampings("pi", tiny, a, g, floor=1e-3)
+    assert (floor_a, floor_g) == (pytest.approx(4e-3), pytest.approx(2e-5))  # both were below their floor
+    assert tikhonov_dampings("pi", 10.0, a, g, floor=1e-3) == tikhonov_dampings("pi", 10.0, a, g)  # above it: unchanged
+    blocks = BlockEigenpairs(
+        torch.eye(2, dtype=torch.float64).repeat(2, 1, 1),
+        torch.tensor([[2.0, 1.0], [8.0, 1.0]], dtype=torch.float64),
+        traces=torch.tensor([3.0, 9.0], dtype=torch.float64),
+        tops=torch.tensor([2.0, 8.0], dtype=torch.float64),
+    )
+    block_a, _ = tikhonov_dampings("relative", tiny, blocks, blocks, floor=0.01)
+    torch.testing.assert_close(block_a, torch.tensor([0.02, 0.08], dtype=torch.float64))
 
 
 @pytest.mark.parametrize(
@@ -240,7 +256,7 @@ GLOBAL = 12
 def _train_adaptive(rank: int, world_size: int) -> list[torch.Tensor]:
     model = make_model()
     wrapped = nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
-    opt = make_optimizer(wrapped, curvature_samples=None, damping_every=1)
+    opt = make_optimizer(wrapped, curvature_samples=10_000, damping_every=1)
     share = GLOBAL // world_size
     part = slice(rank * share, (rank + 1) * share)
     for step in range(4):

@@ -22,12 +22,16 @@ smaller, so λ shrinks a little more readily).
 
 The factor damping follows λ: the preconditioner runs with ``damping_scale="tikhonov"`` and
 δ = λ + η, split so that λ_A λ_G = λ + η in both damping modes (:mod:`rkfac.damping`), so F̂
-approximates the model's C + (λ + η)I. Discarded modes of a truncated decomposition see only
-λ_A or λ_G, as they always do; the quadratic model then measures the resulting direction with
-the exact curvature, so a poor direction gets a short step rather than a wrong one.
+approximates the model's C + (λ + η)I; each factor's damping is then raised to at least
+``min_relative_damping`` · λ_max (10⁻³). The floor guards the discarded modes of a truncated
+decomposition, which see only the damping: λ alone keeps shrinking while the model predicts
+well, and without the floor the direction became those modes amplified by 1/λ (measured in
+BENCHMARKS.md, issue 20). With the floor, F̂ is more damped than M when λ is small, which only
+shortens the direction; α is still M's minimiser along it.
 
 Subsampling: C and both losses of ρ are measured on the first ``curvature_samples`` samples of
-the batch (the batch is a random draw, so they are a random subset); g is the whole batch's.
+the batch, by default 128 for cross-entropy and 32 for the squared error (``CURVATURE_SAMPLES``).
+The batch is a random draw, so they are a random subset; g is the whole batch's.
 Each is then an unbiased estimate of its whole-batch value: the predicted change uses the
 subset's curvature, the measured one the subset's losses. h(θ) is the primal of the first
 forward-mode pass, so ρ costs one extra forward of the subset every T steps.
@@ -55,6 +59,13 @@ from rkfac.quadratic_model import LOSS_KINDS, QuadraticModel, forward, ggn_inner
 from rkfac.schema import option, validate
 from rkfac.seeding import derived_seed
 
+#: Samples the curvature products and ρ use by default, per loss kind. Cross-entropy needs more:
+#: a confidently classified sample adds almost nothing to the GGN (H = diag(p) − ppᵀ ≈ 0), so few
+#: of 32 samples carry it; on the quick MLP 32 samples ended at 82.2% test accuracy with loss
+#: spikes, 128 at 89.5% (SGD 87.2%). For the squared error every sample counts (H = 2I): on
+#: fashion-autoencoder 32 samples lost nothing against the whole batch (BENCHMARKS.md, issue 20).
+CURVATURE_SAMPLES = {"cross_entropy": 128, "mse": 32}
+
 
 @dataclass(frozen=True)
 class AdaptiveOptions:
@@ -63,13 +74,16 @@ class AdaptiveOptions:
     loss: str | None = option(None, "the loss trained on; given, lr, momentum and damping adapt", choices=(*LOSS_KINDS, None))
     initial_damping: float = option(1.0, "λ at the first step", low=0.0, low_inclusive=False)
     min_damping: float = option(1e-8, "the smallest λ", low=0.0, low_inclusive=False)
+    min_relative_damping: float = option(
+        1e-3, "each factor's damping is at least this fraction of its λ_max (the discarded modes' guard)", low=0.0
+    )
     max_damping: float = option(1e4, "the largest λ", low=0.0, low_inclusive=False)
     damping_every: int = option(5, "steps between damping adjustments (T)", kind="int", low=1)
     damping_decay: float = option(0.95, "ω per step: λ moves by ω^T per adjustment", low=0.0, high=1.0, low_inclusive=False)
     adapt_momentum: bool = option(True, "choose μ too (else μ = 0)", kind="bool")
     max_momentum: float = option(0.95, "μ is kept in [0, max_momentum]", low=0.0, high=1.0, high_inclusive=False)
     curvature_samples: int | None = option(
-        32, "samples of the batch the curvature products and ρ use (None: all)", kind="int", low=1, optional=True
+        None, "samples of the batch the curvature products and ρ use (None: 128 for cross_entropy, 32 for mse)", kind="int", low=1
     )
 
     def __post_init__(self) -> None:
@@ -236,8 +250,8 @@ class AdaptiveStep:
 
     def _curvature_batch(self, inputs: Sequence[Tensor], targets: Tensor) -> tuple[list[Tensor], Tensor]:
         """The first ``curvature_samples`` samples of the batch (along ``batch_dim``)."""
-        count = self.options.curvature_samples
-        if count is None or count >= inputs[0].shape[self.batch_dim]:
+        count = self.options.curvature_samples or CURVATURE_SAMPLES[self._loss]
+        if count >= inputs[0].shape[self.batch_dim]:
             return list(inputs), targets
         dim = self.batch_dim
         return [x.narrow(dim, 0, count) for x in inputs], targets.narrow(dim, 0, count)

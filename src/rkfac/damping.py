@@ -50,8 +50,33 @@ def factor_dampings(mode: str, damping: float, a_pairs: FactorInverse, g_pairs: 
     raise ValueError(f"damping_mode must be one of {DAMPING_MODES}, got {mode!r}")
 
 
-def tikhonov_dampings(mode: str, damping: float, a_pairs: FactorInverse, g_pairs: FactorInverse) -> tuple[Damping, Damping]:
-    """(λ_A, λ_G) with λ_A λ_G = ``damping`` (the Tikhonov λ), split as ``mode`` says."""
+def tikhonov_dampings(
+    mode: str, damping: float, a_pairs: FactorInverse, g_pairs: FactorInverse, floor: float = 0.0
+) -> tuple[Damping, Damping]:
+    """(λ_A, λ_G) with λ_A λ_G = ``damping`` (the Tikhonov λ), split as ``mode`` says, each then
+    raised to at least ``floor`` · λ_max of its factor (see :func:`floored`)."""
+    a_damping, g_damping = _tikhonov_split(mode, damping, a_pairs, g_pairs)
+    if floor <= 0:
+        return a_damping, g_damping
+    return floored(a_damping, floor, a_pairs), floored(g_damping, floor, g_pairs)
+
+
+def floored(damping: Damping, floor: float, pairs: FactorInverse) -> Damping:
+    """``damping`` raised to ``floor`` · λ_max(X) (per block for block factors).
+
+    Why a floor: a truncated decomposition treats the discarded modes as 0, so they see only the
+    damping, and the solve scales them by 1/λ_X. With λ adapted by Levenberg–Marquardt alone, λ
+    keeps shrinking while the quadratic model predicts well (ρ ≈ 1); on fashion-autoencoder it
+    reached its minimum (10⁻⁸) by epoch 2, the direction became the discarded modes amplified
+    10⁸-fold, α fell to 10⁻⁸ and the loss jumped from 10 to 38 (BENCHMARKS.md, issue 20).
+    """
+    if isinstance(pairs, BlockEigenpairs):
+        tops = pairs.tops
+        return torch.maximum(torch.as_tensor(damping, dtype=tops.dtype), floor * tops)
+    return max(float(damping), floor * pairs.top)
+
+
+def _tikhonov_split(mode: str, damping: float, a_pairs: FactorInverse, g_pairs: FactorInverse) -> tuple[Damping, Damping]:
     if mode == "pi":
         return factor_dampings(mode, damping, a_pairs, g_pairs)
     if mode != "relative":

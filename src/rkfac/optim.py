@@ -190,7 +190,9 @@ class KFAC(PreconditionedSGD):
         loss = self.adaptive_options.loss
         if loss is not None:
             _refuse_with_adaptive(options, loss)
-            options = {"clip": None, "damping_mode": "pi", **options, "damping_scale": "tikhonov", "lr": 1.0}
+            floor = self.adaptive_options.min_relative_damping
+            options = {"clip": None, "damping_mode": "pi", **options, "damping_scale": "tikhonov", "damping_floor": floor}
+            options["lr"] = 1.0
             options["damping"] = lambda _step: self._adaptive_damping()
         super().__init__(model, **options)
         if loss is not None:
@@ -265,7 +267,7 @@ class KFAC(PreconditionedSGD):
             self.adaptive.load_state_dict(adaptive)
 
 
-_ADAPTED = ("lr", "momentum", "damping", "damping_scale")
+_ADAPTED = ("lr", "momentum", "damping", "damping_scale", "damping_floor")
 
 
 def _refuse_with_adaptive(options: dict[str, Any], loss: str) -> None:

@@ -48,6 +48,7 @@ class KFACOptions:
     damping_scale: str = option(
         "factor", "factor: δ as damping_mode says; tikhonov: δ is λ of A⊗G + λI, split so λ_A λ_G = λ", choices=DAMPING_SCALES
     )
+    damping_floor: float = option(0.0, "tikhonov scale: each factor's damping is at least this fraction of its λ_max", low=0.0)
     factor_decay: float = option(0.95, "ρ of the factors' exponential average", low=0.0, high=1.0, high_inclusive=False)
     factor_every: IntSchedule = option(10, "steps between factor updates", kind="int", low=1, schedule=True)
     inverse_every: IntSchedule = option(50, "steps between decompositions", kind="int", low=1, schedule=True)

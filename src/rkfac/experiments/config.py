@@ -155,6 +155,7 @@ class RunConfig:
     fisher: str = library_option(KFACOptions, "fisher")
     kfac_approx: str = library_option(KFACOptions, "kfac_approx")
     initial_damping: float = library_option(AdaptiveOptions, "initial_damping")
+    min_relative_damping: float = library_option(AdaptiveOptions, "min_relative_damping")
     damping_every: int = library_option(AdaptiveOptions, "damping_every")
     curvature_samples: int | None = library_option(AdaptiveOptions, "curvature_samples")
     update_freq: int = library_option(SENGOptions, "update_freq")

@@ -56,6 +56,7 @@ def build_optimizer(
             step: dict[str, Any] = {
                 "loss": task_for(config.model).mc_loss,
                 "initial_damping": config.initial_damping,
+                "min_relative_damping": config.min_relative_damping,
                 "damping_every": config.damping_every,
                 "curvature_samples": config.curvature_samples,
             }

@@ -55,7 +55,7 @@ from rkfac.layers.selection import (
     unsupported_layers,
     unwrap,
 )
-from rkfac.lowrank import FactorInverse, kronecker_solve
+from rkfac.lowrank import Damping, FactorInverse, kronecker_solve
 from rkfac.options import KFACOptions
 from rkfac.schedules import at_step_float, at_step_int
 from rkfac.schema import check_instance, options_from
@@ -302,7 +302,6 @@ class KFACPreconditioner:
 
     def _precondition(self, step: int, faults: Faults) -> None:
         damping = at_step_float(self.options.damping, step, "damping", low=0.0, low_inclusive=False)
-        split = tikhonov_dampings if self.options.damping_scale == "tikhonov" else factor_dampings
         updated: list[tuple[LayerState, Tensor]] = []
         grads: list[Tensor] = []
         for layer in self._layers:
@@ -314,7 +313,7 @@ class KFACPreconditioner:
                 continue
             a_pairs, g_pairs = pairs
             grad = grad.to(a_pairs.values.dtype)
-            a_damping, g_damping = split(self.options.damping_mode, damping, a_pairs, g_pairs)
+            a_damping, g_damping = self._factor_dampings(damping, a_pairs, g_pairs)
             dtype = self._solve_dtype(grad, pairs)
             updated.append((layer, kronecker_solve(grad, g_pairs, g_damping, a_pairs, a_damping, dtype)))
             grads.append(grad)
@@ -323,6 +322,13 @@ class KFACPreconditioner:
         clip_directions(options.clip, options.clip_value, [direction for _, direction in updated], grads, lr)
         for layer, direction in updated:
             layer.kind.set_grad_matrix(direction)
+
+    def _factor_dampings(self, damping: float, a_pairs: FactorInverse, g_pairs: FactorInverse) -> tuple[Damping, Damping]:
+        """(λ_A, λ_G) from δ = ``damping`` as ``damping_mode`` and ``damping_scale`` say (:mod:`rkfac.damping`)."""
+        options = self.options
+        if options.damping_scale == "tikhonov":
+            return tikhonov_dampings(options.damping_mode, damping, a_pairs, g_pairs, floor=options.damping_floor)
+        return factor_dampings(options.damping_mode, damping, a_pairs, g_pairs)
 
     def _apply_dtype_for(self, grad: Tensor) -> torch.dtype | None:
         """``apply_dtype`` for layers with both sides ≥ LOW_PRECISION_MIN_DIM, else None: small

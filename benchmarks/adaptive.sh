@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Issue 20's benches: the adaptive SRE-KFAC (sre-kfac-auto, library defaults, no tuning) against
+# the peers. Tables land in the --out directories (bench.md, bench-curves.png, bench-adaptive.png);
+# BENCHMARKS.md keeps them.
+#
+#   benchmarks/adaptive.sh autoencoder   # fashion-autoencoder-auto: AdamW and SOAP at their tuned lr, 3 seeds (~35 min)
+#   benchmarks/adaptive.sh quick         # quick (MLP 1536, 2 epochs): SGD, Adam, SRE-KFAC, sre-kfac-auto (~5 min)
+#   benchmarks/adaptive.sh mlp-2048      # fashion-mlp-wide-2048 (10 epochs at batch 2048), same four (~15 min)
+#
+# Nothing else may run meanwhile (2 cores).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RKFAC=${RKFAC:-.venv/bin/rkfac}
+case "${1:-}" in
+  autoencoder)
+    "$RKFAC" bench --preset fashion-autoencoder-auto --out runs/bench-autoencoder-auto --quiet --resume ;;
+  quick)
+    "$RKFAC" bench --preset quick --optimizers sgd,adam,sre-kfac,sre-kfac-auto --out runs/bench-quick-auto --quiet --resume ;;
+  mlp-2048)
+    "$RKFAC" bench --preset fashion-mlp-wide-2048 --optimizers sgd,adam,sre-kfac,sre-kfac-auto \
+      --out runs/bench-mlp2048-auto --quiet --resume ;;
+  *)
+    echo "usage: $0 autoencoder|quick|mlp-2048" >&2; exit 2 ;;
+esac
