@@ -51,20 +51,22 @@ def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-@pytest.mark.parametrize("samples", [10_000, 4])  # more than the batch: all of it
-def test_each_step_takes_the_alpha_and_mu_that_minimise_the_dense_quadratic_model(samples: int | None) -> None:
+@pytest.mark.parametrize(("samples", "reduction"), [(10_000, "mean"), (4, "mean"), (4, "sum")])  # 10 000: all of it
+def test_each_step_takes_the_alpha_and_mu_that_minimise_the_dense_quadratic_model(samples: int, reduction: str) -> None:
     model = make_model()
-    opt = make_optimizer(model, curvature_samples=samples, initial_damping=0.3)
+    opt = make_optimizer(model, curvature_samples=samples, initial_damping=0.3, loss_reduction=reduction)
     previous: torch.Tensor | None = None
     for step in range(3):
         x, y = batch(step)
         opt.zero_grad()
-        F.cross_entropy(model(x), y).backward()
+        F.cross_entropy(model(x), y, reduction=reduction).backward()
         theta, _ = flat_params(model)
         g = flat([p.grad for p in model.parameters()]).clone() + WEIGHT_DECAY * theta
         damping = opt.adaptive.damping  # type: ignore[union-attr]
         gradient = torch.cat([model[0].weight.grad, model[0].bias.grad[:, None]], 1).clone()
-        curvature = dense_ggn(model, x[:samples], y[:samples], "cross_entropy", "mean")
+        curvature = dense_ggn(model, x[:samples], y[:samples], "cross_entropy", reduction)
+        if reduction == "sum":  # a summed loss over the subset stands for the whole batch's sum
+            curvature = curvature * len(x) / len(x[:samples])
         opt.step(inputs=x, targets=y)
         # the factors were damped by λ + η, split as "pi" splits it: a dense Kronecker solve
         a, g_factor = opt.preconditioner.factors()["0"]  # type: ignore[attr-defined]
@@ -274,3 +276,11 @@ def test_two_ranks_take_the_step_one_process_takes_over_the_global_batch(tmp_pat
     alone = _train_adaptive(0, 1)
     for distributed, single in zip(ranks[0], alone, strict=True):
         torch.testing.assert_close(distributed, single, rtol=1e-9, atol=1e-12)
+
+
+def test_the_command_line_refuses_a_fixed_step_setting_for_an_adaptive_optimizer() -> None:
+    from rkfac.experiments.presets import resolve_config
+
+    with pytest.raises(ValueError, match=re.escape("drop {'lr': 0.1}")):
+        resolve_config("sre-kfac-auto", "quick", {"lr": 0.1})
+    assert resolve_config("sre-kfac-auto", "quick", {"initial_damping": 0.5}).initial_damping == 0.5

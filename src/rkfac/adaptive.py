@@ -204,13 +204,13 @@ class AdaptiveStep:
                 outputs, (derivative,) = output_tangents(self.model, primals, sample_inputs, [named])
             derivatives.append(derivative)
         loss = loss_value(self._loss, outputs, sample_targets, self.loss_reduction).double()
-        self._loss_before = loss.reshape(1)
+        self._loss_before = loss.reshape(1) * self._sum_scale(inputs)
         k = len(tangents)
         reduction = self.loss_reduction
         curvature = torch.stack(
             [ggn_inner(self._loss, outputs, derivatives[i], derivatives[j], reduction) for i in range(k) for j in range(k)]
         ).double()
-        curvature = self._comm.average_flat([curvature])[0].reshape(k, k).cpu()
+        curvature = self._comm.average_flat([curvature * self._sum_scale(inputs)])[0].reshape(k, k).cpu()
         gram = _gram([*tangents, grads], rows=k)  # ⟨Δ, δ₀⟩ among themselves, then ⟨g, Δ⟩, ⟨g, δ₀⟩
         return QuadraticModel(curvature + shift * gram[:k], gram[k].clone())
 
@@ -219,7 +219,7 @@ class AdaptiveStep:
         sample_inputs, sample_targets = self._curvature_batch(inputs, targets)
         with self._dropout_draws():
             outputs = forward(self.model, self._primals(), sample_inputs)
-        loss = loss_value(self._loss, outputs, sample_targets, self.loss_reduction).double()
+        loss = loss_value(self._loss, outputs, sample_targets, self.loss_reduction).double() * self._sum_scale(inputs)
         return float(self._comm.average_flat([loss.reshape(1)])[0][0]) + _decay_term(params, weight_decay)
 
     def _adjust(self, actual: float, predicted: float) -> float | None:
@@ -255,6 +255,14 @@ class AdaptiveStep:
             return list(inputs), targets
         dim = self.batch_dim
         return [x.narrow(dim, 0, count) for x in inputs], targets.narrow(dim, 0, count)
+
+    def _sum_scale(self, inputs: Sequence[Tensor]) -> float:
+        """batch / subset for a summed loss measured on a subset (a mean needs no scale): the
+        gradient is the whole batch's sum, so its curvature and losses must be too."""
+        if self.loss_reduction != "sum":
+            return 1.0
+        batch = inputs[0].shape[self.batch_dim]
+        return batch / self._curvature_batch(inputs, inputs[0])[0][0].shape[self.batch_dim]
 
     @contextlib.contextmanager
     def _dropout_draws(self) -> Iterator[None]:

@@ -120,11 +120,7 @@ def plot_runs(paths: list[Path], out: Path) -> None:
         axis.set_xlabel(xlabel)
         axis.set_ylabel(ylabel)
         axis.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
-    figure.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, dpi=110)
-    plt.close(figure)
+    _save(figure, axes[0, 0], out)
 
 
 def median_curve(paths: list[Path]) -> tuple[list[float], list[int], list[float]]:
@@ -208,9 +204,16 @@ def plot_adaptive(paths: list[Path], out: Path) -> bool:
     for axis in axes.flat:
         axis.set_xlabel("step")
         axis.grid(alpha=0.3)
-    axes[0, 0].legend(fontsize=8)
+    _save(figure, axes[0, 0], out)
+    return True
+
+
+def _save(figure: Any, legend_axis: Any, out: Path) -> None:
+    """The legend on ``legend_axis``, then ``figure`` written to the PNG ``out`` and closed."""
+    import matplotlib.pyplot as plt
+
+    legend_axis.legend(fontsize=8)
     figure.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(out, dpi=110)
     plt.close(figure)
-    return True

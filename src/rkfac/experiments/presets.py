@@ -300,6 +300,12 @@ def resolve_config(name: str, preset: str | None = None, overrides: dict[str, An
         values.update(PRESETS[preset].per_optimizer.get(optimizer, {}))
         values["preset"] = preset
     values.update(variant)
+    fixed = {key: value for key, value in (overrides or {}).items() if key in ("lr", "momentum", "damping")}
+    if optimizer in ADAPTIVE_OPTIMIZERS and fixed:
+        raise ValueError(
+            f"{optimizer} chooses lr, momentum and damping itself; drop {fixed} "
+            "(--initial-damping sets its first λ; rkfac tune has nothing to search for it)"
+        )
     values.update(overrides or {})
     values["optimizer"] = optimizer
     return from_options(RunConfig, values, "resolve_config")  # validated as it is made
