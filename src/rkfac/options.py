@@ -2,6 +2,7 @@
 
 - :class:`KFACOptions`: everything :class:`rkfac.KFACPreconditioner` computes with;
 - :class:`SENGOptions`: the same for :class:`rkfac.SENGPreconditioner`;
+- :class:`SOAPOptions`: the Adam moments of :class:`rkfac.LowRankSOAP` (Adam in K-FAC's eigenbasis);
 - :class:`UpdateOptions`: the SGD step that :class:`rkfac.KFAC` and :class:`rkfac.SENG` take
   after preconditioning (lr, momentum, weight decay).
 
@@ -96,6 +97,23 @@ class SENGOptions:
     loss_reduction: str = option("mean", "how the user's loss combines samples", choices=LOSS_REDUCTIONS)
     batch_dim: int = option(0, "where the samples are in inputs with shared dims (1: sequence-first)", kind="int", low=0)
     seed: int = option(0, "seeds the column samples", kind="int", low=0)
+
+    def __post_init__(self) -> None:
+        validate(self)
+
+
+SOAP_CARRY = ("rotate", "keep", "reset")
+
+
+@dataclass(frozen=True)
+class SOAPOptions:
+    """Adam in the low-rank Kronecker eigenbasis (:mod:`rkfac.kfac.eigenbasis_adam`); the
+    defaults are SOAP's (Vyas et al. 2024: β₁ = β₂ = 0.95, ε = 1e-8)."""
+
+    beta1: float = option(0.95, "β₁ of the first moment", low=0.0, high=1.0, high_inclusive=False)
+    beta2: float = option(0.95, "β₂ of the second moments", low=0.0, high=1.0, high_inclusive=False)
+    eps: float = option(1e-8, "Adam's ε, added to the root of each second moment", low=0.0, low_inclusive=False)
+    carry: str = option("rotate", "what a new basis does to the second moments: rotate, keep or reset", choices=SOAP_CARRY)
 
     def __post_init__(self) -> None:
         validate(self)

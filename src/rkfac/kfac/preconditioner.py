@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -66,6 +66,18 @@ from rkfac.timing import PhaseTimer, maybe_phase
 LOW_PRECISION_MIN_DIM = 128
 
 
+class DirectionRule(Protocol):
+    """What replaces the damped Kronecker solve when given (``direction=``): a rule that keeps
+    its own per-layer state and turns a layer's gradient matrix and decompositions (None before
+    the first) into its direction, e.g. :class:`rkfac.kfac.eigenbasis_adam.EigenbasisAdam`."""
+
+    def direction(self, name: str, grad: Tensor, pairs: tuple[FactorInverse, FactorInverse] | None) -> Tensor: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any], devices: dict[str, torch.device]) -> None: ...
+
+
 class KFACPreconditioner:
     """K-FAC with a pluggable decomposition of the Kronecker factors.
 
@@ -86,6 +98,9 @@ class KFACPreconditioner:
             decompositions over (default: the world group when torch.distributed is initialised).
         timer: optional :class:`rkfac.timing.PhaseTimer` accumulating the seconds spent in
             statistics, decomposition and preconditioning.
+        direction: a :class:`DirectionRule` that turns each layer's gradient and decompositions
+            into its direction instead of the damped solve (damping, damping_mode and the clip's
+            lr are then unused); :class:`rkfac.LowRankSOAP` passes its eigenbasis Adam here.
     """
 
     def __init__(
@@ -96,9 +111,11 @@ class KFACPreconditioner:
         grad_scaler: torch.amp.GradScaler | None = None,
         process_group: torch.distributed.ProcessGroup | None = None,
         timer: PhaseTimer | None = None,
+        direction: DirectionRule | None = None,
         **given: Any,
     ) -> None:
         self.options = options_from(KFACOptions, options, given, "KFACPreconditioner")
+        self.direction = direction
         self.grad_scaler = check_instance(grad_scaler, torch.amp.GradScaler, "grad_scaler")
         self.timer = timer
         self.steps = 0
@@ -306,11 +323,17 @@ class KFACPreconditioner:
         grads: list[Tensor] = []
         for layer in self._layers:
             pairs = layer.pairs()
-            if pairs is None or Fault.GRADIENT in faults.get(layer.name, []):
+            if (pairs is None and self.direction is None) or Fault.GRADIENT in faults.get(layer.name, []):
                 continue
             grad = layer.kind.grad_matrix()
             if grad is None:
                 continue
+            if self.direction is not None:
+                grad = grad if pairs is None else grad.to(pairs[0].values.dtype)
+                updated.append((layer, self.direction.direction(layer.name, grad, pairs)))
+                grads.append(grad)
+                continue
+            assert pairs is not None
             a_pairs, g_pairs = pairs
             grad = grad.to(a_pairs.values.dtype)
             a_damping, g_damping = self._factor_dampings(damping, a_pairs, g_pairs)
@@ -372,13 +395,16 @@ class KFACPreconditioner:
 
     def state_dict(self) -> dict[str, Any]:
         """The step, every factor tracker, the health counts and the label sampler (see :mod:`rkfac.kfac.state`)."""
-        return {
+        state = {
             "version": STATE_VERSION,
             "steps": self.steps,
             "layers": layers_state_dict(self._layers),
             "mc_generator": self._sampler.state(),
             "health": self._guard.health.as_dict(),
         }
+        if self.direction is not None:
+            state["direction"] = self.direction.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` output (or an older version's); tensors move to each layer's device."""
@@ -387,6 +413,14 @@ class KFACPreconditioner:
         self._guard.health = Health.from_dict(state.get("health"))  # absent from older state dicts
         self._collector.clear()
         self._sampler.load(state.get("mc_generator"))
+        if (self.direction is None) != ("direction" not in state):
+            raise ValueError(
+                "state_dict and preconditioner disagree on the direction rule (the eigenbasis Adam of "
+                "rkfac.LowRankSOAP, or the damped solve): load it into the optimizer that saved it"
+            )
+        if self.direction is not None:
+            devices = {layer.name: layer.kind.parameters()[0].device for layer in self._layers}
+            self.direction.load_state_dict(state["direction"], devices)
 
     def remove(self) -> None:
         """Take the hooks off the model; the preconditioner captures nothing afterwards."""
@@ -404,4 +438,4 @@ def _keyed(keys: tuple[int | str, ...], device: torch.device) -> torch.Generator
     return keyed_generator(device, *keys)
 
 
-__all__ = ["LOW_PRECISION_MIN_DIM", "KFACPreconditioner"]
+__all__ = ["LOW_PRECISION_MIN_DIM", "DirectionRule", "KFACPreconditioner"]
