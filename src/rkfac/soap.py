@@ -63,9 +63,11 @@ class LowRankSOAP(PreconditionedSGD):
         soap_fields = {field.name for field in dataclasses.fields(SOAPOptions)}
         self.soap_options = SOAPOptions(**{k: options.pop(k) for k in list(options) if k in soap_fields})
         given = {name: options[name] for name in _UNUSED if name in options}
-        if options.get("clip") is not None:
-            given["clip"] = options["clip"]
+        for name in ("clip", "apply_dtype"):  # None is theirs to give: it means "not used"
+            if options.get(name) is not None:
+                given[name] = options[name]
         options.pop("clip", None)
+        options.pop("apply_dtype", None)
         if given:
             raise ValueError(
                 f"rkfac.LowRankSOAP scales each mode by Adam's second moments; it does not use {given} "

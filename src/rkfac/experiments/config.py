@@ -35,7 +35,7 @@ from rkfac.decompositions import BrandUpdate, SymmetricRandomizedEVD
 from rkfac.experiments.datasets import DATASETS
 from rkfac.experiments.models import MODELS
 from rkfac.experiments.tasks import RECONSTRUCTING_MODELS, Target
-from rkfac.options import KFACOptions, SENGOptions, UpdateOptions
+from rkfac.options import KFACOptions, SENGOptions, SOAPOptions, UpdateOptions
 from rkfac.schedules import check_int
 from rkfac.schema import check_field, option
 
@@ -48,9 +48,12 @@ EpochSchedule: TypeAlias = float | dict[int, float]
 # settings (lr, momentum, damping) are not read
 ADAPTIVE_OPTIMIZERS = ("kfac-auto", "sre-kfac-auto")
 FIXED_STEP_KFAC = ("kfac", "rs-kfac", "sre-kfac", "b-kfac", "b-r-kfac")
-OPTIMIZERS = ("sgd", "adam", "adamw", "muon", "soap", *FIXED_STEP_KFAC, "seng", *ADAPTIVE_OPTIMIZERS)
+# Adam in K-FAC's low-rank eigenbasis (rkfac.LowRankSOAP): K-FAC's factors, no damping or clip
+EIGENBASIS_ADAM = ("sre-soap",)
+OPTIMIZERS = ("sgd", "adam", "adamw", "muon", "soap", *FIXED_STEP_KFAC, "seng", *ADAPTIVE_OPTIMIZERS, *EIGENBASIS_ADAM)
 KFAC_OPTIMIZERS = (*FIXED_STEP_KFAC, *ADAPTIVE_OPTIMIZERS)
-PRECONDITIONED = (*KFAC_OPTIMIZERS, "seng")  # optimizers with a preconditioner (and a phase timer)
+KFAC_FACTORS = (*KFAC_OPTIMIZERS, *EIGENBASIS_ADAM)  # optimizers that build K-FAC's factors
+PRECONDITIONED = (*KFAC_FACTORS, "seng")  # optimizers with a preconditioner (and a phase timer)
 PEERS = tuple(name for name in OPTIMIZERS if name not in PRECONDITIONED)  # what users would pick instead
 
 # Which optimizers read the options of each library class, prefixed to their help.
@@ -61,6 +64,7 @@ _SCOPES: dict[type, str] = {
     BrandUpdate: "",  # its helps name the variant (B-R-KFAC, B-KFAC-c)
     SENGOptions: "SENG: ",
     AdaptiveOptions: "K-FAC auto: ",
+    SOAPOptions: "SRE-SOAP: ",
 }
 
 
@@ -158,6 +162,7 @@ class RunConfig:
     min_relative_damping: float = library_option(AdaptiveOptions, "min_relative_damping")
     damping_every: int = library_option(AdaptiveOptions, "damping_every")
     curvature_samples: int | None = library_option(AdaptiveOptions, "curvature_samples")
+    carry: str = library_option(SOAPOptions, "carry")
     update_freq: int = library_option(SENGOptions, "update_freq")
     col_sample_size: int = library_option(SENGOptions, "col_sample_size")
     sketch_threshold: float = library_option(SENGOptions, "sketch_threshold")

@@ -9,7 +9,15 @@ from torch import nn
 
 import rkfac
 from rkfac.experiments import peers
-from rkfac.experiments.config import ADAPTIVE_OPTIMIZERS, APPLY_DTYPES, KFAC_OPTIMIZERS, RunConfig, step_schedule, value_at_epoch
+from rkfac.experiments.config import (
+    ADAPTIVE_OPTIMIZERS,
+    APPLY_DTYPES,
+    EIGENBASIS_ADAM,
+    KFAC_OPTIMIZERS,
+    RunConfig,
+    step_schedule,
+    value_at_epoch,
+)
 from rkfac.experiments.tasks import task_for
 from rkfac.timing import PhaseTimer
 
@@ -21,6 +29,8 @@ def decomposition_for(config: RunConfig, steps_per_epoch: int) -> rkfac.Decompos
     ignores the field, as it always has."""
     if config.optimizer in ADAPTIVE_OPTIMIZERS:  # the fixed-step method's decomposition
         return decomposition_for(config.updated(optimizer=config.optimizer.removesuffix("-auto")), steps_per_epoch)
+    if config.optimizer in EIGENBASIS_ADAM:  # sre-soap: SRE-KFAC's bases
+        return decomposition_for(config.updated(optimizer="sre-kfac"), steps_per_epoch)
     if config.optimizer == "kfac":
         return rkfac.ExactEigh()
     if config.optimizer in ("b-kfac", "b-r-kfac"):
@@ -80,6 +90,24 @@ def build_optimizer(
             skip=config.skip,
             seed=config.seed,
             apply_dtype=APPLY_DTYPES[config.apply_dtype],
+            timer=timer,
+        )
+    if config.optimizer in EIGENBASIS_ADAM:
+        return rkfac.LowRankSOAP(
+            model,
+            lr=lr,
+            weight_decay=config.weight_decay,
+            weight_decay_start=config.weight_decay_start,
+            carry=config.carry,
+            decomposition=decomposition_for(config, steps_per_epoch),
+            factor_decay=config.factor_decay,
+            factor_every=step_schedule(config.factor_every, steps_per_epoch, cast=int),
+            inverse_every=step_schedule(config.inverse_every, steps_per_epoch, cast=int),
+            fisher=config.fisher,
+            mc_loss=task_for(config.model).mc_loss,
+            kfac_approx=config.kfac_approx,
+            skip=config.skip,
+            seed=config.seed,
             timer=timer,
         )
     if config.optimizer == "seng":

@@ -37,7 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from rkfac.experiments.config import ADAPTIVE_OPTIMIZERS, FIXED_STEP_KFAC, KFAC_OPTIMIZERS, OPTIMIZERS, RunConfig
+from rkfac.experiments.config import ADAPTIVE_OPTIMIZERS, EIGENBASIS_ADAM, FIXED_STEP_KFAC, KFAC_OPTIMIZERS, OPTIMIZERS, RunConfig
 from rkfac.options import SENGOptions
 from rkfac.schema import default_of, from_options
 
@@ -62,13 +62,17 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # the adaptive step sets the length itself (no clip) and models the true Fisher's curvature
     **{name: {"clip": "none", "fisher": "mc", "damping_mode": "pi"} for name in ADAPTIVE_OPTIMIZERS},
     "b-r-kfac": {"refresh_every": 50},
+    # SOAP's lr, decay and basis period (precondition_frequency 10); no clip: Adam sets the scale
+    "sre-soap": {"lr": 3e-3, "weight_decay": 0.01, "clip": "none", "inverse_every": 10},
     "seng": {"lr": seng_lr_schedule(), "momentum": 0.9, "weight_decay": 1e-2, "damping": default_of(SENGOptions, "damping")},
 }
 
 
 # What a preset benches unless it names its own: every optimizer but the issue-19 peers (AdamW,
 # Muon, SOAP), which the presets that want them name.
-DEFAULT_OPTIMIZERS = tuple(name for name in OPTIMIZERS if name not in ("adamw", "muon", "soap", *ADAPTIVE_OPTIMIZERS))
+DEFAULT_OPTIMIZERS = tuple(
+    name for name in OPTIMIZERS if name not in ("adamw", "muon", "soap", *ADAPTIVE_OPTIMIZERS, *EIGENBASIS_ADAM)
+)
 
 
 @dataclass(frozen=True)
@@ -306,6 +310,9 @@ def resolve_config(name: str, preset: str | None = None, overrides: dict[str, An
             f"{optimizer} chooses lr, momentum and damping itself; drop {fixed} "
             "(--initial-damping sets its first λ; rkfac tune has nothing to search for it)"
         )
+    unused = {key: value for key, value in (overrides or {}).items() if key in ("momentum", "damping", "damping_mode", "clip")}
+    if optimizer in EIGENBASIS_ADAM and unused:
+        raise ValueError(f"{optimizer} is Adam in K-FAC's eigenbasis: it has no {sorted(unused)} to set; drop {unused}")
     values.update(overrides or {})
     values["optimizer"] = optimizer
     return from_options(RunConfig, values, "resolve_config")  # validated as it is made

@@ -32,7 +32,15 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from rkfac.experiments import metrics
-from rkfac.experiments.config import ADAPTIVE_OPTIMIZERS, KFAC_OPTIMIZERS, PRECONDITIONED, EpochSchedule, RunConfig, step_schedule
+from rkfac.experiments.config import (
+    ADAPTIVE_OPTIMIZERS,
+    EIGENBASIS_ADAM,
+    KFAC_FACTORS,
+    PRECONDITIONED,
+    EpochSchedule,
+    RunConfig,
+    step_schedule,
+)
 from rkfac.experiments.datasets import ImageDataset, load_dataset
 from rkfac.experiments.distributed import mean_over_ranks, placement_from_environment, start
 from rkfac.experiments.metrics import Progress, StepClock, TrafficLedger, preconditioner_of
@@ -96,7 +104,7 @@ class Trainer:
         self.preconditioner = preconditioner_of(self.optimizer)
         self._adaptive = config.optimizer in ADAPTIVE_OPTIMIZERS
         # with the MC Fisher, the preconditioner samples targets from each forward's outputs
-        self._label_sampler = self.preconditioner if config.fisher == "mc" and config.optimizer in KFAC_OPTIMIZERS else None
+        self._label_sampler = self.preconditioner if config.fisher == "mc" and config.optimizer in KFAC_FACTORS else None
         gradient_bytes = sum(p.numel() * p.element_size() for p in self.net.parameters() if p.requires_grad)
         self.traffic = TrafficLedger(self.preconditioner, gradient_bytes if self.placement.active else 0)
         self.progress = Progress()
@@ -104,7 +112,8 @@ class Trainer:
         self._eval_batches = {i * self.steps_per_epoch // config.evals_per_epoch for i in range(1, config.evals_per_epoch)} - {0}
         # Schedules as callables of the step, built once (the loop reads them every step).
         self._lr = step_schedule(config.lr, self.steps_per_epoch)
-        self._damping = step_schedule(config.damping, self.steps_per_epoch) if config.optimizer in PRECONDITIONED else None
+        damped = config.optimizer in PRECONDITIONED and config.optimizer not in EIGENBASIS_ADAM
+        self._damping = step_schedule(config.damping, self.steps_per_epoch) if damped else None
         # Called with the step number after the backward, before optimizer.step(): the raw
         # gradients are in .grad. Its time is excluded from training time (analysis, not training).
         self.after_backward: Callable[[int], None] | None = None
