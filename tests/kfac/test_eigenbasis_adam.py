@@ -26,59 +26,93 @@ BETAS = (0.9, 0.8)  # unequal, so that a swapped β cannot pass
 EPS = 1e-8
 
 
+def completed(u: Tensor) -> Tensor:
+    """An orthonormal basis of the complement of span(u): the last columns of a full QR."""
+    q, _ = torch.linalg.qr(u, mode="complete")
+    return q[:, u.shape[1] :]
+
+
 class DenseSOAP:
-    """One layer's dense SOAP step in a given basis (None: the identity), with the complement's
-    single Adam scale, the module docstring's algorithm written with explicit matrices."""
+    """One layer's step with the basis completed densely: the full rotated gradient
+    [U_G, U_G⊥]ᵀ ∇W [U_A, U_A⊥] is formed, its blocks' second moments are plain means over the
+    block (per kept mode, per row / column, one for the rest), and m̂ is scaled block by block
+    and rotated back, the module docstring's algorithm with explicit matrices."""
 
     def __init__(self, carry: str) -> None:
         self.carry = carry
         self.m: Tensor | None = None
-        self.v: Tensor | None = None
-        self.e = torch.zeros((), dtype=DTYPE)
-        self.t = self.t_core = 0
-        self.basis: tuple[Tensor | None, Tensor | None] | None = None
+        self.moments: list[Tensor] = []  # core, rows, cols, rest
+        self.t = self.t_second = 0
+        self.basis: tuple[Tensor, Tensor] | None = None
 
-    @staticmethod
-    def _eye_or(u: Tensor | None, d: int) -> Tensor:
-        return torch.eye(d, dtype=DTYPE) if u is None else u
+    def _carry(self, new_g: Tensor, new_a: Tensor) -> None:
+        assert self.basis is not None
+        old_g, old_a = self.basis
+        core, rows, cols, rest = self.moments
+        if self.carry == "reset":
+            self.moments = [
+                torch.zeros(new_g.shape[1], new_a.shape[1], dtype=DTYPE),
+                torch.zeros(new_g.shape[1], dtype=DTYPE),
+                torch.zeros(new_a.shape[1], dtype=DTYPE),
+                torch.zeros((), dtype=DTYPE),
+            ]
+            self.t_second = 0
+            return
+        if self.carry == "keep":
 
-    def step(self, grad: Tensor, u_g: Tensor | None, u_a: Tensor | None) -> Tensor:
+            def fit(moment: Tensor, shape: tuple[int, ...]) -> Tensor:
+                out = torch.full(shape, float(rest), dtype=DTYPE)
+                kept = tuple(slice(0, min(a, b)) for a, b in zip(shape, moment.shape, strict=True))
+                out[kept] = moment[kept]
+                return out
+
+            r_g, r_a = new_g.shape[1], new_a.shape[1]
+            self.moments = [fit(core, (r_g, r_a)), fit(rows, (r_g,)), fit(cols, (r_a,)), rest]
+            return
+        w_g, w_a = (new_g.T @ old_g) ** 2, (new_a.T @ old_a) ** 2
+        lost_g, lost_a = (1 - w_g.sum(1)).clamp(min=0), (1 - w_a.sum(1)).clamp(min=0)
+        rows_in_new, cols_in_new = w_g @ rows, w_a @ cols
+        carried = torch.einsum("ik,jl,kl->ij", w_g, w_a, core)
+        carried = (
+            carried + torch.outer(rows_in_new, lost_a) + torch.outer(lost_g, cols_in_new) + torch.outer(lost_g, lost_a) * rest
+        )
+        self.moments = [carried, rows_in_new + lost_g * rest, cols_in_new + lost_a * rest, rest]
+
+    def step(self, grad: Tensor, u_g: Tensor, u_a: Tensor) -> Tensor:
         beta1, beta2 = BETAS
         grad = grad.double()
-        q_g, q_a = self._eye_or(u_g, grad.shape[0]), self._eye_or(u_a, grad.shape[1])
+        r_g, r_a = u_g.shape[1], u_a.shape[1]
         if self.m is None:
             self.m = torch.zeros_like(grad)
-            self.v = torch.zeros(q_g.shape[1], q_a.shape[1], dtype=DTYPE)
-        elif self.basis is not None and not all(
-            (old is None and new is None) or (old is not None and new is not None and torch.equal(old, new))
-            for old, new in zip(self.basis, (u_g, u_a), strict=True)
-        ):
-            old_g, old_a = (self._eye_or(u, d) for u, d in zip(self.basis, grad.shape, strict=True))
-            if self.carry == "rotate":
-                o_g, o_a = q_g.T @ old_g, q_a.T @ old_a
-                mixed = torch.einsum("ik,jl,kl->ij", o_g**2, o_a**2, self.v)
-                held = torch.einsum("ik,jl->ij", o_g**2, o_a**2)
-                self.v = mixed + (1 - held) * self.e
-            elif self.carry == "reset":
-                self.v = torch.zeros(q_g.shape[1], q_a.shape[1], dtype=DTYPE)
-                self.t_core = 0
+            self.moments = [
+                torch.zeros(r_g, r_a, dtype=DTYPE),
+                torch.zeros(r_g, dtype=DTYPE),
+                torch.zeros(r_a, dtype=DTYPE),
+                torch.zeros((), dtype=DTYPE),
+            ]
+        elif self.basis is not None and not (torch.equal(self.basis[0], u_g) and torch.equal(self.basis[1], u_a)):
+            self._carry(u_g, u_a)
         self.basis = (u_g, u_a)
         self.t += 1
-        self.t_core += 1
-        assert self.v is not None
+        self.t_second += 1
+        full_g, full_a = torch.cat([u_g, completed(u_g)], 1), torch.cat([u_a, completed(u_a)], 1)
+        rotated = full_g.T @ grad @ full_a
+        blocks = [
+            rotated[:r_g, :r_a] ** 2,
+            (rotated[:r_g, r_a:] ** 2).mean(1) if rotated.shape[1] > r_a else torch.zeros(r_g, dtype=DTYPE),
+            (rotated[r_g:, :r_a] ** 2).mean(0) if rotated.shape[0] > r_g else torch.zeros(r_a, dtype=DTYPE),
+            (rotated[r_g:, r_a:] ** 2).mean() if rotated[r_g:, r_a:].numel() else torch.zeros((), dtype=DTYPE),
+        ]
+        self.moments = [beta2 * old + (1 - beta2) * new for old, new in zip(self.moments, blocks, strict=True)]
         self.m = beta1 * self.m + (1 - beta1) * grad
-        core = q_g.T @ grad @ q_a
-        self.v = beta2 * self.v + (1 - beta2) * core**2
-        rest = grad - q_g @ core @ q_a.T
-        rest_count = grad.numel() - core.numel()
-        if rest_count:
-            self.e = beta2 * self.e + (1 - beta2) * (rest**2).sum() / rest_count
-        m_hat = self.m / (1 - beta1**self.t)
-        m_core = q_g.T @ m_hat @ q_a
-        out = q_g @ (m_core / ((self.v / (1 - beta2**self.t_core)).sqrt() + EPS)) @ q_a.T
-        if rest_count:
-            out = out + (m_hat - q_g @ m_core @ q_a.T) / ((self.e / (1 - beta2**self.t)).sqrt() + EPS)
-        return out
+        m_hat = full_g.T @ (self.m / (1 - beta1**self.t)) @ full_a
+        core, rows, cols, rest = ((v / (1 - beta2**self.t_second)).sqrt() + EPS for v in self.moments)
+        scaled = torch.empty_like(m_hat)
+        scaled[:r_g, :r_a] = m_hat[:r_g, :r_a] / core
+        scaled[:r_g, r_a:] = m_hat[:r_g, r_a:] / rows[:, None]
+        scaled[r_g:, :r_a] = m_hat[r_g:, :r_a] / cols[None, :]
+        scaled[r_g:, r_a:] = m_hat[r_g:, r_a:] / rest
+        return full_g @ scaled @ full_a.T
 
 
 def assert_close_scaled(actual: Tensor, expected: Tensor, where: str) -> None:
@@ -146,7 +180,8 @@ def test_truncated_basis_gives_the_complement_one_adam_scale() -> None:
 
 def test_rotate_carry_keeps_the_mass_of_an_orthogonal_change_and_permutes_exactly() -> None:
     """For a full-rank change of basis O ⊙ O is doubly stochastic, so Σ v is kept; a permutation
-    with sign flips moves each entry to its new place; a lost mode is filled with e."""
+    with sign flips moves each entry to its new place; a mode the old basis did not keep takes the
+    complement's moments."""
     generator = torch.Generator().manual_seed(0)
     v = torch.rand(4, 3, generator=generator, dtype=DTYPE)
     e = torch.tensor(0.25, dtype=DTYPE)
@@ -176,7 +211,7 @@ def test_embedding_side_is_the_identity_basis() -> None:
         raw = grad_matrix(model[0])
         opt.step()
         _, g = opt.preconditioner.factors()["0"]
-        expected = reference.step(raw, descending_eigenvectors(g), None)
+        expected = reference.step(raw, descending_eigenvectors(g), torch.eye(raw.shape[1], dtype=DTYPE))
         assert_close_scaled(grad_matrix(model[0]), expected, "embedding")
 
 

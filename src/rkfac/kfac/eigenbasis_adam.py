@@ -67,22 +67,19 @@ def basis_of(pairs: FactorInverse | None) -> Tensor | None:
     return pairs.vectors
 
 
+def _left(u: Tensor | None, matrix: Tensor) -> Tensor:
+    """Uᵀ matrix (the identity for None)."""
+    return matrix if u is None else u.mT @ matrix
+
+
+def _right(matrix: Tensor, u: Tensor | None) -> Tensor:
+    """matrix U (the identity for None)."""
+    return matrix if u is None else matrix @ u
+
+
 def rotate(matrix: Tensor, u_g: Tensor | None, u_a: Tensor | None) -> Tensor:
     """U_Gᵀ matrix U_A for matrix (..., d_G, d_A); a None basis is the identity."""
-    if u_a is not None:
-        matrix = matrix @ u_a
-    if u_g is not None:
-        matrix = u_g.mT @ matrix
-    return matrix
-
-
-def rotate_back(core: Tensor, u_g: Tensor | None, u_a: Tensor | None) -> Tensor:
-    """U_G core U_Aᵀ for core (..., r_G, r_A)."""
-    if u_g is not None:
-        core = u_g @ core
-    if u_a is not None:
-        core = core @ u_a.mT
-    return core
+    return _left(u_g, _right(matrix, u_a))
 
 
 def _overlap(new: Tensor | None, old: Tensor | None) -> Tensor | None:
@@ -95,49 +92,96 @@ def _overlap(new: Tensor | None, old: Tensor | None) -> Tensor | None:
     return (new.mT @ old).square()
 
 
+@dataclass
+class SecondMoments:
+    """The second moments of one layer's gradient in its basis, one per block of the rotated
+    gradient [U_G, U_G⊥]ᵀ ∇W [U_A, U_A⊥] (module docstring): ``core`` (..., r_G, r_A) per kept
+    mode pair, ``rows`` (..., r_G) per kept G mode over the A complement, ``cols`` (..., r_A) per
+    kept A mode over the G complement, ``rest`` (...) for complement × complement."""
+
+    core: Tensor
+    rows: Tensor
+    cols: Tensor
+    rest: Tensor
+
+    @classmethod
+    def zeros(cls, like: Tensor, ranks: tuple[int, int]) -> SecondMoments:
+        batch = like.shape[:-2]
+        rows, cols = ranks
+        zeros = like.new_zeros
+        return cls(zeros(*batch, rows, cols), zeros(*batch, rows), zeros(*batch, cols), zeros(batch))
+
+    def lerp_(self, other: SecondMoments, weight: float) -> None:
+        for name in ("core", "rows", "cols", "rest"):
+            getattr(self, name).lerp_(getattr(other, name), weight)
+
+    def rotated(self, old: tuple[Tensor | None, Tensor | None], new: tuple[Tensor | None, Tensor | None]) -> SecondMoments:
+        """``carry="rotate"``: the moments read as the diagonal of a covariance that is diagonal in
+        the old basis, in the new one. With W = O ⊙ O per side and p = rowsum(W) (how much of each
+        new mode the old kept modes held), a new core entry takes W_G core W_Aᵀ from the old core,
+        and the part of it the old basis did not hold from the old complements:
+        rows (1 − p_A)ᵀ, cols (1 − p_G), rest (1 − p_G)(1 − p_A)ᵀ. The complement moments follow
+        their kept side: rows ← W_G rows + (1 − p_G) rest, cols likewise (each complement itself
+        is taken as unchanged: it is not represented)."""
+        w_g, w_a = _overlap(new[0], old[0]), _overlap(new[1], old[1])
+        core, rows, cols, rest = self.core, self.rows, self.cols, self.rest.unsqueeze(-1)
+        lost_g = None if w_g is None else (1 - w_g.sum(-1)).clamp_(min=0)
+        lost_a = None if w_a is None else (1 - w_a.sum(-1)).clamp_(min=0)
+        if w_g is not None:
+            core, rows = w_g @ core, (w_g @ rows.unsqueeze(-1)).squeeze(-1)
+        if w_a is not None:
+            core, cols = core @ w_a.mT, (w_a @ cols.unsqueeze(-1)).squeeze(-1)
+        carried = core
+        if lost_a is not None:
+            carried = carried + rows.unsqueeze(-1) * lost_a.unsqueeze(-2)
+        if lost_g is not None:
+            carried = carried + lost_g.unsqueeze(-1) * cols.unsqueeze(-2)
+        if lost_g is not None and lost_a is not None:
+            carried = carried + lost_g.unsqueeze(-1) * lost_a.unsqueeze(-2) * rest.unsqueeze(-1)
+        rows = rows if lost_g is None else rows + lost_g * rest
+        cols = cols if lost_a is None else cols + lost_a * rest
+        return SecondMoments(carried, rows, cols, self.rest)
+
+    def resized(self, ranks: tuple[int, int]) -> SecondMoments:
+        """``carry="keep"``: cut or padded (with ``rest``) to the new ranks."""
+
+        def fit(moment: Tensor, shape: tuple[int, ...]) -> Tensor:
+            out = self.rest.reshape(*self.rest.shape, *([1] * len(shape))).expand(*self.rest.shape, *shape).clone()
+            kept = tuple(slice(0, min(a, b)) for a, b in zip(shape, moment.shape[-len(shape) :], strict=True))
+            out[(..., *kept)] = moment[(..., *kept)]
+            return out
+
+        return SecondMoments(fit(self.core, ranks), fit(self.rows, ranks[:1]), fit(self.cols, ranks[1:]), self.rest)
+
+    def as_dict(self) -> dict[str, Tensor]:
+        return {"core": self.core, "rows": self.rows, "cols": self.cols, "rest": self.rest}
+
+
 def carried_second_moment(
     core_sq: Tensor, rest_sq: Tensor, old: tuple[Tensor | None, Tensor | None], new: tuple[Tensor | None, Tensor | None]
 ) -> Tensor:
-    """``carry="rotate"``: v of the old basis (U_G, U_A) in the new one (see the module docstring)."""
-    w_g, w_a = _overlap(new[0], old[0]), _overlap(new[1], old[1])
-    carried = core_sq
-    if w_g is not None:
-        carried = w_g @ carried
-    if w_a is not None:
-        carried = carried @ w_a.mT
-    held_g = w_g.sum(-1, keepdim=True) if w_g is not None else carried.new_ones(carried.shape[-2], 1)
-    held_a = w_a.sum(-1).unsqueeze(-2) if w_a is not None else carried.new_ones(1, carried.shape[-1])
-    return carried + (1 - held_g * held_a).clamp_(min=0) * rest_sq
-
-
-def resized(core_sq: Tensor, shape: torch.Size, fill: Tensor) -> Tensor:
-    """``carry="keep"``: v cut or padded (with the complement's value) to the new core's shape."""
-    if core_sq.shape == shape:
-        return core_sq
-    out = fill.expand(shape).clone()
-    rows, cols = min(shape[-2], core_sq.shape[-2]), min(shape[-1], core_sq.shape[-1])
-    out[..., :rows, :cols] = core_sq[..., :rows, :cols]
-    return out
+    """The core of :meth:`SecondMoments.rotated` when both complements carry ``rest_sq``."""
+    rows = rest_sq.expand(*core_sq.shape[:-1]).clone()
+    cols = rest_sq.expand(*core_sq.shape[:-2], core_sq.shape[-1]).clone()
+    return SecondMoments(core_sq, rows, cols, rest_sq).rotated(old, new).core
 
 
 @dataclass
 class LayerMoments:
     """One layer's Adam state in its eigenbasis (see the module docstring)."""
 
-    first: Tensor  # m, the gradient's shape
-    core_sq: Tensor  # v, (..., r_G, r_A)
-    rest_sq: Tensor  # e, a 0-dim tensor
-    steps: int  # t, for the bias correction of m and e
-    core_steps: int  # t of v (restarts with carry="reset")
-    basis: tuple[Tensor | None, Tensor | None]  # (U_G, U_A) that v was measured in
+    first: Tensor  # m, the gradient's shape, original coordinates
+    second: SecondMoments  # in ``basis``
+    steps: int  # t, for the bias correction of m
+    second_steps: int  # t of the second moments (restarts with carry="reset")
+    basis: tuple[Tensor | None, Tensor | None]  # (U_G, U_A) that the second moments were measured in
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "first": self.first,
-            "core_sq": self.core_sq,
-            "rest_sq": self.rest_sq,
+            "second": self.second.as_dict(),
             "steps": self.steps,
-            "core_steps": self.core_steps,
+            "second_steps": self.second_steps,
             "basis": list(self.basis),
         }
 
@@ -147,14 +191,8 @@ class LayerMoments:
             return None if t is None else t.to(device)
 
         u_g, u_a = state["basis"]
-        return cls(
-            state["first"].to(device),
-            state["core_sq"].to(device),
-            state["rest_sq"].to(device),
-            int(state["steps"]),
-            int(state["core_steps"]),
-            (move(u_g), move(u_a)),
-        )
+        second = SecondMoments(**{name: t.to(device) for name, t in state["second"].items()})
+        return cls(state["first"].to(device), second, int(state["steps"]), int(state["second_steps"]), (move(u_g), move(u_a)))
 
 
 def _same(old: Tensor | None, new: Tensor | None) -> bool:
@@ -163,11 +201,26 @@ def _same(old: Tensor | None, new: Tensor | None) -> bool:
     return old is new or (old.shape == new.shape and torch.equal(old, new))
 
 
+def _block_energies(matrix: Tensor, left: Tensor, right: Tensor, core: Tensor) -> SecondMoments:
+    """Mean squares of the four blocks of the rotated ``matrix`` from its half rotations
+    ``left`` = U_Gᵀ X, ``right`` = X U_A and ``core`` = U_Gᵀ X U_A (orthonormal bases: a block's
+    energy is a difference of norms, floored at the float resolution of that difference)."""
+    tiny = torch.finfo(matrix.dtype).eps
+    core_sq = core.square()
+    row_norms, col_norms = core_sq.sum(-1), core_sq.sum(-2)
+    left_rows, right_cols = left.square().sum(-1), right.square().sum(-2)
+    total = matrix.square().sum((-2, -1))
+    rows = torch.maximum(left_rows - row_norms, tiny * left_rows)
+    cols = torch.maximum(right_cols - col_norms, tiny * right_cols)
+    rest = torch.maximum(total - left_rows.sum(-1) - right_cols.sum(-1) + core_sq.sum((-2, -1)), tiny * total)
+    return SecondMoments(core_sq, rows, cols, rest)
+
+
 class EigenbasisAdam:
-    """The direction rule of :class:`rkfac.optim.LowRankSOAP`: per layer, Adam on the rotated
-    gradient's core and one Adam scale on the complement (module docstring). The preconditioner
-    calls :meth:`direction` for every layer with a gradient, with its decompositions (or None
-    before the first: then the whole gradient is complement, a single Adam scale per layer)."""
+    """The direction rule of :class:`rkfac.LowRankSOAP`: per layer, Adam on the four blocks of the
+    rotated gradient (module docstring). The preconditioner calls :meth:`direction` for every layer
+    with a gradient, with its decompositions (None before the first: then the basis is the
+    identity on both sides and the step is plain Adam)."""
 
     def __init__(self, options: SOAPOptions) -> None:
         self.options = options
@@ -177,57 +230,62 @@ class EigenbasisAdam:
         a_pairs, g_pairs = pairs if pairs is not None else (None, None)
         if isinstance(a_pairs, BlockEigenpairs) != isinstance(g_pairs, BlockEigenpairs):
             raise ValueError(f"layer {name}: block eigenpairs must be on both sides")
-        basis = (basis_of(g_pairs), basis_of(a_pairs))
+        u_g, u_a = basis = (basis_of(g_pairs), basis_of(a_pairs))
         beta1, beta2, eps = self.options.beta1, self.options.beta2, self.options.eps
         state = self._moments(name, grad, basis)
         state.steps += 1
-        state.core_steps += 1
+        state.second_steps += 1
         state.first.lerp_(grad, 1 - beta1)
-        core_grad, core_first = rotate(torch.stack([grad, state.first]), *basis).unbind(0)
-        state.core_sq.lerp_(core_grad.square(), 1 - beta2)
-        rest_count = grad.numel() - core_grad.numel()
-        if rest_count > 0:
-            total = grad.square().sum()
-            rest = torch.maximum(total - core_grad.square().sum(), total * torch.finfo(grad.dtype).eps)
-            state.rest_sq.lerp_(rest / rest_count, 1 - beta2)
-        first_correction = 1 - beta1**state.steps
-        core_scale = 1 / ((state.core_sq / (1 - beta2**state.core_steps)).sqrt_().add_(eps))
-        core_step = core_first * core_scale / first_correction
-        if rest_count == 0:
-            return rotate_back(core_step, *basis)
-        rest_step = 1 / ((state.rest_sq / (1 - beta2**state.steps)).sqrt() + eps) / first_correction  # 0-dim, no sync
-        core_step -= core_first * rest_step
-        return rotate_back(core_step, *basis).add_(state.first * rest_step)
+        both = torch.stack([grad, state.first])  # the gradient and m rotated together
+        left, right = _left(u_g, both), _right(both, u_a)
+        core = _right(left, u_a)
+        d_g, d_a = grad.shape[-2:]
+        r_g, r_a = core.shape[-2:]
+        counts = (d_a - r_a, d_g - r_g, (d_g - r_g) * (d_a - r_a))  # entries per row, per column, in rest
+        energies = _block_energies(grad, left[0], right[0], core[0])
+        energies.rows, energies.cols, energies.rest = (
+            e / max(n, 1) for e, n in zip((energies.rows, energies.cols, energies.rest), counts, strict=True)
+        )
+        state.second.lerp_(energies, 1 - beta2)
+        second_correction, first_correction = 1 - beta2**state.second_steps, 1 - beta1**state.steps
+
+        def scale(moment: Tensor) -> Tensor:  # 1 / (√v̂ + ε) / (1 − β₁ᵗ): turns m into m̂ / (√v̂ + ε)
+            return 1 / ((moment / second_correction).sqrt_().add_(eps)) / first_correction
+
+        s_core, s_rows, s_cols = scale(state.second.core), scale(state.second.rows), scale(state.second.cols)
+        s_rest = scale(state.second.rest) if counts[2] else torch.zeros_like(state.second.rest)
+        s_rows = s_rows if counts[0] else s_rest.unsqueeze(-1).expand_as(s_rows)
+        s_cols = s_cols if counts[1] else s_rest.unsqueeze(-1).expand_as(s_cols)
+        m_left, m_right, m_core = left[1], right[1], core[1]
+        s_rest_ = s_rest.unsqueeze(-1)
+        # direction = s_rest m + U_G[(s_rows − s_rest) ⊙ U_Gᵀm] + [(s_cols − s_rest) ⊙ m U_A] U_Aᵀ
+        #             + U_G [m_core ⊙ (s_core − s_rows − s_cols + s_rest)] U_Aᵀ
+        core_term = m_core * (s_core - s_rows.unsqueeze(-1) - s_cols.unsqueeze(-2) + s_rest_.unsqueeze(-1))
+        from_left = m_left * (s_rows - s_rest_).unsqueeze(-1) + _right_t(core_term, u_a)
+        out = _left_t(u_g, from_left)
+        out = out + _right_t(m_right * (s_cols - s_rest_).unsqueeze(-2), u_a)
+        return out + state.first * s_rest_.unsqueeze(-1)
 
     def _moments(self, name: str, grad: Tensor, basis: tuple[Tensor | None, Tensor | None]) -> LayerMoments:
-        """The layer's moments, with v carried into ``basis`` if the decomposition changed it."""
+        """The layer's moments, with the second moments carried into ``basis`` if it changed."""
         u_g, u_a = basis
-        rows = grad.shape[-2] if u_g is None else u_g.shape[-1]
-        cols = grad.shape[-1] if u_a is None else u_a.shape[-1]
-        core_shape = torch.Size((*grad.shape[:-2], rows, cols))
+        ranks = (grad.shape[-2] if u_g is None else u_g.shape[-1], grad.shape[-1] if u_a is None else u_a.shape[-1])
         state = self.moments.get(name)
         if state is None or state.first.shape != grad.shape:
-            state = LayerMoments(
-                torch.zeros_like(grad),
-                grad.new_zeros(core_shape),
-                grad.new_zeros(()),
-                0,
-                0,
-                basis,
-            )
+            state = LayerMoments(torch.zeros_like(grad), SecondMoments.zeros(grad, ranks), 0, 0, basis)
             self.moments[name] = state
             return state
         if all(_same(old, new) for old, new in zip(state.basis, basis, strict=True)):
             state.basis = basis  # the same values (e.g. after a restore): keep the live tensors
             return state
+        switched = any((old is None) != (new is None) for old, new in zip(state.basis, basis, strict=True))
         carry = self.options.carry
-        if carry == "rotate":
-            state.core_sq = carried_second_moment(state.core_sq, state.rest_sq, state.basis, basis)
-        elif carry == "keep":
-            state.core_sq = resized(state.core_sq, core_shape, state.rest_sq)
-        else:  # reset
-            state.core_sq = grad.new_zeros(core_shape)
-            state.core_steps = 0
+        if carry == "reset" or switched:  # from the identity (no basis yet) nothing carries over
+            state.second, state.second_steps = SecondMoments.zeros(grad, ranks), 0
+        elif carry == "rotate":
+            state.second = state.second.rotated(state.basis, basis)
+        else:  # keep
+            state.second = state.second.resized(ranks)
         state.basis = basis
         return state
 
@@ -238,4 +296,14 @@ class EigenbasisAdam:
         self.moments = {name: LayerMoments.from_state(entry, devices[name]) for name, entry in state.items()}
 
 
-__all__ = ["EigenbasisAdam", "LayerMoments", "basis_of", "carried_second_moment", "rotate", "rotate_back"]
+def _left_t(u: Tensor | None, matrix: Tensor) -> Tensor:
+    """U matrix (the identity for None)."""
+    return matrix if u is None else u @ matrix
+
+
+def _right_t(matrix: Tensor, u: Tensor | None) -> Tensor:
+    """matrix Uᵀ (the identity for None)."""
+    return matrix if u is None else matrix @ u.mT
+
+
+__all__ = ["EigenbasisAdam", "LayerMoments", "SecondMoments", "basis_of", "carried_second_moment", "rotate"]
