@@ -147,8 +147,9 @@ class SecondMoments:
 
         def fit(moment: Tensor, shape: tuple[int, ...]) -> Tensor:
             out = self.rest.reshape(*self.rest.shape, *([1] * len(shape))).expand(*self.rest.shape, *shape).clone()
-            kept = tuple(slice(0, min(a, b)) for a, b in zip(shape, moment.shape[-len(shape) :], strict=True))
-            out[(..., *kept)] = moment[(..., *kept)]
+            kept = [slice(0, min(a, b)) for a, b in zip(shape, moment.shape[-len(shape) :], strict=True)]
+            index: tuple[Any, ...] = (Ellipsis, *kept)
+            out[index] = moment[index]
             return out
 
         return SecondMoments(fit(self.core, ranks), fit(self.rows, ranks[:1]), fit(self.cols, ranks[1:]), self.rest)
