@@ -6,7 +6,9 @@ cycle. Each optimizer runs ``--steps`` steps (default 200, one SENG cycle, four 
 on real Fashion-MNIST batches of the preset's size, in chunks of ``--chunk`` steps
 interleaved round-robin across optimizers so that machine drift touches all alike.
 Reported: mean seconds per step (forward, backward and optimizer step; data indexing
-excluded) and the ratio to SGD in the same run, for each width scale asked for.
+excluded) and the ratio to SGD in the same run, for each width scale asked for. The loss is the
+preset's task's (cross-entropy, or the autoencoder's squared error); optimizers with the MC
+Fisher include its sampled backward. The adaptive optimizers (``*-auto``) are not timed here.
 
     python benchmarks/step_time.py --preset fashion-cnn --optimizers sgd,sre-kfac,seng --width-scales 1,2
 """
@@ -19,11 +21,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from preset_runs import batch_at, model_and_optimizer
+from rkfac.experiments.config import KFAC_FACTORS
 from rkfac.experiments.datasets import load_dataset
 from rkfac.experiments.presets import resolve_config
+from rkfac.experiments.tasks import task_for
 
 
 def measure(preset: str, optimizers: list[str], width_scale: float, steps: int, chunk: int) -> dict[str, float]:
@@ -32,15 +35,20 @@ def measure(preset: str, optimizers: list[str], width_scale: float, steps: int, 
     for name in optimizers:
         config = resolve_config(name, preset, {"width_scale": width_scale})
         model, optimizer = model_and_optimizer(config, data)
-        runs[name] = {"model": model, "optimizer": optimizer, "seconds": 0.0, "done": 0}
+        sampled = config.fisher == "mc" and config.optimizer in KFAC_FACTORS  # the MC Fisher's extra backward
+        runs[name] = {"model": model, "optimizer": optimizer, "seconds": 0.0, "done": 0, "sampled": sampled}
+    task = task_for(resolve_config(optimizers[0], preset).model)  # the preset's loss: classification or reconstruction
     batch = resolve_config(optimizers[0], preset).batch_size
     while any(run["done"] < steps for run in runs.values()):
         for run in runs.values():
             for _ in range(min(chunk, steps - run["done"])):
-                images, labels = batch_at(data, run["done"], batch)
+                inputs, targets = task.batch(*batch_at(data, run["done"], batch))
                 start = time.perf_counter()
                 run["optimizer"].zero_grad(set_to_none=True)
-                F.cross_entropy(run["model"](images), labels).backward()
+                outputs = run["model"](inputs)
+                if run["sampled"]:
+                    run["optimizer"].preconditioner.sample_fisher(outputs)
+                task.loss(outputs, targets).backward()
                 run["optimizer"].step()
                 run["seconds"] += time.perf_counter() - start
                 run["done"] += 1

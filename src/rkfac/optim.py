@@ -73,6 +73,7 @@ class PreconditionedSGD(torch.optim.Optimizer):
         update_given, method_given = split_options(options, UpdateOptions, self.method_options)
         self.update = UpdateOptions(**{**self.update_defaults, **update_given})
         objects = {"grad_scaler": grad_scaler, "process_group": process_group, "timer": timer}
+        self._grad_scaler = grad_scaler
         self.preconditioner: Preconditioner = self._preconditioner(model, method_given, objects)
         named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
         covered = {id(p) for p in self.preconditioner.parameters()}
@@ -129,12 +130,26 @@ class PreconditionedSGD(torch.optim.Optimizer):
                 value = self._value(name, step)
                 for group in self.param_groups:
                     group[name] = value
+        if not self._fallback_gradients_finite():
+            return loss
         decay_on = step >= self.update.weight_decay_start
         self.preconditioner.step()
         sgd_update(self.param_groups, self.state, decay_on)
         if self.fallback is not None:
             self.fallback.step()
         return loss
+
+    def _fallback_gradients_finite(self) -> bool:
+        """With a GradScaler and a fallback optimizer: unscale the fallback's gradients too (the
+        scaler's ``step(opt)`` unscales only this optimizer's parameters) and say whether they are
+        finite. If not, the whole step is skipped, as the scaler skips it for an overflow in the
+        preconditioned ones, and the scaler's ``update()`` backs off (it has recorded the inf)."""
+        scaler = self._grad_scaler
+        if self.fallback is None or scaler is None or not scaler.is_enabled():
+            return True
+        scaler.unscale_(self.fallback)
+        grads = [p.grad for group in self.fallback.param_groups for p in group["params"] if p.grad is not None]
+        return all(bool(torch.isfinite(grad).all()) for grad in grads)
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

@@ -84,7 +84,7 @@ def test_train_writes_a_complete_run_directory(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "optimizer", ["sgd", "adam", "kfac", "rs-kfac", "b-kfac", "b-r-kfac", "seng", "kfac-auto", "sre-kfac-auto"]
+    "optimizer", ["sgd", "adam", "kfac", "rs-kfac", "b-kfac", "b-r-kfac", "seng", "kfac-auto", "sre-kfac-auto", "sre-soap"]
 )
 def test_every_optimizer_trains(tmp_path: Path, optimizer: str) -> None:
     assert main(["train", "--optimizer", optimizer, "--max-steps", "3", "--out", str(tmp_path / optimizer), *SMALL]) == 0

@@ -9,6 +9,7 @@ einsum over its definition. Nothing here calls rkfac's rotation code.
 
 from __future__ import annotations
 
+import functools
 import io
 from collections.abc import Callable
 
@@ -341,3 +342,61 @@ def test_correlated_inputs_train_better_than_adamw_at_each_ones_best_lr() -> Non
         final_loss(lambda m, lr=lr: torch.optim.AdamW(m.parameters(), lr=lr, betas=(0.95, 0.95), weight_decay=0.0)) for lr in lrs
     )
     assert ours < 0.9 * adamw, (ours, adamw)
+
+
+def test_the_command_line_refuses_what_sre_soap_does_not_read() -> None:
+    from rkfac.experiments.presets import resolve_config
+
+    for override in ({"momentum": 0.9}, {"damping": 0.2}, {"clip": "rms"}):
+        with pytest.raises(ValueError, match=next(iter(override))):
+            resolve_config("sre-soap", "fashion-autoencoder", override)
+    config = resolve_config("sre-soap", "fashion-autoencoder", {"lr": 0.01, "carry": "keep"})
+    assert (config.lr, config.carry, config.clip, config.inverse_every) == (0.01, "keep", "none", 10)
+
+
+def _run_with_scaler(
+    build: Callable[..., torch.optim.Optimizer], scale: float | None, overflow_at: int | None = None, steps: int = 4
+) -> nn.Module:
+    """A float32 MLP with a LayerNorm (so a fallback optimizer steps it) trained ``steps`` steps,
+    the loss scaled by a GradScaler when ``scale`` is given; at step ``overflow_at`` one of the
+    LayerNorm's gradients is inf."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 4))
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale) if scale else None
+    opt = build(model, scaler)
+    for step in range(steps):
+        x, y = batch(step, dtype=torch.float32)
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        if scaler is None:
+            loss.backward()
+            opt.step()
+            continue
+        scaler.scale(loss).backward()
+        if step == overflow_at:
+            model[1].weight.grad[0] = float("inf")  # a fallback parameter's gradient overflows
+        scaler.step(opt)
+        scaler.update()
+    return model
+
+
+@pytest.mark.parametrize("method", ["soap", "kfac-with-fallback"])
+def test_a_grad_scaler_unscales_the_fallback_parameters_too(method: str) -> None:
+    """With a GradScaler every parameter, the fallback optimizer's included, steps on the unscaled
+    gradient (the same parameters as without a scaler), and an overflow in a fallback parameter's
+    gradient skips the whole step, as torch's scaler does for one optimizer."""
+
+    def build(model: nn.Module, scaler: torch.amp.GradScaler | None) -> torch.optim.Optimizer:
+        decomposition = rkfac.ExactEigh()
+        if method == "soap":
+            return rkfac.LowRankSOAP(model, lr=0.01, decomposition=decomposition, factor_every=1, grad_scaler=scaler)
+        fallback = functools.partial(torch.optim.SGD, lr=0.1)
+        return rkfac.KFAC(model, lr=0.1, decomposition=decomposition, factor_every=1, fallback=fallback, grad_scaler=scaler)
+
+    plain = _run_with_scaler(build, None)
+    scaled = _run_with_scaler(build, 2.0**12)
+    for p, q in zip(plain.parameters(), scaled.parameters(), strict=True):
+        torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-6)
+    overflowed = _run_with_scaler(build, 2.0**12, overflow_at=3)
+    three_steps = _run_with_scaler(build, 2.0**12, steps=3)
+    assert all(torch.equal(p, q) for p, q in zip(overflowed.parameters(), three_steps.parameters(), strict=True))

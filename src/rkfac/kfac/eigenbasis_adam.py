@@ -6,45 +6,58 @@ basis is K-FAC's own: the kept eigenvectors U_G (d_G × r_G) and U_A (d_A × r_A
 any decomposition (exact, SRE, RSVD, Brand), on the usual ``inverse_every`` schedule. The
 eigenvalues are not used: each mode's scale is learned from the gradients, as in Adam.
 
-Per layer, with ∇W the gradient matrix (d_G × d_A, bias last) and t its step count::
+Per layer, with ∇W the gradient matrix (d_G × d_A, bias last), the bases completed in thought
+by their orthogonal complements U_G⊥, U_A⊥ (never formed), the rotated gradient has four blocks:
 
-    m ← β₁ m + (1 − β₁) ∇W                         first moment, dense, original coordinates
-    C = U_Gᵀ ∇W U_A                                 the rotated gradient on the r_G × r_A core
-    v ← β₂ v + (1 − β₂) C ⊙ C                       second moment of each kept mode pair
-    e ← β₂ e + (1 − β₂) ‖∇W − U_G C U_Aᵀ‖² / n_⊥     one second moment for the complement
-    m̂ = m / (1 − β₁ᵗ),  v̂ = v / (1 − β₂ᵗ),  ê = e / (1 − β₂ᵗ)
-    M = U_Gᵀ m̂ U_A,  s = 1 / (√ê + ε)
-    direction = s m̂ + U_G [M / (√v̂ + ε) − s M] U_Aᵀ
+    [U_G, U_G⊥]ᵀ ∇W [U_A, U_A⊥] = [[ C   X ]      C = U_Gᵀ ∇W U_A      r_G × r_A   kept × kept
+                                   [ Y   Z ]]     X: kept G modes × the A complement, r_G × (d_A − r_A)
+                                                  Y: the G complement × kept A modes, (d_G − r_G) × r_A
+                                                  Z: complement × complement
 
-so the kept modes get Adam's per-mode scale and the complement m̂ − U_G M U_Aᵀ (the part of
-the gradient the truncated basis cannot rotate; n_⊥ = d_G d_A − r_G r_A entries) gets one
-Adam scale for the whole layer, the low-rank analogue of K-FAC's 1/λ on the discarded modes.
-The complement's energy is ‖∇W‖² − ‖C‖² (the bases are orthonormal), floored at the float
-resolution of that difference, ε_float · ‖∇W‖², so that a gradient lying wholly in the kept
-modes is not divided by ≈ 0. Cost per step O(d_G d_A (r_G + r_A)): three products with the
-bases (C and M together, then the back-rotation), no d × d matrix; memory: m (d_G × d_A), v
-(r_G × r_A), e and the basis v was measured in.
+Each block gets Adam second moments as fine as the basis allows: one per entry of C (as in
+SOAP), one per row of X (per kept G mode, the mean over the A complement), one per column of Y,
+one for Z. All four come from the two half rotations L = U_Gᵀ ∇W and R = ∇W U_A, without U⊥:
+‖X_i‖² = ‖L_i‖² − ‖C_i‖², ‖Y_j‖² = ‖R_j‖² − ‖C_j‖², ‖Z‖² = ‖∇W‖² − ‖L‖² − ‖R‖² + ‖C‖² (the bases
+are orthonormal), each floored at the float resolution of its difference, so that a block the
+gradient does not reach is not divided by ≈ 0. Per step, t counting the steps::
 
-With r = d on both sides (the exact decomposition, or any rank ≥ d) there is no complement and
-this is dense SOAP with K-FAC's factors as the Kronecker factors, Adam's ε inside the root's
-sum: direction = U_G [M / (√v̂ + ε)] U_Aᵀ. A diagonal factor (an embedding's A) is its own
-eigenbasis: that side is the identity, every mode kept. Grouped convolutions' block factors
-rotate block by block (the products broadcast over the leading block dimension).
+    m ← β₁ m + (1 − β₁) ∇W,   likewise U_Gᵀ m and m U_A (kept averaged: the basis is fixed between
+                              decompositions, and the rotations are linear)
+    v ← β₂ v + (1 − β₂) (C², mean_row X², mean_col Y², mean Z²)
+    s_• = 1 / (√(v_• / (1 − β₂ᵗ)) + ε) / (1 − β₁ᵗ)          per block, turns m into m̂ / (√v̂ + ε)
+    direction = s_Z m + U_G [(s_X − s_Z) ⊙ U_Gᵀm] + [(s_Y − s_Z) ⊙ m U_A] U_Aᵀ
+                + U_G [M ⊙ (s_C − s_X − s_Y + s_Z)] U_Aᵀ,   M = U_Gᵀ m U_A
 
-When a decomposition replaces the basis, ``carry`` says what v becomes:
+which is m̂ scaled block by block in the completed basis and rotated back. Cost per step: two
+products with the bases (L, R) and two back (grouped as U_G[·] and [·]U_Aᵀ), O(d_G d_A (r_G +
+r_A)) as the damped Kronecker solve, no d × d matrix; memory: m, U_Gᵀm, m U_A, v and the basis
+they were measured in. One scalar for all of X, Y and Z was measured first and lost: on
+fashion-autoencoder at r = 220 it ended epoch 1 at a loss of 18.0 against 9.6 with the blocks
+(9.4 at full rank), because the kept G modes carry most of the gradient's energy over input
+directions that A's top modes do not hold.
 
-- ``"rotate"`` (default): v measured in the old basis, read as the diagonal of a covariance
-  that is diagonal there, rotated into the new one: with O = U_newᵀ U_old per side,
-  v_new = (O_G ⊙ O_G) v (O_A ⊙ O_A)ᵀ + (1 − p_G p_Aᵀ) e, where p = rowsum(O ⊙ O) ≤ 1 is how much
-  of each new mode the old basis held; the rest of it comes from the complement's e.
-  O(d r²) per side, on decomposition steps only.
-- ``"keep"``: v stays as it is (SOAP's choice: it only re-sorts, the modes being sorted by
-  eigenvalue in both bases), padded with e or cut where the rank changed.
-- ``"reset"``: v restarts from zero with its own bias-correction count (EKFAC re-estimates
-  its scales after each new basis).
+With r = d on both sides (the exact decomposition, or any rank ≥ d) X, Y and Z are empty and
+this is dense SOAP with K-FAC's factors as the Kronecker factors: direction = U_G [M̂ / (√v̂_C +
+ε)] U_Aᵀ. A diagonal factor (an embedding's A) is its own eigenbasis: that side is the identity,
+every mode kept; before a layer's first decomposition both sides are, and the step is Adam.
+Grouped convolutions' block factors rotate block by block (the products broadcast over the
+leading block dimension).
 
-m lives in the original coordinates, so it needs no carrying. Weight decay is not here: the
-optimizer (:class:`rkfac.optim.LowRankSOAP`) decays decoupled from this direction, as AdamW.
+When a decomposition replaces the basis, ``carry`` says what the second moments become:
+
+- ``"rotate"`` (default): read as the diagonal of a covariance that is diagonal in the old
+  basis, rotated into the new one (:meth:`SecondMoments.rotated`): with O = U_newᵀ U_old per
+  side and W = O ⊙ O, the new C entries take W_G v_C W_Aᵀ, plus, for the part of each new mode
+  the old kept modes did not hold (1 − rowsum W), the complement blocks' moments. O(d r²) per
+  side, on decomposition steps only.
+- ``"keep"``: left as they are (SOAP's choice: it only re-sorts, the modes being sorted by
+  eigenvalue in both bases), padded with v_Z or cut where a rank changed.
+- ``"reset"``: restarted from zero with their own bias-correction count (EKFAC re-estimates its
+  scales after each new basis).
+
+m lives in the original coordinates and needs no carrying; its half rotations are recomputed
+in the new basis. Weight decay is not here: :class:`rkfac.LowRankSOAP` decays decoupled from
+this direction, as AdamW.
 """
 
 from __future__ import annotations
@@ -172,14 +185,24 @@ class LayerMoments:
     """One layer's Adam state in its eigenbasis (see the module docstring)."""
 
     first: Tensor  # m, the gradient's shape, original coordinates
+    first_left: Tensor | None  # U_Gᵀ m in ``basis`` (None where U_G is the identity: it is m)
+    first_right: Tensor | None  # m U_A likewise
     second: SecondMoments  # in ``basis``
     steps: int  # t, for the bias correction of m
     second_steps: int  # t of the second moments (restarts with carry="reset")
-    basis: tuple[Tensor | None, Tensor | None]  # (U_G, U_A) that the second moments were measured in
+    basis: tuple[Tensor | None, Tensor | None]  # (U_G, U_A) that the rotated moments were measured in
+
+    def rotate_first(self) -> None:
+        """U_Gᵀ m and m U_A for the current basis (on a new basis; between, they are averaged)."""
+        u_g, u_a = self.basis
+        self.first_left = None if u_g is None else _left(u_g, self.first)
+        self.first_right = None if u_a is None else _right(self.first, u_a)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "first": self.first,
+            "first_left": self.first_left,
+            "first_right": self.first_right,
             "second": self.second.as_dict(),
             "steps": self.steps,
             "second_steps": self.second_steps,
@@ -193,7 +216,15 @@ class LayerMoments:
 
         u_g, u_a = state["basis"]
         second = SecondMoments(**{name: t.to(device) for name, t in state["second"].items()})
-        return cls(state["first"].to(device), second, int(state["steps"]), int(state["second_steps"]), (move(u_g), move(u_a)))
+        return cls(
+            state["first"].to(device),
+            move(state["first_left"]),
+            move(state["first_right"]),
+            second,
+            int(state["steps"]),
+            int(state["second_steps"]),
+            (move(u_g), move(u_a)),
+        )
 
 
 def _same(old: Tensor | None, new: Tensor | None) -> bool:
@@ -236,14 +267,19 @@ class EigenbasisAdam:
         state = self._moments(name, grad, basis)
         state.steps += 1
         state.second_steps += 1
-        state.first.lerp_(grad, 1 - beta1)
-        both = torch.stack([grad, state.first])  # the gradient and m rotated together
-        left, right = _left(u_g, both), _right(both, u_a)
+        left, right = _left(u_g, grad), _right(grad, u_a)  # the step's two products with the bases
         core = _right(left, u_a)
+        # m and its half rotations are averaged alike (the rotations are linear, the basis fixed)
+        for moment, value in ((state.first, grad), (state.first_left, left), (state.first_right, right)):
+            if moment is not None:
+                moment.lerp_(value, 1 - beta1)
+        m_left = state.first if state.first_left is None else state.first_left
+        m_right = state.first if state.first_right is None else state.first_right
+        m_core = _right(m_left, u_a)
         d_g, d_a = grad.shape[-2:]
         r_g, r_a = core.shape[-2:]
         counts = (d_a - r_a, d_g - r_g, (d_g - r_g) * (d_a - r_a))  # entries per row, per column, in rest
-        energies = _block_energies(grad, left[0], right[0], core[0])
+        energies = _block_energies(grad, left, right, core)
         energies.rows, energies.cols, energies.rest = (
             e / max(n, 1) for e, n in zip((energies.rows, energies.cols, energies.rest), counts, strict=True)
         )
@@ -257,7 +293,6 @@ class EigenbasisAdam:
         s_rest = scale(state.second.rest) if counts[2] else torch.zeros_like(state.second.rest)
         s_rows = s_rows if counts[0] else s_rest.unsqueeze(-1).expand_as(s_rows)
         s_cols = s_cols if counts[1] else s_rest.unsqueeze(-1).expand_as(s_cols)
-        m_left, m_right, m_core = left[1], right[1], core[1]
         s_rest_ = s_rest.unsqueeze(-1)
         # direction = s_rest m + U_G[(s_rows − s_rest) ⊙ U_Gᵀm] + [(s_cols − s_rest) ⊙ m U_A] U_Aᵀ
         #             + U_G [m_core ⊙ (s_core − s_rows − s_cols + s_rest)] U_Aᵀ
@@ -273,7 +308,8 @@ class EigenbasisAdam:
         ranks = (grad.shape[-2] if u_g is None else u_g.shape[-1], grad.shape[-1] if u_a is None else u_a.shape[-1])
         state = self.moments.get(name)
         if state is None or state.first.shape != grad.shape:
-            state = LayerMoments(torch.zeros_like(grad), SecondMoments.zeros(grad, ranks), 0, 0, basis)
+            state = LayerMoments(torch.zeros_like(grad), None, None, SecondMoments.zeros(grad, ranks), 0, 0, basis)
+            state.rotate_first()
             self.moments[name] = state
             return state
         if all(_same(old, new) for old, new in zip(state.basis, basis, strict=True)):
@@ -288,6 +324,7 @@ class EigenbasisAdam:
         else:  # keep
             state.second = state.second.resized(ranks)
         state.basis = basis
+        state.rotate_first()
         return state
 
     def state_dict(self) -> dict[str, Any]:
