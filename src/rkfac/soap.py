@@ -25,6 +25,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from rkfac.decompositions import SymmetricRandomizedEVD
 from rkfac.kfac import KFACPreconditioner
 from rkfac.kfac.eigenbasis_adam import EigenbasisAdam
 from rkfac.optim import PreconditionedSGD
@@ -41,7 +42,8 @@ class LowRankSOAP(PreconditionedSGD):
     Options: :class:`rkfac.options.SOAPOptions` (beta1, beta2, eps, carry), the update's lr
     (default 3e-3, SOAP's), weight_decay (default 0.01, SOAP's and AdamW's, decoupled) and
     weight_decay_start, and :class:`rkfac.options.KFACOptions`' fields that build the basis
-    (decomposition, factor_decay, factor_every, inverse_every, fisher, skip, seed, ...).
+    (decomposition, default ``SymmetricRandomizedEVD(warm_start=True)``; factor_every, default 1;
+    inverse_every, default 10; factor_decay, fisher, skip, seed, ...).
     The damping and the clip are K-FAC's step and are refused, and so is momentum (β₁ is it).
 
     Example::
@@ -52,6 +54,10 @@ class LowRankSOAP(PreconditionedSGD):
 
     method_options = KFACOptions
     update_defaults: ClassVar[dict[str, Any]] = {"lr": 3e-3, "weight_decay": 0.01}
+    # SOAP's schedule (factors every step, bases every 10) on warm-started SRE bases: on
+    # fashion-autoencoder, factors every step reached 7.75 after 2 epochs against 8.30 every 10
+    # (8.04 against 8.30 at equal time, 98 s), and the warm start halved the decomposition time
+    basis_defaults: ClassVar[dict[str, Any]] = {"factor_every": 1, "inverse_every": 10}
 
     def __init__(
         self,
@@ -86,6 +92,8 @@ class LowRankSOAP(PreconditionedSGD):
                 eps=self.soap_options.eps,
                 weight_decay=update["weight_decay"](0) if callable(update["weight_decay"]) else update["weight_decay"],
             )
+        options = {**self.basis_defaults, **options}
+        options.setdefault("decomposition", SymmetricRandomizedEVD(warm_start=True))
         super().__init__(model, fallback=fallback, clip=None, **options)
 
     def _preconditioner(self, model: nn.Module, options: dict[str, Any], objects: dict[str, Any]) -> Preconditioner:
