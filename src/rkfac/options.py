@@ -113,7 +113,7 @@ class SOAPOptions:
     beta1: float = option(0.95, "β₁ of the first moment", low=0.0, high=1.0, high_inclusive=False)
     beta2: float = option(0.95, "β₂ of the second moments", low=0.0, high=1.0, high_inclusive=False)
     eps: float = option(1e-8, "Adam's ε, added to the root of each second moment", low=0.0, low_inclusive=False)
-    carry: str = option("rotate", "what a new basis does to the second moments: rotate, keep or reset", choices=SOAP_CARRY)
+    carry: str = option("keep", "what a new basis does to the second moments: keep, rotate or reset", choices=SOAP_CARRY)
 
     def __post_init__(self) -> None:
         validate(self)

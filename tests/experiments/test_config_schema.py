@@ -17,11 +17,12 @@ from rkfac.experiments import cli
 from rkfac.experiments.config import SCHEDULED, RunConfig
 from rkfac.experiments.optimizers import decomposition_for
 from rkfac.experiments.presets import FAMILY_DEFAULTS, resolve_config
-from rkfac.options import KFACOptions, SENGOptions, UpdateOptions
+from rkfac.options import KFACOptions, SENGOptions, SOAPOptions, UpdateOptions
 from rkfac.schema import default_of
 
 LIBRARY: dict[str, type] = {
-    cls.__name__: cls for cls in (KFACOptions, SENGOptions, UpdateOptions, SymmetricRandomizedEVD, BrandUpdate, AdaptiveOptions)
+    cls.__name__: cls
+    for cls in (KFACOptions, SENGOptions, UpdateOptions, SymmetricRandomizedEVD, BrandUpdate, AdaptiveOptions, SOAPOptions)
 }
 RUN_FIELDS = {field.name: field for field in dataclasses.fields(RunConfig)}
 

@@ -33,8 +33,10 @@ products with the bases (L, R) and two back (grouped as U_G[·] and [·]U_Aᵀ),
 r_A)) as the damped Kronecker solve, no d × d matrix; memory: m, U_Gᵀm, m U_A, v and the basis
 they were measured in. One scalar for all of X, Y and Z was measured first and lost: on
 fashion-autoencoder at r = 220 it ended epoch 1 at a loss of 18.0 against 9.6 with the blocks
-(9.4 at full rank), because the kept G modes carry most of the gradient's energy over input
-directions that A's top modes do not hold.
+(9.4 at full rank). Measured there after 100 steps (r = 220 of widths 250–1001), the blocks
+hold 78–99% (C), 0.1–3% (X), 0.7–22% (Y) and at most 0.4% (Z) of each layer's gradient energy:
+Z has most of the entries and almost none of the energy, so one mean over all three is far
+too small for Y, and Y's steps far too large.
 
 With r = d on both sides (the exact decomposition, or any rank ≥ d) X, Y and Z are empty and
 this is dense SOAP with K-FAC's factors as the Kronecker factors: direction = U_G [M̂ / (√v̂_C +
@@ -45,15 +47,19 @@ leading block dimension).
 
 When a decomposition replaces the basis, ``carry`` says what the second moments become:
 
-- ``"rotate"`` (default): read as the diagonal of a covariance that is diagonal in the old
+- ``"keep"`` (default): left as they are (SOAP's choice: it only re-sorts, the modes being
+  sorted by eigenvalue in both bases), padded with v_Z or cut where a rank changed. With
+  warm-started bases the new modes are close to the old ones, column by column; on
+  fashion-autoencoder (one epoch, seed 0) it reached 8.98 against 9.27 with "rotate".
+- ``"rotate"``: read as the diagonal of a covariance that is diagonal in the old
   basis, rotated into the new one (:meth:`SecondMoments.rotated`): with O = U_newᵀ U_old per
   side and W = O ⊙ O, the new C entries take W_G v_C W_Aᵀ, plus, for the part of each new mode
   the old kept modes did not hold (1 − rowsum W), the complement blocks' moments. O(d r²) per
   side, on decomposition steps only.
-- ``"keep"``: left as they are (SOAP's choice: it only re-sorts, the modes being sorted by
-  eigenvalue in both bases), padded with v_Z or cut where a rank changed.
 - ``"reset"``: restarted from zero with their own bias-correction count (EKFAC re-estimates its
-  scales after each new basis).
+  scales after each new basis). It diverged on fashion-autoencoder (loss 7·10⁵ after one epoch):
+  the restarted v̂ is one step's square, while m̂ keeps its history, so the modes the step's
+  gradient barely touches get steps of m̂/|g|.
 
 m lives in the original coordinates and needs no carrying; its half rotations are recomputed
 in the new basis. Weight decay is not here: :class:`rkfac.LowRankSOAP` decays decoupled from
