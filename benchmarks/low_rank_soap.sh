@@ -14,7 +14,7 @@ PYTHON=${PYTHON:-.venv/bin/python}
 AE=(--preset fashion-autoencoder --epochs 1 --quiet)
 case "${1:-}" in
   autoencoder)
-    "$RKFAC" tune --preset fashion-autoencoder --optimizers sre-soap --seeds 0,1,2 --out runs/tune-ae-sre-soap-v2 --quiet --resume ;;
+    "$RKFAC" tune --preset fashion-autoencoder --optimizers sre-soap --seeds 0,1,2 --out runs/tune-ae-sre-soap-v3 --quiet --resume ;;
   peers)
     "$RKFAC" bench --preset fashion-autoencoder-auto --optimizers adamw,soap --seeds 0 --out runs/ae-peers-s0 --quiet --resume ;;
   ranks)
