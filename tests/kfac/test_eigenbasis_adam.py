@@ -400,3 +400,21 @@ def test_a_grad_scaler_unscales_the_fallback_parameters_too(method: str) -> None
     overflowed = _run_with_scaler(build, 2.0**12, overflow_at=3)
     three_steps = _run_with_scaler(build, 2.0**12, steps=3)
     assert all(torch.equal(p, q) for p, q in zip(overflowed.parameters(), three_steps.parameters(), strict=True))
+
+
+def test_the_mc_fisher_builds_the_same_factors_as_for_kfac() -> None:
+    """The basis comes from the preconditioner K-FAC uses: with fisher="mc" and the same seed,
+    LowRankSOAP's factors after a step equal rkfac.KFAC's (the sampled labels included)."""
+    factors = []
+    for build in (rkfac.LowRankSOAP, rkfac.KFAC):
+        model = mlp()
+        opt = build(model, fisher="mc", seed=3, decomposition=rkfac.ExactEigh(), factor_every=1)
+        x, y = batch(0, dtype=DTYPE)
+        opt.zero_grad()
+        logits = model(x)
+        opt.preconditioner.sample_fisher(logits)
+        F.cross_entropy(logits, y).backward()
+        opt.step()
+        factors.append(opt.preconditioner.factors())
+    for name, (a, g) in factors[0].items():
+        assert torch.equal(a, factors[1][name][0]) and torch.equal(g, factors[1][name][1]), name
