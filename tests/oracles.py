@@ -12,6 +12,7 @@ matrix, the bias gradient as its last column.
 
 from __future__ import annotations
 
+import io
 import math
 from collections.abc import Callable
 
@@ -133,6 +134,14 @@ def batch(seed: int, *, n: int = 16, dtype: torch.dtype = DTYPE) -> tuple[Tensor
     """``n`` inputs of width 6 and labels in 0..3 for :func:`mlp`, from their own generator."""
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(n, 6, generator=generator, dtype=dtype), torch.randint(0, 4, (n,), generator=generator)
+
+
+def saved_and_loaded(state: dict[str, object]) -> dict[str, object]:
+    """``state`` through ``torch.save`` and ``torch.load(weights_only=True)``, as a checkpoint is."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
 
 
 def backward(model: nn.Module, x: Tensor, y: Tensor) -> None:

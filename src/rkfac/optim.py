@@ -149,7 +149,7 @@ class PreconditionedSGD(torch.optim.Optimizer):
             return True
         scaler.unscale_(self.fallback)
         grads = [p.grad for group in self.fallback.param_groups for p in group["params"] if p.grad is not None]
-        return all(bool(torch.isfinite(grad).all()) for grad in grads)
+        return not grads or bool(torch.stack([torch.isfinite(grad).all() for grad in grads]).all())  # one sync
 
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()

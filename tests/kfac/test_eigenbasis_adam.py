@@ -10,7 +10,6 @@ einsum over its definition. Nothing here calls rkfac's rotation code.
 from __future__ import annotations
 
 import functools
-import io
 from collections.abc import Callable
 
 import pytest
@@ -19,8 +18,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import rkfac
-from rkfac.kfac.eigenbasis_adam import carried_second_moment
-from tests.oracles import batch, grad_matrix, mlp
+from rkfac.kfac.eigenbasis_adam import SecondMoments
+from tests.oracles import batch, grad_matrix, mlp, saved_and_loaded
 
 DTYPE = torch.float64
 BETAS = (0.9, 0.8)  # unequal, so that a swapped β cannot pass
@@ -189,6 +188,11 @@ def test_rotate_carry_keeps_the_mass_of_an_orthogonal_change_and_permutes_exactl
     old_g = torch.linalg.qr(torch.randn(4, 4, generator=generator, dtype=DTYPE))[0]
     old_a = torch.linalg.qr(torch.randn(3, 3, generator=generator, dtype=DTYPE))[0]
     new_g = torch.linalg.qr(torch.randn(4, 4, generator=generator, dtype=DTYPE))[0]
+
+    def carried_second_moment(core: Tensor, rest: Tensor, old: tuple[Tensor, Tensor], new: tuple[Tensor, Tensor]) -> Tensor:
+        rows, cols = rest.expand(core.shape[0]).clone(), rest.expand(core.shape[1]).clone()  # complements carry e
+        return SecondMoments(core, rows, cols, rest).rotated(old, new).core
+
     moved = carried_second_moment(v, e, (old_g, old_a), (new_g, old_a))
     torch.testing.assert_close(moved.sum(), v.sum())
     order, signs = torch.tensor([2, 0, 3, 1]), torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=DTYPE)
@@ -276,10 +280,7 @@ def test_state_dict_round_trip_continues_bitwise() -> None:
     model, opt = make()
     for step in range(5):
         step_and_read(model, opt, step)
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = saved_and_loaded({"model": model.state_dict(), "optimizer": opt.state_dict()})
     model, opt = make()
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["optimizer"])
@@ -347,7 +348,7 @@ def test_correlated_inputs_train_better_than_adamw_at_each_ones_best_lr() -> Non
 def test_the_command_line_refuses_what_sre_soap_does_not_read() -> None:
     from rkfac.experiments.presets import resolve_config
 
-    for override in ({"momentum": 0.9}, {"damping": 0.2}, {"clip": "rms"}):
+    for override in ({"momentum": 0.9}, {"damping": 0.2}, {"clip": "rms"}, {"clip_value": 0.01}, {"apply_dtype": "bfloat16"}):
         with pytest.raises(ValueError, match=next(iter(override))):
             resolve_config("sre-soap", "fashion-autoencoder", override)
     config = resolve_config("sre-soap", "fashion-autoencoder", {"lr": 0.01, "carry": "keep"})
@@ -418,3 +419,37 @@ def test_the_mc_fisher_builds_the_same_factors_as_for_kfac() -> None:
         factors.append(opt.preconditioner.factors())
     for name, (a, g) in factors[0].items():
         assert torch.equal(a, factors[1][name][0]) and torch.equal(g, factors[1][name][1]), name
+
+
+def test_before_its_first_statistics_a_layer_steps_as_adamw_and_keeps_float32_moments() -> None:
+    """A backward in eval mode captures nothing, so no layer has a basis: the identity on both
+    sides makes the step torch's AdamW (same lr, betas, ε, decay). A bfloat16 model's moments are
+    kept in float32 then too, the dtype its factors will have."""
+    model = mlp()
+    reference = [p.detach().clone().requires_grad_() for p in model.parameters()]
+    opt = soap(model, lr=0.05, weight_decay=0.1)
+    adamw = torch.optim.AdamW(reference, lr=0.05, betas=BETAS, eps=EPS, weight_decay=0.1)
+    for seed in range(2):
+        x, y = batch(seed, dtype=DTYPE)
+        model.eval()
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        for copy, p in zip(reference, model.parameters(), strict=True):
+            copy.grad = p.grad.clone()
+        opt.step()
+        adamw.step()
+    assert opt.preconditioner.eigenpairs() == {}
+    for p, q in zip(model.parameters(), reference, strict=True):
+        torch.testing.assert_close(p.detach(), q.detach(), rtol=1e-12, atol=1e-14)
+
+    low = mlp(dtype=torch.bfloat16)
+    opt = rkfac.LowRankSOAP(low)
+    x, y = batch(0, dtype=torch.bfloat16)
+    for training in (False, True):  # no statistics, then the first basis
+        low.train(training)
+        opt.zero_grad()
+        F.cross_entropy(low(x).float(), y).backward()
+        opt.step()
+    moments = opt.preconditioner.direction.moments["0"]  # type: ignore[attr-defined]
+    assert moments.first.dtype == moments.second.core.dtype == torch.float32
+    assert all(torch.isfinite(p).all() for p in low.parameters())

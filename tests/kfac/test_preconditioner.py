@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
@@ -11,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import rkfac
-from tests.oracles import batch, dense_kfac_direction, grad_matrices, mlp, with_ones
+from tests.oracles import batch, dense_kfac_direction, grad_matrices, mlp, saved_and_loaded, with_ones
 
 DTYPE = torch.float64
 
@@ -252,10 +251,7 @@ def test_state_dict_round_trip_continues_the_run_exactly() -> None:
     for step in range(5):
         backward(model, step)
         opt.step()
-    buffer = io.BytesIO()
-    torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = saved_and_loaded({"model": model.state_dict(), "optimizer": opt.state_dict()})
     model, opt = make()
     model.load_state_dict(saved["model"])
     opt.load_state_dict(saved["optimizer"])

@@ -311,7 +311,8 @@ def resolve_config(name: str, preset: str | None = None, overrides: dict[str, An
             f"{optimizer} chooses lr, momentum and damping itself; drop {fixed} "
             "(--initial-damping sets its first λ; rkfac tune has nothing to search for it)"
         )
-    unused = {key: value for key, value in (overrides or {}).items() if key in ("momentum", "damping", "damping_mode", "clip")}
+    not_read = ("momentum", "damping", "damping_mode", "clip", "clip_value", "apply_dtype")  # K-FAC's step
+    unused = {key: value for key, value in (overrides or {}).items() if key in not_read}
     if optimizer in EIGENBASIS_ADAM and unused:
         raise ValueError(f"{optimizer} is Adam in K-FAC's eigenbasis: it has no {sorted(unused)} to set; drop {unused}")
     values.update(overrides or {})

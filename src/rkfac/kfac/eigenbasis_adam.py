@@ -96,11 +96,6 @@ def _right(matrix: Tensor, u: Tensor | None) -> Tensor:
     return matrix if u is None else matrix @ u
 
 
-def rotate(matrix: Tensor, u_g: Tensor | None, u_a: Tensor | None) -> Tensor:
-    """U_Gᵀ matrix U_A for matrix (..., d_G, d_A); a None basis is the identity."""
-    return _left(u_g, _right(matrix, u_a))
-
-
 def _overlap(new: Tensor | None, old: Tensor | None) -> Tensor | None:
     """(O ⊙ O) with O = U_newᵀ U_old: how much of old mode j each new mode i holds; None if
     both are the identity."""
@@ -175,15 +170,6 @@ class SecondMoments:
 
     def as_dict(self) -> dict[str, Tensor]:
         return {"core": self.core, "rows": self.rows, "cols": self.cols, "rest": self.rest}
-
-
-def carried_second_moment(
-    core_sq: Tensor, rest_sq: Tensor, old: tuple[Tensor | None, Tensor | None], new: tuple[Tensor | None, Tensor | None]
-) -> Tensor:
-    """The core of :meth:`SecondMoments.rotated` when both complements carry ``rest_sq``."""
-    rows = rest_sq.expand(*core_sq.shape[:-1]).clone()
-    cols = rest_sq.expand(*core_sq.shape[:-2], core_sq.shape[-1]).clone()
-    return SecondMoments(core_sq, rows, cols, rest_sq).rotated(old, new).core
 
 
 @dataclass
@@ -350,4 +336,4 @@ def _right_t(matrix: Tensor, u: Tensor | None) -> Tensor:
     return matrix if u is None else matrix @ u.mT
 
 
-__all__ = ["EigenbasisAdam", "LayerMoments", "SecondMoments", "basis_of", "carried_second_moment", "rotate"]
+__all__ = ["EigenbasisAdam", "LayerMoments", "SecondMoments", "basis_of"]

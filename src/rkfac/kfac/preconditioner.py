@@ -329,7 +329,9 @@ class KFACPreconditioner:
             if grad is None:
                 continue
             if self.direction is not None:
-                grad = grad if pairs is None else grad.to(pairs[0].values.dtype)
+                # the factors' dtype (float32, float64 for a float64 model), also before the first pairs
+                working = torch.promote_types(grad.dtype, torch.float32) if pairs is None else pairs[0].values.dtype
+                grad = grad.to(working)
                 updated.append((layer, self.direction.direction(layer.name, grad, pairs)))
                 grads.append(grad)
                 continue
