@@ -11,6 +11,8 @@ preset's task's (cross-entropy, or the autoencoder's squared error); optimizers 
 Fisher include its sampled backward. The adaptive optimizers (``*-auto``) are not timed here.
 
     python benchmarks/step_time.py --preset fashion-cnn --optimizers sgd,sre-kfac,seng --width-scales 1,2
+
+An optimizer may carry settings in brackets, ';'-separated: ``sre-soap[rank=64;factor_every=2]``.
 """
 
 from __future__ import annotations
@@ -29,16 +31,33 @@ from rkfac.experiments.presets import resolve_config
 from rkfac.experiments.tasks import task_for
 
 
+def parse_spec(spec: str) -> tuple[str, dict[str, int | float | str]]:
+    """``name[key=value;...]`` -> (name, overrides); values read as int, then float, else str."""
+    name, _, rest = spec.partition("[")
+    overrides: dict[str, int | float | str] = {}
+    for item in filter(None, rest.rstrip("]").split(";")):
+        key, _, text = item.partition("=")
+        for kind in (int, float, str):
+            try:
+                overrides[key] = kind(text)
+                break
+            except ValueError:
+                continue
+    return name, overrides
+
+
 def measure(preset: str, optimizers: list[str], width_scale: float, steps: int, chunk: int) -> dict[str, float]:
     data = load_dataset("fashion-mnist")
     runs = {}
     for name in optimizers:
-        config = resolve_config(name, preset, {"width_scale": width_scale})
+        optimizer_name, overrides = parse_spec(name)
+        config = resolve_config(optimizer_name, preset, {"width_scale": width_scale, **overrides})
         model, optimizer = model_and_optimizer(config, data)
         sampled = config.fisher == "mc" and config.optimizer in KFAC_FACTORS  # the MC Fisher's extra backward
         runs[name] = {"model": model, "optimizer": optimizer, "seconds": 0.0, "done": 0, "sampled": sampled}
-    task = task_for(resolve_config(optimizers[0], preset).model)  # the preset's loss: classification or reconstruction
-    batch = resolve_config(optimizers[0], preset).batch_size
+    first = resolve_config(parse_spec(optimizers[0])[0], preset)
+    task = task_for(first.model)  # the preset's loss: classification or reconstruction
+    batch = first.batch_size
     while any(run["done"] < steps for run in runs.values()):
         for run in runs.values():
             for _ in range(min(chunk, steps - run["done"])):
@@ -64,7 +83,7 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=25)
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
-    optimizers = args.optimizers.split(",")
+    optimizers = args.optimizers.split(",")  # a bracketed spec holds no comma
     results = {}
     threads = torch.get_num_threads()
     print(f"{args.preset}, {args.steps} steps per optimizer, chunks of {args.chunk} interleaved, torch threads {threads}")

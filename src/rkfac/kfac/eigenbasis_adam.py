@@ -29,9 +29,12 @@ gradient does not reach is not divided by ≈ 0. Per step, t counting the steps:
                 + U_G [M ⊙ (s_C − s_X − s_Y + s_Z)] U_Aᵀ,   M = U_Gᵀ m U_A
 
 which is m̂ scaled block by block in the completed basis and rotated back. Cost per step: two
-products with the bases (L, R) and two back (grouped as U_G[·] and [·]U_Aᵀ), O(d_G d_A (r_G +
-r_A)) as the damped Kronecker solve, no d × d matrix; memory: m, U_Gᵀm, m U_A, v and the basis
-they were measured in. One scalar for all of X, Y and Z was measured first and lost: on
+products with the bases (L, R) and two back (grouped as U_G[·] and [·]U_Aᵀ, accumulated in place
+into the output), O(d_G d_A (r_G + r_A)) as the damped Kronecker solve, plus one r_G × r_A core
+product; no d × d matrix. Memory: m, U_Gᵀm, m U_A, U_Gᵀ m U_A, v and the basis they were
+measured in. (Averaging M with the half rotations instead of recomputing it, and the in-place
+accumulation, took the direction on the autoencoder's layers at r = 220 from 114 to 71 ms per
+step, medians of 4 interleaved pairs on 2 cores.) One scalar for all of X, Y and Z was measured first and lost: on
 fashion-autoencoder at r = 220 it ended epoch 1 at a loss of 18.0 against 9.6 with the blocks
 (9.4 at full rank). Measured there after 100 steps (r = 220 of widths 250–1001), the blocks
 hold 78–99% (C), 0.1–3% (X), 0.7–22% (Y) and at most 0.4% (Z) of each layer's gradient energy:
@@ -183,18 +186,22 @@ class LayerMoments:
     steps: int  # t, for the bias correction of m
     second_steps: int  # t of the second moments (restarts with carry="reset")
     basis: tuple[Tensor | None, Tensor | None]  # (U_G, U_A) that the rotated moments were measured in
+    first_core: Tensor | None = None  # U_Gᵀ m U_A (None where either side is the identity)
 
     def rotate_first(self) -> None:
-        """U_Gᵀ m and m U_A for the current basis (on a new basis; between, they are averaged)."""
+        """U_Gᵀ m, m U_A and U_Gᵀ m U_A for the current basis (on a new basis; between, they are
+        averaged)."""
         u_g, u_a = self.basis
         self.first_left = None if u_g is None else _left(u_g, self.first)
         self.first_right = None if u_a is None else _right(self.first, u_a)
+        self.first_core = None if self.first_left is None or u_a is None else _right(self.first_left, u_a)
 
     def state_dict(self) -> dict[str, Any]:
         return {
             "first": self.first,
             "first_left": self.first_left,
             "first_right": self.first_right,
+            "first_core": self.first_core,
             "second": self.second.as_dict(),
             "steps": self.steps,
             "second_steps": self.second_steps,
@@ -216,6 +223,7 @@ class LayerMoments:
             int(state["steps"]),
             int(state["second_steps"]),
             (move(u_g), move(u_a)),
+            move(state["first_core"]),
         )
 
 
@@ -260,14 +268,16 @@ class EigenbasisAdam:
         state.steps += 1
         state.second_steps += 1
         left, right = _left(u_g, grad), _right(grad, u_a)  # the step's two products with the bases
-        core = _right(left, u_a)
-        # m and its half rotations are averaged alike (the rotations are linear, the basis fixed)
-        for moment, value in ((state.first, grad), (state.first_left, left), (state.first_right, right)):
+        # U_Gᵀ ∇W U_A from the half rotation whose remaining product is the smaller
+        core = _right(left, u_a) if u_g is None or grad.shape[-1] <= grad.shape[-2] else _left(u_g, right)
+        # m and its rotations are averaged alike (the rotations are linear, the basis fixed)
+        averaged = ((state.first, grad), (state.first_left, left), (state.first_right, right), (state.first_core, core))
+        for moment, value in averaged:
             if moment is not None:
                 moment.lerp_(value, 1 - beta1)
         m_left = state.first if state.first_left is None else state.first_left
         m_right = state.first if state.first_right is None else state.first_right
-        m_core = _right(m_left, u_a)
+        m_core = state.first_core if state.first_core is not None else m_right if u_g is None else m_left
         d_g, d_a = grad.shape[-2:]
         r_g, r_a = core.shape[-2:]
         counts = (d_a - r_a, d_g - r_g, (d_g - r_g) * (d_a - r_a))  # entries per row, per column, in rest
@@ -288,11 +298,12 @@ class EigenbasisAdam:
         s_rest_ = s_rest.unsqueeze(-1)
         # direction = s_rest m + U_G[(s_rows − s_rest) ⊙ U_Gᵀm] + [(s_cols − s_rest) ⊙ m U_A] U_Aᵀ
         #             + U_G [m_core ⊙ (s_core − s_rows − s_cols + s_rest)] U_Aᵀ
+        # accumulated in place (BLAS beta = 1): no d_G × d_A temporaries beyond the output
         core_term = m_core * (s_core - s_rows.unsqueeze(-1) - s_cols.unsqueeze(-2) + s_rest_.unsqueeze(-1))
-        from_left = m_left * (s_rows - s_rest_).unsqueeze(-1) + _right_t(core_term, u_a)
-        out = _left_t(u_g, from_left)
-        out = out + _right_t(m_right * (s_cols - s_rest_).unsqueeze(-2), u_a)
-        return out + state.first * s_rest_.unsqueeze(-1)
+        from_left = _add_product_(m_left * (s_rows - s_rest_).unsqueeze(-1), core_term, u_a, transpose=True)
+        out = state.first * s_rest_.unsqueeze(-1)
+        _add_product_(out, u_g, from_left)
+        return _add_product_(out, m_right * (s_cols - s_rest_).unsqueeze(-2), u_a, transpose=True)
 
     def _moments(self, name: str, grad: Tensor, basis: tuple[Tensor | None, Tensor | None]) -> LayerMoments:
         """The layer's moments, with the second moments carried into ``basis`` if it changed."""
@@ -326,14 +337,19 @@ class EigenbasisAdam:
         self.moments = {name: LayerMoments.from_state(entry, devices[name]) for name, entry in state.items()}
 
 
-def _left_t(u: Tensor | None, matrix: Tensor) -> Tensor:
-    """U matrix (the identity for None)."""
-    return matrix if u is None else u @ matrix
-
-
-def _right_t(matrix: Tensor, u: Tensor | None) -> Tensor:
-    """matrix Uᵀ (the identity for None)."""
-    return matrix if u is None else matrix @ u.mT
+def _add_product_(out: Tensor, first: Tensor | None, second: Tensor | None, transpose: bool = False) -> Tensor:
+    """``out += first @ second`` in place (``first @ secondᵀ`` with ``transpose``); a None factor is
+    the identity. Batched (block) operands go through ``baddbmm_``."""
+    if first is None or second is None:
+        term = second if first is None else first
+        assert term is not None, "one factor of the product must be a matrix"
+        return out.add_(term)
+    right = second.mT if transpose else second
+    if out.dim() == first.dim() == right.dim() == 2:
+        return out.addmm_(first, right)
+    if out.dim() == first.dim() == right.dim() == 3:
+        return out.baddbmm_(first, right)
+    return out.add_(first @ right)
 
 
 __all__ = ["EigenbasisAdam", "LayerMoments", "SecondMoments", "basis_of"]
