@@ -2,11 +2,15 @@
 # Issue 21's measurements of sre-soap (rkfac.LowRankSOAP: Adam in K-FAC's low-rank eigenbasis).
 # Tables land in the --out directories; BENCHMARKS.md keeps them. Nothing else may run meanwhile.
 #
-#   benchmarks/low_rank_soap.sh autoencoder   # rkfac tune of sre-soap (lr × 0.1, 0.3, 1, 3), then 3 seeds, ≈ 17 min
+#   benchmarks/low_rank_soap.sh autoencoder   # rkfac tune of sre-soap (lr × 0.1, 0.3, 1, 3), then 3 seeds × 8 epochs, ≈ 18 min
 #   benchmarks/low_rank_soap.sh peers         # tuned AdamW and SOAP on seed 0 in the same session, ≈ 9 min
 #   benchmarks/low_rank_soap.sh ranks         # one epoch at r = 32, 64, 128 (220 is the tune's), ≈ 3 min
 #   benchmarks/low_rank_soap.sh carry         # one epoch with carry keep and reset (rotate is the tune's), ≈ 2 min
-#   benchmarks/low_rank_soap.sh steps         # ms per step, interleaved, on every preset's model, ≈ 10 min
+#   benchmarks/low_rank_soap.sh sweep         # 4 epochs at r = 32 (seed 0), 64, 128, 220, and 64 with factors every 3
+#                                             # (seeds 0-2, interleaved by seed), then benchmarks/equal_time.py, ≈ 40 min
+#   benchmarks/low_rank_soap.sh mlp2048       # rkfac tune of sre-soap, AdamW, SGD, SOAP on fashion-mlp-wide-2048, seed 0, ≈ 50 min
+#   benchmarks/low_rank_soap.sh steps         # ms per step, interleaved, on every preset's model, ≈ 15 min
+#                                             # (sre-soap at its defaults, at r = 64, and at r = 64 with factors every 3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RKFAC=${RKFAC:-.venv/bin/rkfac}
@@ -14,17 +18,36 @@ PYTHON=${PYTHON:-.venv/bin/python}
 AE=(--preset fashion-autoencoder --epochs 1 --quiet)
 case "${1:-}" in
   autoencoder)
-    "$RKFAC" tune --preset fashion-autoencoder --optimizers sre-soap --seeds 0,1,2 --out runs/tune-ae-sre-soap-v3 --quiet --resume ;;
+    "$RKFAC" tune --preset fashion-autoencoder --optimizers sre-soap --seeds 0,1,2 --epochs 8 --out runs/tune-ae-sre-soap-v4 --quiet --resume ;;
+  mlp2048)  # Muon left out: torch's bfloat16 Newton-Schulz is far too slow on this CPU
+    "$RKFAC" tune --preset fashion-mlp-wide-2048 --optimizers sre-soap,adamw,sgd,soap --seeds 0 --out runs/tune-mlp2048 --quiet --resume ;;
   peers)
     "$RKFAC" bench --preset fashion-autoencoder-auto --optimizers adamw,soap --seeds 0 --out runs/ae-peers-s0 --quiet --resume ;;
   ranks)
     for rank in 32 64 128; do "$RKFAC" train --optimizer sre-soap "${AE[@]}" --rank "$rank" --out "runs/ae-sre-soap-rank$rank"; done ;;
   carry)
     for carry in keep reset; do "$RKFAC" train --optimizer sre-soap "${AE[@]}" --carry "$carry" --out "runs/ae-sre-soap-$carry"; done ;;
+  sweep)
+    SWEEP=runs/ae-soap-sweep
+    for seed in 0 1 2; do
+      settings=("r64:--rank 64" "r128:--rank 128" "r220:--rank 220" "r64-fe3:--rank 64 --factor-every 3")
+      [ "$seed" = 0 ] && settings=("r32:--rank 32" "${settings[@]}")
+      for setting in "${settings[@]}"; do
+        label=${setting%%:*}; flags=${setting#*:}
+        [ -f "$SWEEP/$label-s$seed/summary.json" ] && continue
+        # shellcheck disable=SC2086
+        "$RKFAC" train --optimizer sre-soap --preset fashion-autoencoder --seed "$seed" $flags --quiet --out "$SWEEP/$label-s$seed"
+      done
+    done
+    groups=()
+    for label in r32 r64 r128 r220 r64-fe3; do
+      groups+=("$label=$(ls -d "$SWEEP/$label"-s* | paste -sd,)")
+    done
+    "$PYTHON" benchmarks/equal_time.py --at 40,80,120,150,200,250 "${groups[@]}" ;;
   steps)
     for preset in fashion-autoencoder fashion-mlp-wide fashion-cnn fashion-vit; do
-      "$PYTHON" benchmarks/step_time.py --preset "$preset" --optimizers sgd,sre-kfac,soap,sre-soap --steps 50 --chunk 10
+      "$PYTHON" benchmarks/step_time.py --preset "$preset" --optimizers "sgd,sre-kfac,soap,sre-soap,sre-soap[rank=64],sre-soap[rank=64;factor_every=3]" --steps 50 --chunk 10
     done ;;
   *)
-    echo "usage: $0 autoencoder|peers|ranks|carry|steps" >&2; exit 2 ;;
+    echo "usage: $0 autoencoder|peers|mlp2048|ranks|carry|sweep|steps" >&2; exit 2 ;;
 esac

@@ -42,8 +42,8 @@ class LowRankSOAP(PreconditionedSGD):
     Options: :class:`rkfac.options.SOAPOptions` (beta1, beta2, eps, carry), the update's lr
     (default 3e-3, SOAP's), weight_decay (default 0.01, SOAP's and AdamW's, decoupled) and
     weight_decay_start, and :class:`rkfac.options.KFACOptions`' fields that build the basis
-    (decomposition, default ``SymmetricRandomizedEVD(warm_start=True)``; factor_every, default 1;
-    inverse_every, default 10; factor_decay, fisher, skip, seed, ...).
+    (decomposition, default ``SymmetricRandomizedEVD(rank=64, warm_start=True)``; factor_every,
+    default 3; inverse_every, default 10; factor_decay, fisher, skip, seed, ...).
     The damping and the clip are K-FAC's step and are refused, and so is momentum (β₁ is it).
 
     Example::
@@ -54,10 +54,16 @@ class LowRankSOAP(PreconditionedSGD):
 
     method_options = KFACOptions
     update_defaults: ClassVar[dict[str, Any]] = {"lr": 3e-3, "weight_decay": 0.01}
-    # SOAP's schedule (factors every step, bases every 10) on warm-started SRE bases: on
-    # fashion-autoencoder, factors every step reached 7.75 after 2 epochs against 8.30 every 10
-    # (8.04 against 8.30 at equal time, 98 s), and the warm start halved the decomposition time
-    basis_defaults: ClassVar[dict[str, Any]] = {"factor_every": 1, "inverse_every": 10}
+    # Bases every 10 steps (SOAP's precondition_frequency) from warm-started SRE at rank 64,
+    # factors every 3 steps (BENCHMARKS.md, issue 21, session 11). fashion-autoencoder, 3 seeds,
+    # loss at equal time (40 / 80 / 120 s): 9.01 / 7.99 / 7.65 against 9.66 / 7.95 / 7.54 at
+    # r = 128 with factors every step (which wins after ~100 s) and 10.31 / 8.12 / 7.55 at SOAP's
+    # schedule with r = 220 (seed 0); the step costs 0.11-0.42x SOAP's and 0.75-1.39x
+    # SRE-KFAC's on the autoencoder, mlp-wide and CNN presets, where factors every step at
+    # r = 220 cost 1.5-2.3x SRE-KFAC's (a convolution's statistics dominate it). Tuned, 3 seeds,
+    # 8 epochs: SOAP's final loss (7.14) in 0.40x SOAP's time, 30 s/epoch against SOAP's 115.
+    basis_defaults: ClassVar[dict[str, Any]] = {"factor_every": 3, "inverse_every": 10}
+    default_rank: ClassVar[int] = 64
 
     def __init__(
         self,
@@ -93,7 +99,7 @@ class LowRankSOAP(PreconditionedSGD):
                 weight_decay=update["weight_decay"](0) if callable(update["weight_decay"]) else update["weight_decay"],
             )
         options = {**self.basis_defaults, **options}
-        options.setdefault("decomposition", SymmetricRandomizedEVD(warm_start=True))
+        options.setdefault("decomposition", SymmetricRandomizedEVD(rank=self.default_rank, warm_start=True))
         super().__init__(model, fallback=fallback, clip=None, **options)
 
     def _preconditioner(self, model: nn.Module, options: dict[str, Any], objects: dict[str, Any]) -> Preconditioner:

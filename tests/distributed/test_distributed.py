@@ -98,8 +98,13 @@ def test_two_ranks_match_one_process_over_the_global_batch(tmp_path: Path, decom
     if decomposition in ("seng", "brand", "sre-soap"):
         single = make_model()
         train(single, decomposition, rank=0, world_size=1)
+        # The all-reduce sums the gradient in another order than one process does (≈ 1e-16
+        # relative); Adam's 1/√v divides that rounding by the root of a near-null mode's moment
+        # (the output layer's G has rows summing to zero), so sre-soap agrees to about 1e-9 of the
+        # entry (measured: 1.6e-9 on one bias), where seng and brand stay within 1e-9.
+        rtol = 1e-8 if decomposition == "sre-soap" else 1e-9
         for distributed, alone in zip(ranks[0]["params"], single.parameters(), strict=True):
-            torch.testing.assert_close(distributed, alone.detach(), rtol=1e-9, atol=1e-11)
+            torch.testing.assert_close(distributed, alone.detach(), rtol=rtol, atol=1e-11)
         assert ranks[0]["traffic"].statistics_bytes > 0
         return
     # the work was split: each factor decomposed by one rank per round, the big one alone

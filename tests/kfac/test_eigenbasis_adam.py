@@ -453,3 +453,21 @@ def test_before_its_first_statistics_a_layer_steps_as_adamw_and_keeps_float32_mo
     moments = opt.preconditioner.direction.moments["0"]  # type: ignore[attr-defined]
     assert moments.first.dtype == moments.second.core.dtype == torch.float32
     assert all(torch.isfinite(p).all() for p in low.parameters())
+
+
+def test_the_library_and_the_command_line_share_the_defaults() -> None:
+    """rkfac.LowRankSOAP(model) and `--optimizer sre-soap` build the same basis schedule: rank,
+    warm start, factors and bases every k steps, lr and decay (issue 21's measured defaults)."""
+    from rkfac.experiments.optimizers import decomposition_for
+    from rkfac.experiments.presets import resolve_config
+
+    opt = rkfac.LowRankSOAP(mlp())
+    config = resolve_config("sre-soap")
+    library, cli = opt.preconditioner.options.decomposition, decomposition_for(config, steps_per_epoch=100)
+    assert isinstance(library, rkfac.SymmetricRandomizedEVD) and isinstance(cli, rkfac.SymmetricRandomizedEVD)
+    assert library.rank_at(0) == cli.rank_at(0) == 64
+    assert library.warm_start and cli.warm_start
+    assert (opt.preconditioner.options.factor_every, opt.preconditioner.options.inverse_every) == (3, 10)
+    assert (config.factor_every, config.inverse_every) == (3, 10)
+    group = opt.param_groups[0]
+    assert (group["lr"], group["weight_decay"]) == (config.lr, config.weight_decay) == (3e-3, 0.01)

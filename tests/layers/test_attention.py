@@ -295,3 +295,40 @@ def test_a_deleted_model_with_attention_is_freed_after_remove() -> None:
     del model, pre
     gc.collect()
     assert alive() is None
+
+
+@pytest.mark.parametrize(("batch_first", "bias", "kdim"), [(True, True, None), (False, True, 5)])
+def test_low_rank_soap_steps_the_projections_as_the_explicit_linear_model(
+    batch_first: bool, bias: bool, kdim: int | None
+) -> None:
+    """rkfac.LowRankSOAP (issue 21) on the routed attention: after three steps (a new basis every
+    step, so the carry runs) every projection's weights equal the explicit-Linear model's."""
+    module = attention(batch_first, bias, kdim, kdim)
+    routed, reference = Head(module), Head(ExplicitCrossAttention(module))
+    reference.readout.load_state_dict(routed.readout.state_dict())
+    options = {"lr": 0.01, "factor_every": 1, "inverse_every": 1, "decomposition": rkfac.ExactEigh()}
+    options["batch_dim"] = 0 if batch_first else 1
+    optimizers = [rkfac.LowRankSOAP(model, **options) for model in (routed, reference)]
+    assert optimizers[0].preconditioner.layer_names[:4] == [f"attention.{p}_proj" for p in "qkv"] + ["attention.out_proj"]
+    generator = torch.Generator().manual_seed(5)
+    for step in range(3):
+        q, k, v = inputs(batch_first, kdim or E, kdim or E, seed=10 + step)
+        q, k, v = (q, q, q) if kdim is None else (q, k, v)
+        y = torch.randint(0, 3, (N * L,), generator=generator)
+        for model, opt in zip((routed, reference), optimizers, strict=True):
+            opt.zero_grad()
+            F.cross_entropy(model(q, k, v), y).backward()
+            opt.step()
+    explicit = reference.attention
+    weights = (
+        module.in_proj_weight.chunk(3)
+        if module.in_proj_weight is not None
+        else (module.q_proj_weight, module.k_proj_weight, module.v_proj_weight)
+    )
+    for weight, linear in zip(weights, (explicit.q, explicit.k, explicit.v), strict=True):
+        torch.testing.assert_close(weight, linear.weight)
+    if bias:
+        torch.testing.assert_close(module.in_proj_bias, torch.cat([explicit.q.bias, explicit.k.bias, explicit.v.bias]))
+    torch.testing.assert_close(module.out_proj.weight, explicit.out.weight)
+    torch.testing.assert_close(routed.readout.weight, reference.readout.weight)
+    assert not torch.equal(module.out_proj.weight, attention(batch_first, bias, kdim, kdim).out_proj.weight)  # it moved

@@ -19,10 +19,11 @@ from torch import nn
 
 import rkfac
 
-Make = Callable[[nn.Module], rkfac.KFAC | rkfac.SENG]
+Make = Callable[[nn.Module], rkfac.KFAC | rkfac.SENG | rkfac.LowRankSOAP]
 METHODS: dict[str, Make] = {
     "kfac": lambda model: rkfac.KFAC(model, lr=0.1, factor_every=1, inverse_every=1),
     "seng": lambda model: rkfac.SENG(model, lr=0.1),
+    "sre-soap": lambda model: rkfac.LowRankSOAP(model, lr=0.01, factor_every=1, inverse_every=2),
 }
 
 
@@ -106,7 +107,9 @@ def train_shared(make: Make, backend: str | None) -> list[torch.Tensor]:
     return [p.detach().clone() for p in net.parameters()]
 
 
-@pytest.mark.parametrize(("method", "backend"), [("kfac", "eager"), ("seng", "eager"), ("kfac", "aot_eager")])
+@pytest.mark.parametrize(
+    ("method", "backend"), [("kfac", "eager"), ("seng", "eager"), ("sre-soap", "eager"), ("kfac", "aot_eager")]
+)
 def test_the_compiled_capture_gives_the_eager_numbers(method: str, backend: str) -> None:
     torch._dynamo.reset()
     compiled = train_shared(METHODS[method], backend)

@@ -62,9 +62,17 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # the adaptive step sets the length itself (no clip) and models the true Fisher's curvature
     **{name: {"clip": "none", "fisher": "mc", "damping_mode": "pi"} for name in ADAPTIVE_OPTIMIZERS},
     "b-r-kfac": {"refresh_every": 50},
-    # rkfac.LowRankSOAP's defaults: SOAP's lr, decay, basis period (precondition_frequency 10) and
-    # factors every step; warm-started SRE; no clip (Adam sets the scale)
-    "sre-soap": {"lr": 3e-3, "weight_decay": 0.01, "clip": "none", "factor_every": 1, "inverse_every": 10, "warm_start": True},
+    # rkfac.LowRankSOAP's defaults: SOAP's lr, decay and basis period (precondition_frequency 10);
+    # warm-started SRE at rank 64, factors every 3 steps (soap.py says why); no clip (Adam sets the scale)
+    "sre-soap": {
+        "lr": 3e-3,
+        "weight_decay": 0.01,
+        "clip": "none",
+        "rank": 64,
+        "factor_every": 3,
+        "inverse_every": 10,
+        "warm_start": True,
+    },
     "seng": {"lr": seng_lr_schedule(), "momentum": 0.9, "weight_decay": 1e-2, "damping": default_of(SENGOptions, "damping")},
 }
 
