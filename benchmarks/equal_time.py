@@ -48,11 +48,11 @@ def median_or_dash(values: list[float | None], digits: int = 2) -> str:
 def summarize(runs: list[Path], at: list[float]) -> dict[str, Any]:
     summaries = [json.loads((run / "summary.json").read_text()) for run in runs]
     curves = [evaluations(run) for run in runs]
-    targets = sorted({name for s in summaries for name in (s.get("targets") or {})}, key=lambda n: -float(n.split(":")[1]))
+    targets = sorted({name for s in summaries for name in (s.get("targets") or {})}, key=lambda n: -float(n.split(":")[-1]))
     return {
         "s/epoch": median_or_dash([s["seconds_per_epoch"] for s in summaries], 1),
         **{
-            f"to {name.split(':')[1]}": median_or_dash([(s["targets"].get(name) or {}).get("time") for s in summaries], 1)
+            f"to {name.split(':')[-1]}": median_or_dash([(s["targets"].get(name) or {}).get("time") for s in summaries], 1)
             for name in targets
         },
         "final": median_or_dash([s.get("final_train_eval_loss") for s in summaries]),

@@ -40,6 +40,7 @@ from typing import Any
 from rkfac.experiments.config import ADAPTIVE_OPTIMIZERS, EIGENBASIS_ADAM, FIXED_STEP_KFAC, KFAC_OPTIMIZERS, OPTIMIZERS, RunConfig
 from rkfac.options import SENGOptions
 from rkfac.schema import default_of, from_options
+from rkfac.soap import LowRankSOAP
 
 
 def seng_lr_schedule(epochs: int = 75) -> dict[int, float]:
@@ -62,16 +63,14 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
     # the adaptive step sets the length itself (no clip) and models the true Fisher's curvature
     **{name: {"clip": "none", "fisher": "mc", "damping_mode": "pi"} for name in ADAPTIVE_OPTIMIZERS},
     "b-r-kfac": {"refresh_every": 50},
-    # rkfac.LowRankSOAP's defaults: SOAP's lr, decay and basis period (precondition_frequency 10);
-    # warm-started SRE at rank 64, factors every 3 steps (soap.py says why); no clip (Adam sets the scale)
+    # rkfac.LowRankSOAP's own defaults, read from the class (soap.py says why): SOAP's lr, decay and
+    # basis period, warm-started SRE at its rank, its factor period; no clip (Adam sets the scale)
     "sre-soap": {
-        "lr": 3e-3,
-        "weight_decay": 0.01,
-        "clip": "none",
-        "rank": 64,
-        "factor_every": 3,
-        "inverse_every": 10,
+        **LowRankSOAP.update_defaults,
+        **LowRankSOAP.basis_defaults,
+        "rank": LowRankSOAP.default_rank,
         "warm_start": True,
+        "clip": "none",
     },
     "seng": {"lr": seng_lr_schedule(), "momentum": 0.9, "weight_decay": 1e-2, "damping": default_of(SENGOptions, "damping")},
 }

@@ -215,6 +215,9 @@ class LayerMoments:
 
         u_g, u_a = state["basis"]
         second = SecondMoments(**{name: t.to(device) for name, t in state["second"].items()})
+        first_core, left = state.get("first_core"), state["first_left"]
+        if "first_core" not in state and left is not None and u_a is not None:  # saved before it was averaged
+            first_core = _right(left, u_a)
         return cls(
             state["first"].to(device),
             move(state["first_left"]),
@@ -223,7 +226,7 @@ class LayerMoments:
             int(state["steps"]),
             int(state["second_steps"]),
             (move(u_g), move(u_a)),
-            move(state["first_core"]),
+            move(first_core),
         )
 
 
