@@ -8,7 +8,9 @@
 #   benchmarks/low_rank_soap.sh carry         # one epoch with carry keep and reset (rotate is the tune's), ≈ 2 min
 #   benchmarks/low_rank_soap.sh sweep         # 4 epochs at r = 32 (seed 0), 64, 128, 220, and 64 with factors every 3
 #                                             # (seeds 0-2, interleaved by seed), then benchmarks/equal_time.py, ≈ 40 min
-#   benchmarks/low_rank_soap.sh mlp2048       # rkfac tune of sre-soap, AdamW, SGD, SOAP on fashion-mlp-wide-2048, seed 0, ≈ 50 min
+#   benchmarks/low_rank_soap.sh mlp2048       # rkfac tune of sre-soap, AdamW, SGD, SOAP on fashion-mlp-wide-2048, seeds 0-2, ≈ 105 min
+#   benchmarks/low_rank_soap.sh subset        # statistics on the first 512 / 256 samples at batch 2048: ms per step on
+#                                             # mlp-wide and cnn, then 3 seeds x 10 epochs of m = 512 on mlp-wide, ≈ 25 min
 #   benchmarks/low_rank_soap.sh steps         # ms per step, interleaved, on every preset's model, ≈ 15 min
 #                                             # (sre-soap at its defaults, at r = 64, and at r = 64 with factors every 3)
 set -euo pipefail
@@ -20,7 +22,7 @@ case "${1:-}" in
   autoencoder)
     "$RKFAC" tune --preset fashion-autoencoder --optimizers sre-soap --seeds 0,1,2 --epochs 8 --out runs/tune-ae-sre-soap-v4 --quiet --resume ;;
   mlp2048)  # Muon left out: torch's bfloat16 Newton-Schulz is far too slow on this CPU
-    "$RKFAC" tune --preset fashion-mlp-wide-2048 --optimizers sre-soap,adamw,sgd,soap --seeds 0 --out runs/tune-mlp2048 --quiet --resume ;;
+    "$RKFAC" tune --preset fashion-mlp-wide-2048 --optimizers sre-soap,adamw,sgd,soap --seeds 0,1,2 --out runs/tune-mlp2048 --quiet --resume ;;
   peers)
     "$RKFAC" bench --preset fashion-autoencoder-auto --optimizers adamw,soap --seeds 0 --out runs/ae-peers-s0 --quiet --resume ;;
   ranks)
@@ -44,10 +46,24 @@ case "${1:-}" in
       groups+=("$label=$(ls -d "$SWEEP/$label"-s* | paste -sd,)")
     done
     "$PYTHON" benchmarks/equal_time.py --at 40,80,120,150,200,250 "${groups[@]}" ;;
+  subset)
+    for preset in fashion-mlp-wide-2048 fashion-cnn-2048; do
+      "$PYTHON" benchmarks/step_time.py --preset "$preset" --steps 30 --chunk 10 \
+        --optimizers "adamw,sre-soap,sre-soap[statistics_samples=512],sre-soap[statistics_samples=256]"
+    done
+    for seed in 0 1 2; do
+      [ -f "runs/mlp2048-sre-soap-m512-s$seed/summary.json" ] && continue
+      "$RKFAC" train --optimizer sre-soap --preset fashion-mlp-wide-2048 --statistics-samples 512 --seed "$seed" --quiet \
+        --out "runs/mlp2048-sre-soap-m512-s$seed"
+    done
+    "$PYTHON" benchmarks/equal_time.py --metric test_acc --at 20,40,80,160,240 \
+      "all=$(ls -d runs/tune-mlp2048/sre-soap-seed* | paste -sd,)" "m512=$(ls -d runs/mlp2048-sre-soap-m512-s* | paste -sd,)" \
+      "adamw=$(ls -d runs/tune-mlp2048/adamw-seed* | paste -sd,)" "sgd=$(ls -d runs/tune-mlp2048/sgd-seed* | paste -sd,)" \
+      "soap=$(ls -d runs/tune-mlp2048/soap-seed* | paste -sd,)" ;;
   steps)
     for preset in fashion-autoencoder fashion-mlp-wide fashion-cnn fashion-vit; do
       "$PYTHON" benchmarks/step_time.py --preset "$preset" --optimizers "sgd,sre-kfac,soap,sre-soap,sre-soap[rank=64],sre-soap[rank=64;factor_every=3]" --steps 50 --chunk 10
     done ;;
   *)
-    echo "usage: $0 autoencoder|peers|mlp2048|ranks|carry|sweep|steps" >&2; exit 2 ;;
+    echo "usage: $0 autoencoder|peers|mlp2048|ranks|carry|sweep|subset|steps" >&2; exit 2 ;;
 esac

@@ -63,6 +63,9 @@ class KFACOptions:
     seed: int = option(0, "seeds every sketch and sampled label", kind="int", low=-(2**63))
     batch_dim: int = option(0, "where the samples are in inputs with shared dims (1: sequence-first)", kind="int", low=0)
     kfac_approx: str = option("expand", "shared rows (tokens, positions) as samples, or reduced per sample", choices=KFAC_APPROX)
+    statistics_samples: int | None = option(
+        None, "factor statistics from the first n samples of each layer call (None: all)", kind="int", low=1
+    )
     apply_dtype: torch.dtype | None = option(
         None, "dtype of the per-step solve's large products (None: the factors')", kind="any"
     )

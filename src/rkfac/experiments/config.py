@@ -158,6 +158,7 @@ class RunConfig:
     clip_value: float = library_option(KFACOptions, "clip_value")
     fisher: str = library_option(KFACOptions, "fisher")
     kfac_approx: str = library_option(KFACOptions, "kfac_approx")
+    statistics_samples: int | None = library_option(KFACOptions, "statistics_samples")
     initial_damping: float = library_option(AdaptiveOptions, "initial_damping")
     min_relative_damping: float = library_option(AdaptiveOptions, "min_relative_damping")
     damping_every: int = library_option(AdaptiveOptions, "damping_every")

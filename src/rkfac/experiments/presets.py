@@ -118,23 +118,26 @@ _PAPER_RANDOMIZED = {
 _AUTOENCODER_KFAC = {"lr": 0.03, "momentum": 0.9, "fisher": "mc", "clip": "kl", "clip_value": 0.001}
 
 DEMO_NOTE = """\
-Where rkfac stands on this workload (fashion-autoencoder, 4 epochs, medians of 3 seeds;
-BENCHMARKS.md "Issue 20: the adaptive step"): sre-kfac-auto runs at its defaults (no lr, momentum
-or damping chosen), AdamW and SOAP at the lr rkfac tune chose for them.
-- It reaches loss 12 first: 43 s against SOAP's 67 s (1.54x); tuned AdamW never gets there
-  (its loss jumps back up after 450-650 steps on every seed).
-- It loses loss 15 to AdamW by 8% (25 s against 23 s) and loss 10 to SOAP (146 s against 106 s),
-  and SOAP ends lower (7.1 against 9.6 after 4 epochs, in 2.5x the time): after epoch 1 its
-  damping sits at its floor and each step gains less than SOAP's.
-- The adaptation costs 37% of a K-FAC step here (two forward-mode passes for the exact curvature).
-- On the classifiers SGD or AdamW reaches every accuracy target first, the adaptive step's too
-  (quick MLP: Adam 4x sooner to 86%), though there it ends highest (89.5% against 87.2%).
+Where rkfac stands on this workload (fashion-autoencoder, medians of 3 seeds; BENCHMARKS.md,
+issues 20 and 21): sre-soap and sre-kfac-auto run at their defaults, AdamW and SOAP at the lr
+rkfac tune chose for them (sre-soap's tuned lr is its default).
+- sre-soap (Adam in the eigenbasis of K-FAC's rank-64 factors) reaches every loss target first:
+  15 and 12 at 18 s, 10 at 29 s, against AdamW's 23 s to 15 (AdamW never reaches 12) and SOAP's
+  43 / 67 / 106 s. Its epoch costs 30 s against SOAP's 103 and AdamW's 14; over 8 epochs it
+  reaches SOAP's 8-epoch final loss (7.14) in 0.40x SOAP's time.
+- sre-kfac-auto (no lr, momentum or damping chosen) reaches 12 at 43 s, but loses 15 to AdamW
+  (25 s against 23 s) and ends above SOAP (9.6 against 7.1 after 4 epochs): after epoch 1 its
+  damping sits at its floor. Its adaptation costs 37% of a K-FAC step here.
+- Classifiers: at batch 2048 (fashion-mlp-wide-2048, every optimizer tuned, 3 seeds) sre-soap
+  reaches 86% and 88% first (1.6x sooner than AdamW, 2.8x than SGD) but ends below SOAP (89.2%
+  against 90.2%); at batch 256 SGD or AdamW reach every target before the K-FACs (sre-soap is
+  not measured there yet).
 Curves: runs/bench-demo/bench-curves.png (median smoothed step loss against time and steps) and
-bench-adaptive.png (the step's alpha, mu, lambda and rho)."""
+bench-adaptive.png (the adaptive step's alpha, mu, lambda and rho)."""
 
 # The winners of `rkfac tune --preset fashion-autoencoder` (lr × 0.1, 0.3, 1, 3 of each
-# optimizer's own; SGD diverged at every point): AdamW ×1, SOAP ×3 (SRE-KFAC ×3, lr 0.09).
-_TUNED_AUTOENCODER: dict[str, dict[str, Any]] = {"adamw": {"lr": 1e-3}, "soap": {"lr": 3e-3}}
+# optimizer's own; SGD diverged at every point): AdamW ×1, SOAP ×3, sre-soap ×1 (SRE-KFAC ×3, lr 0.09).
+_TUNED_AUTOENCODER: dict[str, dict[str, Any]] = {"adamw": {"lr": 1e-3}, "soap": {"lr": 3e-3}, "sre-soap": {"lr": 3e-3}}
 
 # fashion-autoencoder's workload: 4 epochs at batch 256, timed at training losses 15, 12, 10
 _AUTOENCODER_COMMON: dict[str, Any] = {
@@ -246,8 +249,8 @@ PRESETS: dict[str, Preset] = {
         )
     },
     "demo": Preset(
-        "README demo (make demo): the fashion-autoencoder for 2 epochs, the adaptive SRE-KFAC at its defaults "
-        "against AdamW and SOAP at the settings rkfac tune chose (BENCHMARKS.md, issues 19, 20), about 6 min on 2 cores.",
+        "README demo (make demo): the fashion-autoencoder for 2 epochs, sre-soap and the adaptive SRE-KFAC at their "
+        "defaults against AdamW and SOAP at the settings rkfac tune chose (BENCHMARKS.md, issues 19-21), about 7 min on 2 cores.",
         {
             "dataset": "fashion-mnist",
             "model": "autoencoder",
@@ -257,7 +260,7 @@ PRESETS: dict[str, Preset] = {
             "evals_per_epoch": 4,
         },
         _TUNED_AUTOENCODER,
-        optimizers=("adamw", "soap", "sre-kfac-auto"),
+        optimizers=("adamw", "soap", "sre-kfac-auto", "sre-soap"),
         note=DEMO_NOTE,
     ),
     "quick": Preset(

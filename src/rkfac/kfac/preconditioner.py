@@ -156,7 +156,12 @@ class KFACPreconditioner:
                 stacklevel=2,
             )
         self._collector = StatisticsCollector(
-            list(selected), self._is_factor_step, timer, self.options.kfac_approx == "reduce", self.options.batch_dim
+            list(selected),
+            self._is_factor_step,
+            timer,
+            self.options.kfac_approx == "reduce",
+            self.options.batch_dim,
+            self.options.statistics_samples,
         )
         for layer in self._layers:  # B-KFAC's online factors take the rows, not their Gram products
             self._collector.sums[layer.name].keep_rows = any(t.takes_columns for t in layer.trackers)

@@ -31,6 +31,20 @@ less in the Gram products. (The option names are curvlinops'; the scaling is the
 fixes, tested against hand-computed factors, not compared with curvlinops' code.) Several
 calls of one layer in a forward stay separate rows under both.
 
+Subsampled statistics (option ``statistics_samples`` = m). The Gram products cost O(N d²) per
+layer and factor step, the one K-FAC cost that grows with the batch; at batch 2048 they are
+most of what a cheap basis leaves. With m set, each layer call contributes the rows of its
+first m samples only (along ``batch_dim``; the batch is a random draw, so they are a random
+subset), and with n the call's samples
+
+    S_A = Σ_{kept rows} a aᵀ / N_kept,    S_G = (n / m) · c_G Σ_{kept rows} g gᵀ,
+
+c_G the full batch's scale above (n for a mean loss, 1/n for a sum). Both are then the mean
+over the kept samples of the per-sample statistics, an unbiased estimate of the full batch's:
+exactly the statistics of the first m samples run alone (without layers that couple samples,
+such as batch norm). Over several calls (micro-batches) n and m are the totals. A call of at
+most m samples is kept whole, so a limit at or above the batch size changes nothing.
+
 Statistics are summed in float32 (float64 for a float64 layer), whatever the activation dtype,
 so autocast does not degrade them.
 """
@@ -89,7 +103,7 @@ class StatisticSums:
     input_sum: Tensor | None
     input_rows: int
     grad_sum: Tensor | None
-    _samples_by_group: dict[int, int]
+    _samples_by_group: dict[int, tuple[int, int]]  # group: (samples n, kept samples m)
 
     def __init__(self, keep_rows: bool = False) -> None:
         self.keep_rows = keep_rows
@@ -115,19 +129,25 @@ class StatisticSums:
     def add_inputs(self, rows: Tensor) -> None:
         self.commit(self.pending(rows))
 
-    def add_output_grads(self, rows: Tensor, samples: int, group: int) -> None:
-        """Add the rows of one call; ``samples`` count once per sample ``group`` (one model call)."""
+    def add_output_grads(self, rows: Tensor, samples: int, group: int, kept: int | None = None) -> None:
+        """Add the rows of one call; ``samples`` count once per sample ``group`` (one model call),
+        of which the rows hold ``kept`` (all when None; see "Subsampled statistics")."""
         if self.keep_rows:
             self._grad_parts.append(rows)
         else:
             gram = _gram(rows)
             self.grad_sum = gram if self.grad_sum is None else self.grad_sum.add_(gram)
-        self._samples_by_group[group] = samples
+        self._samples_by_group[group] = (samples, samples if kept is None else kept)
 
     @property
     def grad_samples(self) -> int:
         """n of the G scaling: the samples of every model call whose gradients were added."""
-        return sum(self._samples_by_group.values())
+        return sum(samples for samples, _ in self._samples_by_group.values())
+
+    @property
+    def kept_samples(self) -> int:
+        """m: the samples among :attr:`grad_samples` whose rows were added."""
+        return sum(kept for _, kept in self._samples_by_group.values())
 
     @property
     def has_inputs(self) -> bool:
@@ -140,7 +160,9 @@ class StatisticSums:
     def _scales(self, loss_reduction: str) -> tuple[float, float]:
         """(c_A, c_G) with S_A = c_A Σ a aᵀ and S_G = c_G Σ g gᵀ."""
         n = self.grad_samples
-        return 1.0 / self.input_rows, (float(n) if loss_reduction == "mean" else 1.0 / n)
+        c_g = float(n) if loss_reduction == "mean" else 1.0 / n
+        kept = self.kept_samples
+        return 1.0 / self.input_rows, (c_g if kept == n else c_g * n / kept)
 
     def averages(self, loss_reduction: str) -> tuple[Tensor, Tensor]:
         """(S_A, S_G) with the scaling of :mod:`rkfac.layers.base`."""
@@ -180,10 +202,12 @@ class StatisticsCollector:
         timer: PhaseTimer | None,
         reduce: bool = False,
         batch_dim: int = 0,
+        sample_limit: int | None = None,
     ) -> None:
         self.sums = {name: StatisticSums() for name in names}
         self.reduce = reduce  # K-FAC-reduce: aggregate each call's shared rows per sample first
         self.batch_dim = batch_dim
+        self.sample_limit = sample_limit  # statistics from the first m samples of each call (None: all)
         self.is_factor_step = is_factor_step
         self.timer = timer
         self.capture_output_grads = True
@@ -192,33 +216,41 @@ class StatisticsCollector:
     def capturing(self) -> bool:
         return self.is_factor_step()
 
+    def _kept(self, layer: LayerKind, tensor: Tensor, samples: int) -> tuple[Tensor, int, int]:
+        """(tensor, kept samples m, batch dim): the first ``sample_limit`` samples of ``tensor``
+        moved batch first (so its batch dim is then 0), or ``tensor`` as it is when the call has
+        no more samples than that (its rows, and so the float sums, stay in the usual order)."""
+        if self.sample_limit is None or samples <= self.sample_limit:
+            return tensor, samples, self.batch_dim
+        return layer.batch_first(tensor, self.batch_dim).narrow(0, 0, self.sample_limit), self.sample_limit, 0
+
     def on_input(self, name: str, layer: LayerKind, inputs: Tensor) -> PendingInputs:
         with torch.no_grad(), maybe_phase(self.timer, "statistics"):
+            inputs, kept, batch_dim = self._kept(layer, inputs, layer.samples(inputs, self.batch_dim))
             if layer.diagonal_input:  # an embedding: Σ e eᵀ is diagonal, kept as token counts
                 counts, count = layer.input_diagonal(inputs, layer.statistics_dtype)
                 return PendingInputs(counts, None, count, keep=layer.row_mask(inputs))
             if not self.reduce:
                 return self.sums[name].pending(layer.input_rows(inputs).to(layer.statistics_dtype))
-            batched = layer.batch_first(inputs, self.batch_dim)
-            rows = layer.input_rows(batched).to(layer.statistics_dtype)
-            samples = layer.samples(inputs, self.batch_dim)
-            return self.sums[name].pending(rows.unflatten(-2, (samples, -1)).mean(-2))
+            rows = layer.input_rows(layer.batch_first(inputs, batch_dim)).to(layer.statistics_dtype)
+            return self.sums[name].pending(rows.unflatten(-2, (kept, -1)).mean(-2))
 
     def on_output_grad(self, name: str, layer: LayerKind, grad: Tensor, call: Call) -> None:
         if not self.capture_output_grads:
             self.uncaptured_grads += 1
             return
         with torch.no_grad(), maybe_phase(self.timer, "statistics"):
+            grad, kept, batch_dim = self._kept(layer, grad, call.samples)
             if self.reduce and not layer.diagonal_input:
-                rows = layer.output_grad_rows(layer.batch_first(grad, self.batch_dim)).to(layer.statistics_dtype)
-                rows = rows.unflatten(-2, (call.samples, -1)).sum(-2)
+                rows = layer.output_grad_rows(layer.batch_first(grad, batch_dim)).to(layer.statistics_dtype)
+                rows = rows.unflatten(-2, (kept, -1)).sum(-2)
             else:
                 rows = layer.output_grad_rows(grad).to(layer.statistics_dtype)
             if call.context.keep is not None:
                 rows = rows[call.context.keep]
             sums = self.sums[name]
             sums.commit(call.context)
-            sums.add_output_grads(rows, call.samples, call.group)
+            sums.add_output_grads(rows, call.samples, call.group, kept)
 
     def clear(self) -> None:
         for sums in self.sums.values():
