@@ -9,6 +9,7 @@
 #   benchmarks/low_rank_soap.sh sweep         # 4 epochs at r = 32 (seed 0), 64, 128, 220, and 64 with factors every 3
 #                                             # (seeds 0-2, interleaved by seed), then benchmarks/equal_time.py, ≈ 40 min
 #   benchmarks/low_rank_soap.sh mlp2048       # rkfac tune of sre-soap, AdamW, SGD, SOAP on fashion-mlp-wide-2048, seeds 0-2, ≈ 105 min
+#   benchmarks/low_rank_soap.sh cnn2048       # the same on fashion-cnn-2048, seed 0 (grid ≈ 25 min, the winners ≈ 55 min)
 #   benchmarks/low_rank_soap.sh subset        # statistics on the first 512 / 256 samples at batch 2048: ms per step on
 #                                             # mlp-wide and cnn, then 3 seeds x 10 epochs of m = 512 on mlp-wide, ≈ 25 min
 #   benchmarks/low_rank_soap.sh steps         # ms per step, interleaved, on every preset's model, ≈ 15 min
@@ -23,6 +24,8 @@ case "${1:-}" in
     "$RKFAC" tune --preset fashion-autoencoder --optimizers sre-soap --seeds 0,1,2 --epochs 8 --out runs/tune-ae-sre-soap-v4 --quiet --resume ;;
   mlp2048)  # Muon left out: torch's bfloat16 Newton-Schulz is far too slow on this CPU
     "$RKFAC" tune --preset fashion-mlp-wide-2048 --optimizers sre-soap,adamw,sgd,soap --seeds 0,1,2 --out runs/tune-mlp2048 --quiet --resume ;;
+  cnn2048)
+    "$RKFAC" tune --preset fashion-cnn-2048 --optimizers sre-soap,adamw,sgd,soap --seeds 0 --out runs/tune-cnn2048 --quiet --resume ;;
   peers)
     "$RKFAC" bench --preset fashion-autoencoder-auto --optimizers adamw,soap --seeds 0 --out runs/ae-peers-s0 --quiet --resume ;;
   ranks)
@@ -65,5 +68,5 @@ case "${1:-}" in
       "$PYTHON" benchmarks/step_time.py --preset "$preset" --optimizers "sgd,sre-kfac,soap,sre-soap,sre-soap[rank=64],sre-soap[rank=64;factor_every=3]" --steps 50 --chunk 10
     done ;;
   *)
-    echo "usage: $0 autoencoder|peers|mlp2048|ranks|carry|sweep|subset|steps" >&2; exit 2 ;;
+    echo "usage: $0 autoencoder|peers|mlp2048|cnn2048|ranks|carry|sweep|subset|steps" >&2; exit 2 ;;
 esac
