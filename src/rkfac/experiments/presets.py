@@ -130,7 +130,7 @@ rkfac tune chose for them (sre-soap's tuned lr is its default).
   damping sits at its floor. Its adaptation costs 37% of a K-FAC step here.
 - Classifiers: at batch 2048 (fashion-mlp-wide-2048, every optimizer tuned, 3 seeds) sre-soap
   reaches 86% and 88% first (1.6x sooner than AdamW, 2.8x than SGD) but ends below SOAP (89.2%
-  against 90.2%); at batch 256 SGD or AdamW reach every target before the K-FACs (sre-soap is
+  against 90.1%); at batch 256 SGD or AdamW reach every target before the K-FACs (sre-soap is
   not measured there yet).
 Curves: runs/bench-demo/bench-curves.png (median smoothed step loss against time and steps) and
 bench-adaptive.png (the adaptive step's alpha, mu, lambda and rho)."""
@@ -250,7 +250,7 @@ PRESETS: dict[str, Preset] = {
     },
     "demo": Preset(
         "README demo (make demo): the fashion-autoencoder for 2 epochs, sre-soap and the adaptive SRE-KFAC at their "
-        "defaults against AdamW and SOAP at the settings rkfac tune chose (BENCHMARKS.md, issues 19-21), about 7 min on 2 cores.",
+        "defaults against AdamW and SOAP at the settings rkfac tune chose (BENCHMARKS.md, issues 19-21), about 8 min on 2 cores.",
         {
             "dataset": "fashion-mnist",
             "model": "autoencoder",
