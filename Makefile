@@ -12,7 +12,9 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 demo: install data
 	$(BIN)/rkfac bench --preset demo
 
+# The tests that read Fashion-MNIST skip (saying so) where it cannot be installed.
 test: install
+	@$(MAKE) --no-print-directory data || echo "Fashion-MNIST could not be installed: the tests that read it will skip"
 	$(BIN)/python -m pytest
 
 install: $(STAMP)

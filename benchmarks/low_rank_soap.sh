@@ -10,6 +10,9 @@
 #                                             # (seeds 0-2, interleaved by seed), then benchmarks/equal_time.py, ≈ 40 min
 #   benchmarks/low_rank_soap.sh mlp2048       # rkfac tune of sre-soap, AdamW, SGD, SOAP on fashion-mlp-wide-2048, seeds 0-2, ≈ 105 min
 #   benchmarks/low_rank_soap.sh cnn2048       # the same on fashion-cnn-2048, seed 0 (grid ≈ 25 min, the winners ≈ 55 min)
+#   benchmarks/low_rank_soap.sh cnn2048-winners  # only the grid's winners (session 12's grid), 10 epochs of seed 0, in one
+#                                             # session, then benchmarks/equal_time.py on test accuracy, ≈ 60 min
+#   benchmarks/low_rank_soap.sh vit           # rkfac tune of sre-soap, AdamW, SOAP, SGD on fashion-vit, seed 0, ≈ 40 min
 #   benchmarks/low_rank_soap.sh subset        # statistics on the first 512 / 256 samples at batch 2048: ms per step on
 #                                             # mlp-wide and cnn, then 3 seeds x 10 epochs of m = 512 on mlp-wide, ≈ 25 min
 #   benchmarks/low_rank_soap.sh steps         # ms per step, interleaved, on every preset's model, ≈ 15 min
@@ -26,6 +29,16 @@ case "${1:-}" in
     "$RKFAC" tune --preset fashion-mlp-wide-2048 --optimizers sre-soap,adamw,sgd,soap --seeds 0,1,2 --out runs/tune-mlp2048 --quiet --resume ;;
   cnn2048)
     "$RKFAC" tune --preset fashion-cnn-2048 --optimizers sre-soap,adamw,sgd,soap --seeds 0 --out runs/tune-cnn2048 --quiet --resume ;;
+  cnn2048-winners)  # the lrs session 12's grid chose (BENCHMARKS.md): the × 3 point for all but SGD's × 0.3
+    for winner in sre-soap:9e-3 adamw:3e-3 soap:3e-3 sgd:0.015; do
+      name=${winner%%:*}; lr=${winner#*:}
+      [ -f "runs/cnn2048-$name-s0/summary.json" ] && continue
+      "$RKFAC" train --optimizer "$name" --preset fashion-cnn-2048 --lr "$lr" --seed 0 --quiet --out "runs/cnn2048-$name-s0"
+    done
+    "$PYTHON" benchmarks/equal_time.py --metric test_acc --at 60,120,240,480,960 \
+      sre-soap=runs/cnn2048-sre-soap-s0 adamw=runs/cnn2048-adamw-s0 soap=runs/cnn2048-soap-s0 sgd=runs/cnn2048-sgd-s0 ;;
+  vit)  # Muon left out as on mlp2048 (its CPU bfloat16 Newton-Schulz, 3.2x AdamW's step here)
+    "$RKFAC" tune --preset fashion-vit --optimizers sre-soap,adamw,soap,sgd --seeds 0 --out runs/tune-vit --quiet --resume ;;
   peers)
     "$RKFAC" bench --preset fashion-autoencoder-auto --optimizers adamw,soap --seeds 0 --out runs/ae-peers-s0 --quiet --resume ;;
   ranks)
@@ -68,5 +81,5 @@ case "${1:-}" in
       "$PYTHON" benchmarks/step_time.py --preset "$preset" --optimizers "sgd,sre-kfac,soap,sre-soap,sre-soap[rank=64],sre-soap[rank=64;factor_every=3]" --steps 50 --chunk 10
     done ;;
   *)
-    echo "usage: $0 autoencoder|peers|mlp2048|cnn2048|ranks|carry|sweep|subset|steps" >&2; exit 2 ;;
+    echo "usage: $0 autoencoder|peers|mlp2048|cnn2048|cnn2048-winners|vit|ranks|carry|sweep|subset|steps" >&2; exit 2 ;;
 esac

@@ -22,6 +22,7 @@ from rkfac.experiments.config import RunConfig, parse_schedule, step_schedule, v
 from rkfac.experiments.metrics import PHASES
 from rkfac.experiments.presets import resolve_config
 from rkfac.experiments.rundir import RunDirectory
+from tests.experiments.flags import read_by
 
 SMALL = [
     "--dataset",
@@ -87,7 +88,8 @@ def test_train_writes_a_complete_run_directory(tmp_path: Path) -> None:
     "optimizer", ["sgd", "adam", "kfac", "rs-kfac", "b-kfac", "b-r-kfac", "seng", "kfac-auto", "sre-kfac-auto", "sre-soap"]
 )
 def test_every_optimizer_trains(tmp_path: Path, optimizer: str) -> None:
-    assert main(["train", "--optimizer", optimizer, "--max-steps", "3", "--out", str(tmp_path / optimizer), *SMALL]) == 0
+    argv = ["train", "--optimizer", optimizer, "--max-steps", "3", "--out", str(tmp_path / optimizer), *read_by(optimizer, SMALL)]
+    assert main(argv) == 0
     summary = json.loads((tmp_path / optimizer / "summary.json").read_text())
     assert summary["status"] == "max_steps" and summary["steps"] == 3
 
@@ -150,7 +152,7 @@ def test_truncated_or_corrupted_checkpoint_gives_a_clear_error(tmp_path: Path, c
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    assert main(["train", "--optimizer", "sgd", "--epochs", "2", "--out", str(run), *SMALL]) == 0
+    assert main(["train", "--optimizer", "sgd", "--epochs", "2", "--out", str(run), *read_by("sgd", SMALL)]) == 0
     assert main(["plot", str(run), "--out", str(tmp_path / "p.png")]) == 0
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main(["plot", str(tmp_path / "missing")]) == 2
@@ -377,7 +379,7 @@ def test_divergence_stops_with_a_clear_message_and_keeps_the_checkpoint(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     run = tmp_path / "run"
-    args = ["train", "--optimizer", "sgd", "--epochs", "2", "--lr", "1:0.05,2:1e30", "--out", str(run), *SMALL]
+    args = ["train", "--optimizer", "sgd", "--epochs", "2", "--lr", "1:0.05,2:1e30", "--out", str(run), *read_by("sgd", SMALL)]
     assert main(args) == 2
     error = capsys.readouterr().err
     assert "training loss is" in error and "last checkpoint" in error and "intact" in error

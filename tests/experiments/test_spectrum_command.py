@@ -8,6 +8,7 @@ from pathlib import Path
 from rkfac.experiments.cli import main
 from rkfac.experiments.rundir import RunDirectory
 from rkfac.spectrum import factor_spectrum
+from tests.experiments.flags import read_by
 
 SMALL = [
     "--dataset",
@@ -52,7 +53,7 @@ def test_spectrum_records_during_training_and_compares_widths(tmp_path: Path) ->
 
 def test_spectrum_from_a_saved_run_uses_its_factors(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    assert main(["train", "--optimizer", "kfac", *SMALL, "--out", str(run)]) == 0
+    assert main(["train", "--optimizer", "kfac", *read_by("kfac", SMALL), "--out", str(run)]) == 0
     assert main(["spectrum", "--from", str(run), "--ranks", "5", "--out", str(tmp_path / "s")]) == 0
     summary = json.loads((tmp_path / "s" / "spectrum.json").read_text())
     saved = RunDirectory(run).load_checkpoint()["optimizer"]["preconditioner"]["layers"]["3"]
@@ -63,6 +64,6 @@ def test_spectrum_from_a_saved_run_uses_its_factors(tmp_path: Path) -> None:
 
 def test_spectrum_refuses_non_kfac_runs(tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]
     run = tmp_path / "run"
-    assert main(["train", "--optimizer", "sgd", *SMALL, "--out", str(run)]) == 0
+    assert main(["train", "--optimizer", "sgd", *read_by("sgd", SMALL), "--out", str(run)]) == 0
     assert main(["spectrum", "--from", str(run)]) == 2
     assert "not trained with a K-FAC optimizer" in capsys.readouterr().err

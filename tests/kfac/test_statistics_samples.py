@@ -175,3 +175,33 @@ def test_low_rank_soap_takes_the_limit_too() -> None:
 def test_a_limit_that_is_not_a_positive_count_is_refused(limit: object) -> None:
     with pytest.raises(ValueError, match="statistics_samples"):
         rkfac.KFACPreconditioner(nn.Linear(3, 2), statistics_samples=limit)
+
+
+def test_brand_updates_fold_the_kept_samples_online() -> None:
+    """B-KFAC with m = 4 of 10 samples: every factor is wider than 4, so each step's m columns
+    go through the online Brand update (10 columns would not: a dense statistic), and the
+    low-rank factors after two steps equal those of the first 4 samples run alone."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(8, 9), nn.Tanh(), nn.Linear(9, 7)).to(DTYPE)
+    twin = copy.deepcopy(model)
+    batches = [torch.randn(10, 8, dtype=DTYPE) for _ in range(2)]
+    labels = [torch.randint(0, 7, (10,)) for _ in range(2)]
+    kept = 4
+
+    def run(net: nn.Module, narrow: bool, **options: object) -> dict[str, tuple[Tensor, Tensor]]:
+        brand = rkfac.BrandUpdate(rank=5, fallback=rkfac.ExactEigh())
+        pre = rkfac.KFACPreconditioner(net, decomposition=brand, factor_every=1, inverse_every=1, clip=None, **options)
+        for x, y in zip(batches, labels):
+            net.zero_grad()
+            x, y = (x[:kept], y[:kept]) if narrow else (x, y)
+            F.cross_entropy(net(x), y).backward()
+            pre.step()
+        assert not pre.factors(), "the online factors keep no dense matrix"
+        return {name: (a.dense(), g.dense()) for name, (a, g) in pre.eigenpairs().items()}
+
+    subsampled = run(model, narrow=False, statistics_samples=kept)
+    alone = run(twin, narrow=True)
+    assert subsampled.keys() == alone.keys() == {"0", "2"}
+    for layer, (a, g) in subsampled.items():
+        torch.testing.assert_close(a, alone[layer][0], msg=f"A of {layer}")
+        torch.testing.assert_close(g, alone[layer][1], msg=f"G of {layer}")

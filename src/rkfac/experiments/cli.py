@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rkfac.experiments.config import RunConfig, parse_schedule
+from rkfac.experiments.config import RunConfig, parse_schedule, unread_settings
 from rkfac.experiments.presets import PRESETS, RUNNABLE, VARIANTS, resolve_config, variant_name
 from rkfac.spectrum import DEFAULT_THRESHOLD
 
@@ -164,6 +164,35 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {name: value for name, value in vars(args).items() if name in names}
 
 
+def _text(value: Any) -> str:
+    """A setting as its flag would write it: 8 for 8.0, comma-separated lists, epoch:value pairs."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, dict):
+        return ",".join(f"{epoch}:{_text(item)}" for epoch, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return ",".join(_text(item) for item in value)
+    return str(value)
+
+
+def _read_flags(optimizers: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides``, once every flag in it is read by one of ``optimizers`` at least (a variant
+    counts as its optimizer). A flag none reads is refused, naming its value and its readers,
+    rather than dropped; one only some read is noted on stderr with those that run without it."""
+    bases = {name: VARIANTS.get(name, (name, {}))[0] for name in optimizers}
+    unread = unread_settings(list(bases.values()), overrides)
+    if unread:
+        named = "; ".join(
+            f"{_flag(name)} {_text(overrides[name])} (read by {', '.join(readers)})" for name, readers in unread.items()
+        )
+        raise ValueError(f"{', '.join(optimizers)} would ignore {named}: drop it, or run an optimizer that reads it")
+    for name in overrides:
+        ignoring = [given for given, base in bases.items() if unread_settings([base], {name: None})]
+        if ignoring:
+            print(f"rkfac: note: {', '.join(ignoring)} run without {_flag(name)} (they do not read it)", file=sys.stderr)
+    return overrides
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rkfac", description="Train, benchmark and plot K-FAC with randomized decompositions.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -280,7 +309,7 @@ def _train(args: argparse.Namespace) -> int:
         out = args.resume
     else:
         name = args.optimizer or DEFAULT_OPTIMIZER
-        config = resolve_config(name, args.preset, _overrides(args))
+        config = resolve_config(name, args.preset, _read_flags([name], _overrides(args)))
         out = args.out or f"runs/{config.preset or config.model}-{name}-seed{config.seed}"
         summary = train(config, out, quiet=args.quiet)
     if placement_from_environment().is_main:  # under torchrun, one line from rank 0 (which evaluates)
@@ -322,7 +351,7 @@ def _bench(args: argparse.Namespace) -> int:
         out,
         optimizers=args.optimizers,
         seeds=args.seeds,
-        overrides=_overrides(args),
+        overrides=_read_flags(args.optimizers or PRESETS[preset].optimizers, _overrides(args)),
         quiet=args.quiet,
         resume=args.resume,
     )
@@ -341,7 +370,7 @@ def _tune(args: argparse.Namespace) -> int:
         optimizers=args.optimizers,
         seeds=args.seeds,
         tune_steps=args.tune_steps,
-        overrides=_overrides(args),
+        overrides=_read_flags(args.optimizers or PRESETS[preset].optimizers, _overrides(args)),
         quiet=args.quiet,
         resume=args.resume,
     )
@@ -356,7 +385,8 @@ def _spectrum(args: argparse.Namespace) -> int:
         out = Path(args.out or Path(args.from_run) / "spectrum")
         summary = spectra.write_summary([result], out)
     else:
-        config = resolve_config(args.optimizer or DEFAULT_OPTIMIZER, args.preset, _overrides(args))
+        name = args.optimizer or DEFAULT_OPTIMIZER
+        config = resolve_config(name, args.preset, _read_flags([name], _overrides(args)))
         out = Path(args.out or f"runs/spectrum-{config.preset or config.model}")
         scales = args.width_scales or [config.width_scale]
         summary = spectra.run_spectrum(

@@ -56,6 +56,44 @@ KFAC_FACTORS = (*KFAC_OPTIMIZERS, *EIGENBASIS_ADAM)  # optimizers that build K-F
 PRECONDITIONED = (*KFAC_FACTORS, "seng")  # optimizers with a preconditioner (and a phase timer)
 PEERS = tuple(name for name in OPTIMIZERS if name not in PRECONDITIONED)  # what users would pick instead
 
+# The optimizers that read each setting not every optimizer reads (a setting absent here is read
+# by all: lr but for the adaptive step, weight_decay, seed, the model's, the data's, the run's).
+# build_optimizer passes a setting only to these; the CLI refuses a flag that none of a run's
+# optimizers reads (see unread_settings) rather than drop it silently.
+_RANDOMIZED = ("rs-kfac", "sre-kfac", "b-kfac", "b-r-kfac", "sre-kfac-auto", *EIGENBASIS_ADAM)  # an RS/SRE decomposition
+_SENG_SETTINGS = ("update_freq", "col_sample_size", "sketch_threshold", "sketch_rank")
+_ADAPTIVE_SETTINGS = ("initial_damping", "min_relative_damping", "damping_every", "curvature_samples")
+_FACTOR_SETTINGS = ("weight_decay_start", "factor_decay", "factor_every", "inverse_every", "fisher", "kfac_approx")
+_DECOMPOSITION_SETTINGS = ("rank", "oversample", "power_iters", "warm_start", "warm_power_iters", "adaptive_rank", "min_rank")
+READERS: dict[str, tuple[str, ...]] = {
+    "lr": tuple(name for name in OPTIMIZERS if name not in ADAPTIVE_OPTIMIZERS),
+    "momentum": ("sgd", *FIXED_STEP_KFAC, "seng"),
+    "damping": (*FIXED_STEP_KFAC, "seng"),
+    "damping_mode": KFAC_OPTIMIZERS,
+    "clip": KFAC_OPTIMIZERS,
+    "clip_value": KFAC_OPTIMIZERS,
+    "apply_dtype": KFAC_OPTIMIZERS,
+    "statistics_samples": KFAC_FACTORS,
+    "skip": KFAC_FACTORS,
+    "refresh_every": ("b-r-kfac",),
+    "carry": EIGENBASIS_ADAM,
+    **dict.fromkeys(_FACTOR_SETTINGS, KFAC_FACTORS),
+    **dict.fromkeys(_DECOMPOSITION_SETTINGS, _RANDOMIZED),
+    **dict.fromkeys(_ADAPTIVE_SETTINGS, ADAPTIVE_OPTIMIZERS),
+    **dict.fromkeys(_SENG_SETTINGS, ("seng",)),
+}
+
+
+def unread_settings(optimizers: list[str], settings: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+    """The ``settings`` that none of ``optimizers`` (base names, not variants) reads, each with
+    the optimizers that would read it: a flag the run would drop."""
+    return {
+        name: READERS[name]
+        for name in settings
+        if name in READERS and not any(optimizer in READERS[name] for optimizer in optimizers)
+    }
+
+
 # Which optimizers read the options of each library class, prefixed to their help.
 _SCOPES: dict[type, str] = {
     UpdateOptions: "",
