@@ -157,3 +157,9 @@ def test_a_bench_refuses_a_flag_none_of_its_optimizers_reads_and_notes_one_some_
     assert "--carry reset" in capsys.readouterr().err
     assert main([*bench, "--optimizers", "sgd,sre-kfac", "--rank", "4"]) == 0
     assert "sgd run without --rank" in capsys.readouterr().err
+
+
+def test_a_tune_refuses_a_knob_none_of_its_optimizers_reads(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tune = ["tune", "--preset", "quick", "--seeds", "0", "--tune-steps", "1", "--out", str(tmp_path), *SMALL]
+    assert main([*tune, "--optimizers", "adamw,soap", "--knob", "momentum=0,0.9"]) == 2
+    assert "--momentum 0,0.9" in capsys.readouterr().err and not (tmp_path / "grid").exists()

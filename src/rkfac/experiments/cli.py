@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from rkfac.experiments.config import RunConfig, parse_schedule, unread_settings
+from rkfac.experiments.config import RunConfig, parse_schedule, setting_text, unread_settings
 from rkfac.experiments.presets import PRESETS, RUNNABLE, VARIANTS, resolve_config, variant_name
 from rkfac.spectrum import DEFAULT_THRESHOLD
 
@@ -164,17 +164,6 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return {name: value for name, value in vars(args).items() if name in names}
 
 
-def _text(value: Any) -> str:
-    """A setting as its flag would write it: 8 for 8.0, comma-separated lists, epoch:value pairs."""
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, dict):
-        return ",".join(f"{epoch}:{_text(item)}" for epoch, item in value.items())
-    if isinstance(value, (list, tuple)):
-        return ",".join(_text(item) for item in value)
-    return str(value)
-
-
 def _read_flags(optimizers: Sequence[str], overrides: dict[str, Any]) -> dict[str, Any]:
     """``overrides``, once every flag in it is read by one of ``optimizers`` at least (a variant
     counts as its optimizer). A flag none reads is refused, naming its value and its readers,
@@ -183,7 +172,7 @@ def _read_flags(optimizers: Sequence[str], overrides: dict[str, Any]) -> dict[st
     unread = unread_settings(list(bases.values()), overrides)
     if unread:
         named = "; ".join(
-            f"{_flag(name)} {_text(overrides[name])} (read by {', '.join(readers)})" for name, readers in unread.items()
+            f"{_flag(name)} {setting_text(overrides[name])} (read by {', '.join(readers)})" for name, readers in unread.items()
         )
         raise ValueError(f"{', '.join(optimizers)} would ignore {named}: drop it, or run an optimizer that reads it")
     for name in overrides:
@@ -363,14 +352,18 @@ def _tune(args: argparse.Namespace) -> int:
 
     preset = args.preset or "quick"
     out = Path(args.out or f"runs/tune-{preset}")
+    optimizers = args.optimizers or PRESETS[preset].optimizers
+    grid = Grid.parse(args.lr_factors, args.knob or ())
+    if grid.knob is not None:  # a knob none of the optimizers reads would only repeat identical runs
+        _read_flags(optimizers, {grid.knob.field: list(grid.knob.values)})
     run_tune(
         preset,
         out,
-        grid=Grid.parse(args.lr_factors, args.knob or ()),
+        grid=grid,
         optimizers=args.optimizers,
         seeds=args.seeds,
         tune_steps=args.tune_steps,
-        overrides=_read_flags(args.optimizers or PRESETS[preset].optimizers, _overrides(args)),
+        overrides=_read_flags(optimizers, _overrides(args)),
         quiet=args.quiet,
         resume=args.resume,
     )

@@ -316,6 +316,22 @@ def _check_item(field: dataclasses.Field[Any], value: Any) -> None:
     check_field(field, value)
 
 
+def setting_text(value: Any) -> str:
+    """A setting's value as short text, as its flag writes it (numbers by ``:g``, lists comma-separated,
+    schedules as epoch:value pairs, None as none): for messages, grid labels and tables."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (int, float)):
+        return f"{value:g}"
+    if isinstance(value, dict):
+        return ",".join(f"{epoch}:{setting_text(item)}" for epoch, item in value.items())
+    if isinstance(value, (list, tuple)):
+        return ",".join(setting_text(item) for item in value)
+    return str(value)
+
+
 def value_at_epoch(schedule: EpochSchedule, epoch: int) -> float:
     """The value of an epoch schedule in (1-based) ``epoch``."""
     if not isinstance(schedule, dict):

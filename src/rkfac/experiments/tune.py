@@ -14,6 +14,7 @@ The protocol (issue 19: "every optimizer, rkfac's included, gets the same small 
    as ``widths=32,32;64,64``), is crossed with the lr values. Every optimizer runs the whole
    grid, even one that ignores the knob (Adam and ``momentum``): the same grid for all, at the
    cost of repeated identical runs, whose tie the rule below breaks towards the first value.
+   A knob that none of the optimizers reads is refused by the CLI (``rkfac tune``).
 
 2. **Selection, on seed 0 and short.** Every optimizer and grid point runs seed 0 for one
    epoch (``epochs=1``) or, with ``tune_steps`` (``--tune-steps N``), for N steps
@@ -63,7 +64,7 @@ from typing import Any
 
 from rkfac.experiments.bench import run_bench, run_or_reuse
 from rkfac.experiments.cli import parse_setting
-from rkfac.experiments.config import EpochSchedule, RunConfig
+from rkfac.experiments.config import EpochSchedule, RunConfig, setting_text
 from rkfac.experiments.presets import PRESETS, resolve_config
 from rkfac.experiments.rundir import RunDirectory
 from rkfac.experiments.train import TrainingDivergedError
@@ -103,7 +104,7 @@ class Knob:
         if not items:
             raise ValueError(f"bad knob {text!r}: it gives {name} no values; write {name}=v1,v2,...")
         values = tuple(parse_setting(name, item) for item in items)
-        labels = [_label_text(value) for value in values]
+        labels = [setting_text(value) for value in values]
         repeated = sorted({label for label in labels if labels.count(label) > 1})
         if repeated:
             raise ValueError(f"bad knob {text!r}: {name} value {', '.join(repeated)} is given twice; give each once")
@@ -166,7 +167,7 @@ class Grid:
             label = f"lr-x{factor:g}"
             if self.knob is not None:
                 settings[self.knob.field] = value
-                label += f"_{self.knob.field}-{_label_text(value)}"
+                label += f"_{self.knob.field}-{setting_text(value)}"
             points.append(GridPoint(_safe(label), factor, index, settings))
         return points
 
@@ -185,21 +186,6 @@ def scale_lr(lr: EpochSchedule, factor: float) -> EpochSchedule:
 
 def _round(value: float) -> float:
     return float(f"{value:.12g}")
-
-
-def _label_text(value: Any) -> str:
-    """A setting's value as short text (numbers by ``:g``), for labels and tables."""
-    if value is None:
-        return "none"
-    if isinstance(value, bool):
-        return str(value).lower()
-    if isinstance(value, (int, float)):
-        return f"{value:g}"
-    if isinstance(value, dict):
-        return ",".join(f"{epoch}:{_label_text(item)}" for epoch, item in value.items())
-    if isinstance(value, (list, tuple)):
-        return ",".join(_label_text(item) for item in value)
-    return str(value)
 
 
 def _safe(label: str) -> str:
@@ -363,19 +349,19 @@ def format_tune_table(tune: dict[str, Any]) -> str:
     knob = tune["grid"]["knob"]
     lines = [
         f"Grid: lr × {', '.join(f'{f:g}' for f in tune['grid']['lr_factors'])} of each optimizer's own lr"
-        + (f", crossed with {knob['field']} ∈ {{{', '.join(_label_text(v) for v in knob['values'])}}}" if knob else "")
+        + (f", crossed with {knob['field']} ∈ {{{', '.join(setting_text(v) for v in knob['values'])}}}" if knob else "")
         + f"; seed {tune['tune_seed']}, "
         + ("one epoch" if tune["tune_steps"] is None else f"{tune['tune_steps']} steps")
         + " per run; objective lower is better (** the winner: lowest, ties to the smaller lr).",
     ]
     for name, result in tune["optimizers"].items():
         header = ["setting", "lr", *([knob["field"]] if knob else []), "status", "objective"]
-        lines += ["", f"### {name} (own lr {_label_text(result['base_lr'])})", ""]
+        lines += ["", f"### {name} (own lr {setting_text(result['base_lr'])})", ""]
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for run in result["runs"]:
             won = run["label"] == result["winner"]
-            cells = [f"**{run['label']}**" if won else run["label"], _label_text(run["settings"]["lr"])]
-            cells += [_label_text(run["settings"][knob["field"]])] if knob else []
+            cells = [f"**{run['label']}**" if won else run["label"], setting_text(run["settings"]["lr"])]
+            cells += [setting_text(run["settings"][knob["field"]])] if knob else []
             cells += [run["status"], _score_text(run["objective"]) + (" **" if won else "")]
             lines.append("| " + " | ".join(cells) + " |")
         if result["winner"] is None:
