@@ -6,6 +6,8 @@
 #   benchmarks/adaptive.sh autoencoder   # fashion-autoencoder-auto: AdamW and SOAP at their tuned lr, 3 seeds (~35 min)
 #   benchmarks/adaptive.sh quick         # quick (MLP 1536, 2 epochs): SGD, Adam, SRE-KFAC, sre-kfac-auto (~5 min)
 #   benchmarks/adaptive.sh mlp-2048      # fashion-mlp-wide-2048 (10 epochs at batch 2048), same four (~15 min)
+#   benchmarks/adaptive.sh model-every   # sre-kfac-auto solving its model every 1, 2, 4 steps: quick (2 epochs) and
+#                                        # fashion-autoencoder-auto (2 epochs), seed 0, interleaved (~12 min)
 #
 # Nothing else may run meanwhile (2 cores).
 set -euo pipefail
@@ -19,6 +21,11 @@ case "${1:-}" in
   mlp-2048)
     "$RKFAC" bench --preset fashion-mlp-wide-2048 --optimizers sgd,adam,sre-kfac,sre-kfac-auto \
       --out runs/bench-mlp2048-auto --quiet --resume ;;
+  model-every)
+    for preset in quick fashion-autoencoder-auto; do
+      "$RKFAC" bench --preset "$preset" --optimizers sre-kfac-auto,sre-kfac-auto-k2,sre-kfac-auto-k4 --epochs 2 --seeds 0 \
+        --out "runs/bench-$preset-model-every" --quiet --resume
+    done ;;
   *)
-    echo "usage: $0 autoencoder|quick|mlp-2048" >&2; exit 2 ;;
+    echo "usage: $0 autoencoder|quick|mlp-2048|model-every" >&2; exit 2 ;;
 esac

@@ -13,6 +13,10 @@
 #   benchmarks/low_rank_soap.sh cnn2048-winners  # only the grid's winners (session 12's grid), 10 epochs of seed 0, in one
 #                                             # session, then benchmarks/equal_time.py on test accuracy, ≈ 60 min
 #   benchmarks/low_rank_soap.sh vit           # rkfac tune of sre-soap, AdamW, SOAP, SGD on fashion-vit, seed 0, ≈ 40 min
+#   benchmarks/low_rank_soap.sh vit-winners   # only the grid's winners (session 13's grid), 5 epochs of seeds 0-2, in one
+#                                             # session, then benchmarks/equal_time.py on test accuracy, ≈ 45 min
+#   benchmarks/low_rank_soap.sh mlp2048-decay # the mlp2048 winners with one step decay for all (lr x 0.3 from epoch 5,
+#                                             # x 0.1 from epoch 8), seed 0: sre-soap, SOAP, then AdamW, ≈ 25 min
 #   benchmarks/low_rank_soap.sh subset        # statistics on the first 512 / 256 samples at batch 2048: ms per step on
 #                                             # mlp-wide and cnn, then 3 seeds x 10 epochs of m = 512 on mlp-wide, ≈ 25 min
 #   benchmarks/low_rank_soap.sh steps         # ms per step, interleaved, on every preset's model, ≈ 15 min
@@ -39,6 +43,26 @@ case "${1:-}" in
       sre-soap=runs/cnn2048-sre-soap-s0 adamw=runs/cnn2048-adamw-s0 soap=runs/cnn2048-soap-s0 sgd=runs/cnn2048-sgd-s0 ;;
   vit)  # Muon left out as on mlp2048 (its CPU bfloat16 Newton-Schulz, 3.2x AdamW's step here)
     "$RKFAC" tune --preset fashion-vit --optimizers sre-soap,adamw,soap,sgd --seeds 0 --out runs/tune-vit --quiet --resume ;;
+  vit-winners)  # the lrs session 13's grid chose (BENCHMARKS.md), seeds 0-2 interleaved by seed
+    for seed in 0 1 2; do
+      for winner in sre-soap:3e-3 adamw:1e-3 soap:3e-3 sgd:0.15; do
+        name=${winner%%:*}; lr=${winner#*:}
+        [ -f "runs/vit-$name-s$seed/summary.json" ] && continue
+        "$RKFAC" train --optimizer "$name" --preset fashion-vit --lr "$lr" --seed "$seed" --quiet --out "runs/vit-$name-s$seed"
+      done
+    done
+    groups=()
+    for name in sre-soap adamw soap sgd; do groups+=("$name=$(ls -d runs/vit-"$name"-s* | paste -sd,)"); done
+    "$PYTHON" benchmarks/equal_time.py --metric test_acc --at 30,60,120,180 "${groups[@]}" ;;
+  mlp2048-decay)  # the same decay shape for every optimizer, on its tuned lr (session 12's grid)
+    for winner in sre-soap:3e-3 soap:3e-3 adamw:1e-3; do
+      name=${winner%%:*}; lr=${winner#*:}
+      schedule=$("$PYTHON" -c "print(f'1:{$lr},5:{$lr * 0.3:g},8:{$lr * 0.1:g}')")
+      [ -f "runs/mlp2048-decay-$name-s0/summary.json" ] && continue
+      "$RKFAC" train --optimizer "$name" --preset fashion-mlp-wide-2048 --lr "$schedule" --seed 0 --quiet --out "runs/mlp2048-decay-$name-s0"
+    done
+    "$PYTHON" benchmarks/equal_time.py --metric test_acc --at 40,80,160,240 \
+      sre-soap=runs/mlp2048-decay-sre-soap-s0 soap=runs/mlp2048-decay-soap-s0 adamw=runs/mlp2048-decay-adamw-s0 ;;
   peers)
     "$RKFAC" bench --preset fashion-autoencoder-auto --optimizers adamw,soap --seeds 0 --out runs/ae-peers-s0 --quiet --resume ;;
   ranks)
@@ -81,5 +105,5 @@ case "${1:-}" in
       "$PYTHON" benchmarks/step_time.py --preset "$preset" --optimizers "sgd,sre-kfac,soap,sre-soap,sre-soap[rank=64],sre-soap[rank=64;factor_every=3]" --steps 50 --chunk 10
     done ;;
   *)
-    echo "usage: $0 autoencoder|peers|mlp2048|cnn2048|cnn2048-winners|vit|ranks|carry|sweep|subset|steps" >&2; exit 2 ;;
+    echo "usage: $0 autoencoder|peers|mlp2048|cnn2048|cnn2048-winners|vit|vit-winners|mlp2048-decay|ranks|carry|sweep|subset|steps" >&2; exit 2 ;;
 esac

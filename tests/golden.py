@@ -9,9 +9,11 @@ case below was run and its record written to ``tests/golden/trajectories.json``:
   decompositions (``pre.factors()``, ``pre.eigenpairs()``), for the K-FACs;
 - ``norms``: the float64 norm of every parameter, for the tolerance check below.
 
-``tests/test_golden.py`` reruns every case. On the machine kind the records were made on (same
-torch version, CPU capability and thread count: :func:`fingerprint`) it asserts bitwise
-equality of all four. Elsewhere, BLAS kernels may sum in another order, so it asserts losses
+``tests/test_golden.py`` reruns every case. On a machine kind with a record (same torch
+version, CPU capability and thread count: :func:`fingerprint`) it asserts bitwise equality of
+all four. A kind's record after the first (``trajectories-<kind>.json``) is written by running
+``--write`` at a commit whose numbers match the first record on its own kind, so it extends the
+same numbers to that kind. Elsewhere, BLAS kernels may sum in another order, so it asserts losses
 and norms to a relative 1e-4 instead and says so in the test output.
 
 Record again (only on purpose, after a change that is meant to alter numbers)::
@@ -42,7 +44,8 @@ from rkfac.experiments.models import build_model
 from rkfac.experiments.optimizers import build_optimizer
 from rkfac.experiments.presets import resolve_config
 
-RECORD = Path(__file__).parent / "golden" / "trajectories.json"
+RECORDS = Path(__file__).parent / "golden"
+RECORD = RECORDS / "trajectories.json"  # the first record (issue 16's, before any code moved)
 
 
 def fingerprint() -> dict[str, Any]:
@@ -238,23 +241,35 @@ def run(name: str) -> dict[str, Any]:
     return CASES[name].run()
 
 
+def record_path(print_: dict[str, Any]) -> Path:
+    """Where the record of a machine kind lives: the first record's file if it is that kind's,
+    else one file per kind (so that each kind is checked bitwise against its own record)."""
+    if RECORD.exists() and json.loads(RECORD.read_text())["fingerprint"] == print_:
+        return RECORD
+    return RECORDS / f"trajectories-torch{print_['torch']}-{print_['cpu_capability']}-{print_['threads']}threads.json"
+
+
 def load() -> dict[str, Any]:
-    return json.loads(RECORD.read_text())
+    """This machine kind's record if there is one, else the first record."""
+    own = record_path(fingerprint())
+    return json.loads((own if own.exists() else RECORD).read_text())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--write", action="store_true", help="record every case into tests/golden/trajectories.json")
+    parser.add_argument("--write", action="store_true", help="record every case into this machine kind's file in tests/golden/")
     parser.add_argument("cases", nargs="*", help="only these cases (default: all)")
     args = parser.parse_args()
     names = args.cases or list(CASES)
-    records = load()["cases"] if RECORD.exists() and args.cases else {}
+    target = record_path(fingerprint())
+    records = json.loads(target.read_text())["cases"] if target.exists() and args.cases else {}
     for name in names:
         records[name] = run(name)
         print(name, records[name]["losses"][-1], file=sys.stderr)
     if args.write:
-        RECORD.parent.mkdir(exist_ok=True)
-        RECORD.write_text(json.dumps({"fingerprint": fingerprint(), "cases": records}, indent=1) + "\n")
+        RECORDS.mkdir(exist_ok=True)
+        target.write_text(json.dumps({"fingerprint": fingerprint(), "cases": records}, indent=1) + "\n")
+        print(f"wrote {target}", file=sys.stderr)
 
 
 if __name__ == "__main__":

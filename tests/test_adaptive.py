@@ -203,9 +203,61 @@ def run_steps(model: nn.Module, opt: rkfac.KFAC, steps: range) -> None:
         opt.step(inputs=x, targets=y)
 
 
-def test_a_restored_optimizer_continues_bitwise_and_the_training_random_stream_is_untouched() -> None:
+def minimise(matrix: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The coefficients minimising bᵀc + ½cᵀQc, μ (the second) on its nearest bound of [0, 0.95]."""
+    coefficients = torch.linalg.solve(matrix, -b)
+    if len(b) == 2 and not 0.0 <= coefficients[1] <= 0.95:
+        mu = min(max(float(coefficients[1]), 0.0), 0.95)
+        coefficients = torch.tensor([-(b[0] + matrix[0, 1] * mu) / matrix[0, 0], mu], dtype=torch.float64)
+    return coefficients
+
+
+def test_between_measurements_the_model_keeps_the_curvature_per_unit_direction_and_runs_no_pass() -> None:
+    model = make_model()
+    opt = make_optimizer(model, curvature_samples=6, damping_every=5, model_every=2)
+    passes = []
+    model.register_forward_hook(lambda *_: passes.append(1))
+    unit: torch.Tensor | None = None  # vᵢᵀCvⱼ / (‖vᵢ‖‖vⱼ‖) of the last measuring step, from the dense GGN
+    previous: torch.Tensor | None = None
+    for step in range(11):
+        x, y = batch(step)
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        theta = flat_params(model)[0]
+        g = flat([p.grad for p in model.parameters()]).clone() + WEIGHT_DECAY * theta
+        damping = opt.adaptive.damping  # type: ignore[union-attr]
+        curvature = dense_ggn(model, x[:6], y[:6], "cross_entropy", "mean")
+        passes.clear()
+        opt.step(inputs=x, targets=y)
+        record = opt.adaptive.last  # type: ignore[union-attr]
+        update = flat_params(model)[0] - theta
+        direction = -(flat([p.grad for p in model.parameters()]) + WEIGHT_DECAY * theta)
+        vectors = [direction] if previous is None else [direction, previous]
+        norms = torch.stack([v.norm() for v in vectors])
+        gram = torch.tensor([[float(u @ v) for v in vectors] for u in vectors], dtype=torch.float64)
+        if step % 2 == 0:  # measured: the forward-mode passes ran, C is this batch's
+            assert passes and math.isfinite(record.predicted)
+            measured = torch.tensor([[float(u @ curvature @ v) for v in vectors] for u in vectors], dtype=torch.float64)
+            unit = measured / torch.outer(norms, norms)
+        else:  # between: the last Ĉ scaled to this step's Δ and δ₀, exact inner products, no pass
+            assert not passes and math.isnan(record.predicted)
+            assert unit is not None
+            if len(unit) < len(vectors):  # measured before there was a δ₀ (step 0): Δ alone, μ = 0
+                vectors, norms, gram = vectors[:1], norms[:1], gram[:1, :1]
+                assert record.momentum == 0.0
+            measured = unit * torch.outer(norms, norms)
+        coefficients = minimise(measured + (damping + WEIGHT_DECAY) * gram, torch.stack([g @ v for v in vectors]))
+        expected = sum(c * v for c, v in zip(coefficients, vectors, strict=True))
+        torch.testing.assert_close(update, expected, rtol=1e-7, atol=1e-12)
+        # λ adjusts on the measuring step whose window (s − 2, s] holds a multiple of T = 5: steps 0, 6, 10
+        assert (record.rho is not None) == (step in (0, 6, 10)), step
+        previous = update
+
+
+@pytest.mark.parametrize("model_every", [1, 3])
+def test_a_restored_optimizer_continues_bitwise_and_the_training_random_stream_is_untouched(model_every: int) -> None:
     model = make_model(dropout=0.3)
-    opt = make_optimizer(model, curvature_samples=6, damping_every=2)
+    opt = make_optimizer(model, curvature_samples=6, damping_every=2, model_every=model_every)
     run_steps(model, opt, range(4))
     saved_model = {k: v.clone() for k, v in model.state_dict().items()}
     saved_opt = copy.deepcopy(opt.state_dict())  # the live state moves on with the training
@@ -215,7 +267,7 @@ def test_a_restored_optimizer_continues_bitwise_and_the_training_random_stream_i
 
     twin = make_model(dropout=0.3)
     twin.load_state_dict(saved_model)
-    twin_opt = make_optimizer(twin, curvature_samples=6, damping_every=2)
+    twin_opt = make_optimizer(twin, curvature_samples=6, damping_every=2, model_every=model_every)
     twin_opt.load_state_dict(saved_opt)
     torch.set_rng_state(rng)
     run_steps(twin, twin_opt, range(4, 8))

@@ -1,8 +1,12 @@
 """The golden trajectories of :mod:`golden` still come out the same: the renovation's "same numbers".
 
-Bitwise on the machine kind they were recorded on; to a relative 1e-4 (losses, parameter
-norms) on another CPU capability, torch version or thread count, where BLAS may sum in a
-different order (the test says which check ran).
+Bitwise on a machine kind with a record (``tests/golden/``: AVX2 and AVX512, 2 threads, torch
+2.13.0). On a kind without one (another CPU capability, torch version or thread count), BLAS
+sums in another order and training amplifies the difference: between the AVX2 and AVX512
+records the losses differ by at most 4.3e-5 (relative) over the first two steps but by up to
+124% at step 30 (fashion-cnn/sre-kfac). There only the first two losses are checked, to a
+relative 1e-4, and the test says so: record that kind (``tests/golden.py --write`` at a commit
+that passes bitwise on a recorded kind) to check it fully.
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ def test_trajectory_matches_the_record(name: str) -> None:
         for key in expected:
             assert actual[key] == expected[key], f"{name}: {key} differs bitwise"
         return
-    warnings.warn(f"golden {name}: another machine kind than the recording's, checked to rtol 1e-4 only", stacklevel=1)
-    torch.testing.assert_close(torch.tensor(actual["losses"]), torch.tensor(expected["losses"]), rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(torch.tensor(actual["norms"]), torch.tensor(expected["norms"]), rtol=1e-4, atol=1e-6)
+    warnings.warn(f"golden {name}: no record of this machine kind, first two losses checked to rtol 1e-4 only", stacklevel=1)
+    first = slice(0, 2)
+    torch.testing.assert_close(
+        torch.tensor(actual["losses"][first]), torch.tensor(expected["losses"][first]), rtol=1e-4, atol=1e-6
+    )

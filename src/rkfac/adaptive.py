@@ -36,6 +36,16 @@ Each is then an unbiased estimate of its whole-batch value: the predicted change
 subset's curvature, the measured one the subset's losses. h(θ) is the primal of the first
 forward-mode pass, so ρ costs one extra forward of the subset every T steps.
 
+Every ``model_every`` (K) steps the curvature is measured: on steps 0, K, 2K, ... as above. The
+K − 1 steps between measure nothing on the model (no forward pass): they keep the last
+measurement's curvature per unit direction, Ĉᵢⱼ = vᵢᵀCvⱼ / (‖vᵢ‖‖vⱼ‖), and solve M again with
+their own Δ and δ₀: Qᵢⱼ = Ĉᵢⱼ ‖vᵢ‖‖vⱼ‖ + (λ + η)⟨vᵢ, vⱼ⟩, b = (⟨g, Δ⟩, ⟨g, δ₀⟩) exact (inner
+products only). Reusing α and μ themselves was measured first and failed: on
+fashion-autoencoder K = 2 and K = 4 diverged in epoch 2 (μ = 0.95 applied to a δ₀ it was not
+chosen for compounds the momentum), where K = 1 ends at 11.2 (BENCHMARKS.md, issue 20). λ only
+moves on a measuring step (ρ needs M's measured decrease): on the step s whose window
+(s − K, s] holds a multiple of T, so λ still adjusts once per T steps (every K steps when K > T).
+
 Costs per step, measured in BENCHMARKS.md: one forward-mode pass per tangent (two after the
 first step) on the subset, about a forward and backward of that many samples each; a few
 passes over the parameters (inner products, the update). In a process
@@ -84,6 +94,9 @@ class AdaptiveOptions:
     max_momentum: float = option(0.95, "μ is kept in [0, max_momentum]", low=0.0, high=1.0, high_inclusive=False)
     curvature_samples: int | None = option(
         None, "samples of the batch the curvature products and ρ use (None: 128 for cross_entropy, 32 for mse)", kind="int", low=1
+    )
+    model_every: int = option(
+        1, "steps between curvature measurements (K); between, M keeps the last curvature per unit direction", kind="int", low=1
     )
 
     def __post_init__(self) -> None:
@@ -141,6 +154,7 @@ class AdaptiveStep:
         self.steps = 0
         self.previous: dict[int, Tensor] = {}  # id(param) -> the last update δ₀
         self.last = StepRecord()
+        self._unit_curvature: Tensor | None = None  # Ĉ of the last measuring step (model_every > 1)
         self._loss_before = torch.zeros(1)  # h(θ) on the curvature samples, from this step's first pass
         self._comm = Communicator(process_group)
 
@@ -155,20 +169,22 @@ class AdaptiveStep:
         ones. Returns (and keeps as ``last``) what it chose."""
         pairs = [(p, g) for p, g in zip(self.params, raw_grads, strict=True) if g is not None and p.grad is not None]
         params = [p for p, _ in pairs]
-        grads = [g + weight_decay * p if weight_decay else g for p, g in pairs]
         directions = [-(p.grad + weight_decay * p) if weight_decay else -p.grad for p in params]  # type: ignore[operator]
         previous = [self.previous.get(id(p)) for p in params]
         use_momentum = self.options.adapt_momentum and all(d is not None for d in previous) and bool(previous)
-        shift = self.damping + weight_decay
-        tangents = [directions, previous] if use_momentum else [directions]
-        model = self._quadratic_model(params, grads, tangents, shift, inputs, targets)  # type: ignore[arg-type]
-        coefficients = model.minimiser(second_range=(0.0, self.options.max_momentum))
         record = StepRecord(damping=self.damping)
+        measure = self.steps % self.options.model_every == 0 or self._unit_curvature is None
+        adjust = measure and self._adjusts_now()
+        if not measure and use_momentum and self._unit_curvature.shape[0] < 2:  # type: ignore[union-attr]
+            use_momentum = False  # measured before there was a δ₀: Δ alone until the next measurement
+        grads = [g + weight_decay * p if weight_decay else g for p, g in pairs]
+        tangents = [directions, previous] if use_momentum else [directions]
+        model = self._quadratic_model(params, grads, tangents, self.damping + weight_decay, inputs, targets, measure)  # type: ignore[arg-type]
+        coefficients = model.minimiser(second_range=(0.0, self.options.max_momentum))
         if coefficients is None:
             record.skipped = True
             self.last, self.steps = record, self.steps + 1
             return record
-        adjust = self.steps % self.options.damping_every == 0
         if adjust:
             before = float(self._comm.average_flat([self._loss_before])[0][0]) + _decay_term(params, weight_decay)
         alpha, mu = float(coefficients[0]), float(coefficients[1]) if use_momentum else 0.0
@@ -178,12 +194,19 @@ class AdaptiveStep:
                 update.add_(previous[index], alpha=mu)  # type: ignore[arg-type]
             p.add_(update)
             self.previous[id(p)] = update
-        record.alpha, record.momentum, record.predicted = alpha, mu, model.change(coefficients)
+        record.alpha, record.momentum = alpha, mu
+        if measure:
+            record.predicted = model.change(coefficients)
         if adjust:
             after = self._objective(params, weight_decay, inputs, targets)
             record.rho = self._adjust(after - before, record.predicted)
         self.last, self.steps = record, self.steps + 1
         return record
+
+    def _adjusts_now(self) -> bool:
+        """Whether this solve step adjusts λ: a multiple of T lies in (steps − K, steps]."""
+        every, window = self.options.damping_every, self.options.model_every
+        return self.steps // every != (self.steps - window) // every if self.steps >= window else True
 
     def _quadratic_model(
         self,
@@ -193,9 +216,27 @@ class AdaptiveStep:
         shift: float,
         inputs: Sequence[Tensor],
         targets: Tensor,
+        measure: bool = True,
     ) -> QuadraticModel:
-        """Q and b of M over the coefficients of ``tangents`` (Δ, and δ₀ when given); keeps the
-        objective at θ on the curvature samples (the first pass's primal) for ρ."""
+        """Q and b of M over the coefficients of ``tangents`` (Δ, and δ₀ when given). ``measure``:
+        the curvature from forward-mode passes (keeping Ĉ, and the objective at θ on the
+        curvature samples, the first pass's primal, for ρ); else from the last Ĉ."""
+        k = len(tangents)
+        gram = _gram([*tangents, grads], rows=k)  # ⟨Δ, δ₀⟩ among themselves, then ⟨g, Δ⟩, ⟨g, δ₀⟩
+        norms = gram[:k].diagonal().sqrt().clamp_min(torch.finfo(torch.float64).tiny)
+        if measure:
+            curvature = self._measured_curvature(tangents, params, inputs, targets)
+            if self.options.model_every > 1:
+                self._unit_curvature = curvature / torch.outer(norms, norms)
+        else:
+            assert self._unit_curvature is not None
+            curvature = self._unit_curvature[:k, :k] * torch.outer(norms, norms)
+        return QuadraticModel(curvature + shift * gram[:k], gram[k].clone())
+
+    def _measured_curvature(
+        self, tangents: list[list[Tensor]], params: Sequence[Tensor], inputs: Sequence[Tensor], targets: Tensor
+    ) -> Tensor:
+        """vᵢᵀ C vⱼ for the tangents, C the GGN on the curvature samples (averaged over ranks)."""
         sample_inputs, sample_targets = self._curvature_batch(inputs, targets)
         primals, derivatives = self._primals(), []
         for tangent in tangents:  # one pass each, every pass with the same dropout draws
@@ -210,9 +251,7 @@ class AdaptiveStep:
         curvature = torch.stack(
             [ggn_inner(self._loss, outputs, derivatives[i], derivatives[j], reduction) for i in range(k) for j in range(k)]
         ).double()
-        curvature = self._comm.average_flat([curvature * self._sum_scale(inputs)])[0].reshape(k, k).cpu()
-        gram = _gram([*tangents, grads], rows=k)  # ⟨Δ, δ₀⟩ among themselves, then ⟨g, Δ⟩, ⟨g, δ₀⟩
-        return QuadraticModel(curvature + shift * gram[:k], gram[k].clone())
+        return self._comm.average_flat([curvature * self._sum_scale(inputs)])[0].reshape(k, k).cpu()
 
     def _objective(self, params: Sequence[Tensor], weight_decay: float, inputs: Sequence[Tensor], targets: Tensor) -> float:
         """h + η/2 ‖θ‖² on the curvature samples, averaged over ranks, with this step's dropout draws."""
@@ -281,11 +320,13 @@ class AdaptiveStep:
             "damping": self.damping,
             "steps": self.steps,
             "previous": [self.previous.get(id(p)) for p in self.params],
+            "unit_curvature": self._unit_curvature,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.damping = float(state["damping"])
         self.steps = int(state["steps"])
+        self._unit_curvature = state.get("unit_curvature")  # absent from a state saved before model_every
         previous = state["previous"]
         if len(previous) != len(self.params):
             raise ValueError(f"adaptive state has {len(previous)} parameters; this optimizer steps {len(self.params)}")

@@ -24,6 +24,7 @@ from rkfac.experiments.metrics import (
     ranks_record,
 )
 from rkfac.experiments.presets import resolve_config
+from rkfac.experiments.rundir import RunDirectory
 from rkfac.experiments.tasks import Target
 from rkfac.experiments.train import Trainer
 
@@ -188,3 +189,14 @@ def test_a_run_stopped_by_max_steps_is_summarised_where_it_stopped(tmp_path: Pat
     assert (summary["status"], summary["steps"], summary["epochs"]) == ("max_steps", 6, 1.5)
     assert summary["epoch_times"] == [records[4]["epoch_time"]]
     assert summary["seconds_per_epoch"] == summary["train_time"] / 1.5
+
+
+def test_a_record_still_being_appended_is_not_read(tmp_path: Path) -> None:
+    """Ranks other than 0 read metrics.jsonl while rank 0 appends to it: a last line without its
+    newline is a record in progress, skipped rather than parsed (it was a flaky JSON error)."""
+    run = RunDirectory(tmp_path).create()
+    run.append_metrics([{"kind": "step", "step": 0}, {"kind": "epoch", "step": 1}])
+    with open(tmp_path / "metrics.jsonl", "a") as stream:
+        stream.write('{"kind": "step", "st')  # half a record
+    assert [record["step"] for record in run.metrics()] == [0, 1]
+    assert [record["step"] for record in run.metrics("epoch")] == [1]

@@ -63,6 +63,7 @@ CHANGES: dict[str, list[Any]] = {
     "min_relative_damping": [10.0],
     "damping_every": [1],
     "curvature_samples": [4],
+    "model_every": [2],
     "update_freq": [1],
     "col_sample_size": [4],
     "sketch_threshold": [0.0],

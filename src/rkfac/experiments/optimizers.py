@@ -69,6 +69,7 @@ def build_optimizer(
                 "min_relative_damping": config.min_relative_damping,
                 "damping_every": config.damping_every,
                 "curvature_samples": config.curvature_samples,
+                "model_every": config.model_every,
             }
         else:
             step = {"lr": lr, "momentum": config.momentum, "damping": step_schedule(config.damping, steps_per_epoch)}

@@ -90,7 +90,10 @@ class RunDirectory:
         path = self.path / "metrics.jsonl"
         if not path.exists():
             return
-        for line in path.read_text().splitlines():
+        # Every record ends in a newline: text after the last one is a record rank 0 is still
+        # appending (another rank of a distributed run reads meanwhile), not one to parse.
+        complete, _, _ = path.read_text().rpartition("\n")
+        for line in complete.splitlines():
             if line.strip():
                 record = json.loads(line)
                 if kind is None or record.get("kind") == kind:
