@@ -51,6 +51,15 @@ def flat(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
+def minimise(matrix: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The coefficients minimising bᵀc + ½cᵀQc, μ (the second) on its nearest bound of [0, 0.95]."""
+    coefficients = torch.linalg.solve(matrix, -b)
+    if len(b) == 2 and not 0.0 <= coefficients[1] <= 0.95:
+        mu = min(max(float(coefficients[1]), 0.0), 0.95)
+        coefficients = torch.tensor([-(b[0] + matrix[0, 1] * mu) / matrix[0, 0], mu], dtype=torch.float64)
+    return coefficients
+
+
 @pytest.mark.parametrize(("samples", "reduction"), [(10_000, "mean"), (4, "mean"), (4, "sum")])  # 10 000: all of it
 def test_each_step_takes_the_alpha_and_mu_that_minimise_the_dense_quadratic_model(samples: int, reduction: str) -> None:
     model = make_model()
@@ -82,10 +91,7 @@ def test_each_step_takes_the_alpha_and_mu_that_minimise_the_dense_quadratic_mode
         vectors = [direction] if previous is None else [direction, previous]
         matrix = torch.tensor([[float(u @ shifted @ v) for v in vectors] for u in vectors], dtype=torch.float64)
         b = torch.tensor([float(g @ v) for v in vectors], dtype=torch.float64)
-        coefficients = torch.linalg.solve(matrix, -b)
-        if len(vectors) == 2 and not 0.0 <= coefficients[1] <= 0.95:  # μ on its nearest bound
-            mu = min(max(float(coefficients[1]), 0.0), 0.95)
-            coefficients = torch.tensor([-(b[0] + matrix[0, 1] * mu) / matrix[0, 0], mu], dtype=torch.float64)
+        coefficients = minimise(matrix, b)
         expected = sum(c * v for c, v in zip(coefficients, vectors, strict=True))
         torch.testing.assert_close(update, expected, rtol=1e-7, atol=1e-12)
         record = opt.adaptive.last  # type: ignore[union-attr]
@@ -201,15 +207,6 @@ def run_steps(model: nn.Module, opt: rkfac.KFAC, steps: range) -> None:
         opt.zero_grad()
         F.cross_entropy(model(x), y).backward()
         opt.step(inputs=x, targets=y)
-
-
-def minimise(matrix: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """The coefficients minimising bᵀc + ½cᵀQc, μ (the second) on its nearest bound of [0, 0.95]."""
-    coefficients = torch.linalg.solve(matrix, -b)
-    if len(b) == 2 and not 0.0 <= coefficients[1] <= 0.95:
-        mu = min(max(float(coefficients[1]), 0.0), 0.95)
-        coefficients = torch.tensor([-(b[0] + matrix[0, 1] * mu) / matrix[0, 0], mu], dtype=torch.float64)
-    return coefficients
 
 
 def test_between_measurements_the_model_keeps_the_curvature_per_unit_direction_and_runs_no_pass() -> None:
