@@ -26,6 +26,26 @@ cd "$(dirname "$0")/.."
 RKFAC=${RKFAC:-.venv/bin/rkfac}
 PYTHON=${PYTHON:-.venv/bin/python}
 AE=(--preset fashion-autoencoder --epochs 1 --quiet)
+
+# winners PRESET OUT SEEDS AT NAME=LR...: rkfac train of each NAME at its LR (a number or an epoch
+# schedule) on PRESET for each of SEEDS (comma-separated, interleaved by seed) into OUT-NAME-sSEED,
+# skipping finished runs; then equal_time.py on test accuracy at AT seconds, medians over seeds.
+winners() {
+  local preset=$1 out=$2 seeds=$3 at=$4 seed winner name groups=()
+  shift 4
+  for seed in ${seeds//,/ }; do
+    for winner in "$@"; do
+      name=${winner%%=*}
+      [ -f "$out-$name-s$seed/summary.json" ] && continue
+      "$RKFAC" train --optimizer "$name" --preset "$preset" --lr "${winner#*=}" --seed "$seed" --quiet --out "$out-$name-s$seed"
+    done
+  done
+  for winner in "$@"; do
+    name=${winner%%=*}
+    groups+=("$name=$(ls -d "$out-$name"-s* | paste -sd,)")
+  done
+  "$PYTHON" benchmarks/equal_time.py --metric test_acc --at "$at" "${groups[@]}"
+}
 case "${1:-}" in
   autoencoder)
     "$RKFAC" tune --preset fashion-autoencoder --optimizers sre-soap --seeds 0,1,2 --epochs 8 --out runs/tune-ae-sre-soap-v4 --quiet --resume ;;
@@ -34,35 +54,14 @@ case "${1:-}" in
   cnn2048)
     "$RKFAC" tune --preset fashion-cnn-2048 --optimizers sre-soap,adamw,sgd,soap --seeds 0 --out runs/tune-cnn2048 --quiet --resume ;;
   cnn2048-winners)  # the lrs session 12's grid chose (BENCHMARKS.md): the × 3 point for all but SGD's × 0.3
-    for winner in sre-soap:9e-3 adamw:3e-3 soap:3e-3 sgd:0.015; do
-      name=${winner%%:*}; lr=${winner#*:}
-      [ -f "runs/cnn2048-$name-s0/summary.json" ] && continue
-      "$RKFAC" train --optimizer "$name" --preset fashion-cnn-2048 --lr "$lr" --seed 0 --quiet --out "runs/cnn2048-$name-s0"
-    done
-    "$PYTHON" benchmarks/equal_time.py --metric test_acc --at 60,120,240,480,960 \
-      sre-soap=runs/cnn2048-sre-soap-s0 adamw=runs/cnn2048-adamw-s0 soap=runs/cnn2048-soap-s0 sgd=runs/cnn2048-sgd-s0 ;;
+    winners fashion-cnn-2048 runs/cnn2048 0 60,120,240,480,960 sre-soap=9e-3 adamw=3e-3 soap=3e-3 sgd=0.015 ;;
   vit)  # Muon left out as on mlp2048 (its CPU bfloat16 Newton-Schulz, 3.2x AdamW's step here)
     "$RKFAC" tune --preset fashion-vit --optimizers sre-soap,adamw,soap,sgd --seeds 0 --out runs/tune-vit --quiet --resume ;;
-  vit-winners)  # the lrs session 13's grid chose (BENCHMARKS.md), seeds 0-2 interleaved by seed
-    for seed in 0 1 2; do
-      for winner in sre-soap:3e-3 adamw:1e-3 soap:3e-3 sgd:0.15; do
-        name=${winner%%:*}; lr=${winner#*:}
-        [ -f "runs/vit-$name-s$seed/summary.json" ] && continue
-        "$RKFAC" train --optimizer "$name" --preset fashion-vit --lr "$lr" --seed "$seed" --quiet --out "runs/vit-$name-s$seed"
-      done
-    done
-    groups=()
-    for name in sre-soap adamw soap sgd; do groups+=("$name=$(ls -d runs/vit-"$name"-s* | paste -sd,)"); done
-    "$PYTHON" benchmarks/equal_time.py --metric test_acc --at 30,60,120,180 "${groups[@]}" ;;
-  mlp2048-decay)  # the same decay shape for every optimizer, on its tuned lr (session 12's grid)
-    for winner in sre-soap:3e-3 soap:3e-3 adamw:1e-3; do
-      name=${winner%%:*}; lr=${winner#*:}
-      schedule=$("$PYTHON" -c "print(f'1:{$lr},5:{$lr * 0.3:g},8:{$lr * 0.1:g}')")
-      [ -f "runs/mlp2048-decay-$name-s0/summary.json" ] && continue
-      "$RKFAC" train --optimizer "$name" --preset fashion-mlp-wide-2048 --lr "$schedule" --seed 0 --quiet --out "runs/mlp2048-decay-$name-s0"
-    done
-    "$PYTHON" benchmarks/equal_time.py --metric test_acc --at 40,80,160,240 \
-      sre-soap=runs/mlp2048-decay-sre-soap-s0 soap=runs/mlp2048-decay-soap-s0 adamw=runs/mlp2048-decay-adamw-s0 ;;
+  vit-winners)  # the lrs session 13's grid chose (BENCHMARKS.md)
+    winners fashion-vit runs/vit 0,1,2 30,60,120,180 sre-soap=3e-3 adamw=1e-3 soap=3e-3 sgd=0.15 ;;
+  mlp2048-decay)  # the same decay (x 0.3 from epoch 5, x 0.1 from 8) on each tuned lr (session 12's grid)
+    winners fashion-mlp-wide-2048 runs/mlp2048-decay 0 40,80,160,240 \
+      sre-soap=1:3e-3,5:9e-4,8:3e-4 soap=1:3e-3,5:9e-4,8:3e-4 adamw=1:1e-3,5:3e-4,8:1e-4 ;;
   peers)
     "$RKFAC" bench --preset fashion-autoencoder-auto --optimizers adamw,soap --seeds 0 --out runs/ae-peers-s0 --quiet --resume ;;
   ranks)

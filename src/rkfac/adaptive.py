@@ -204,7 +204,7 @@ class AdaptiveStep:
         return record
 
     def _adjusts_now(self) -> bool:
-        """Whether this solve step adjusts λ: a multiple of T lies in (steps − K, steps]."""
+        """Whether this measuring step adjusts λ: a multiple of T lies in (steps − K, steps]."""
         every, window = self.options.damping_every, self.options.model_every
         return self.steps // every != (self.steps - window) // every if self.steps >= window else True
 
