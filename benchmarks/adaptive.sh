@@ -8,11 +8,15 @@
 #   benchmarks/adaptive.sh mlp-2048      # fashion-mlp-wide-2048 (10 epochs at batch 2048), same four (~15 min)
 #   benchmarks/adaptive.sh model-every   # sre-kfac-auto solving its model every 1, 2, 4 steps: quick (2 epochs) and
 #                                        # fashion-autoencoder-auto (2 epochs), seed 0, interleaved (~12 min)
+#   benchmarks/adaptive.sh defaults      # sre-kfac-auto at its defaults (issue 20's "never diverges, 3 seeds") on
+#                                        # fashion-vit, fashion-cnn, fashion-cnn-2048, fashion-mlp-wide-2048 and
+#                                        # fashion-mlp-wide, seeds 0-2 interleaved by seed, then the table (~110 min)
 #
 # Nothing else may run meanwhile (2 cores).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RKFAC=${RKFAC:-.venv/bin/rkfac}
+PYTHON=${PYTHON:-.venv/bin/python}
 case "${1:-}" in
   autoencoder)
     "$RKFAC" bench --preset fashion-autoencoder-auto --out runs/bench-autoencoder-auto --quiet --resume ;;
@@ -26,6 +30,18 @@ case "${1:-}" in
       "$RKFAC" bench --preset "$preset" --optimizers sre-kfac-auto,sre-kfac-auto-k2,sre-kfac-auto-k4 --epochs 2 --seeds 0 \
         --out "runs/bench-$preset-model-every" --quiet --resume
     done ;;
+  defaults)
+    presets=(fashion-vit fashion-cnn fashion-cnn-2048 fashion-mlp-wide-2048 fashion-mlp-wide)
+    for seed in 0 1 2; do
+      for preset in "${presets[@]}"; do
+        out=runs/defaults/$preset-s$seed
+        [ -f "$out/summary.json" ] && continue
+        "$RKFAC" train --optimizer sre-kfac-auto --preset "$preset" --seed "$seed" --quiet --out "$out" || true
+      done
+    done
+    for preset in "${presets[@]}"; do
+      "$PYTHON" benchmarks/equal_time.py --metric test_acc "$preset=$(ls -d "runs/defaults/$preset"-s* | paste -sd,)"
+    done ;;
   *)
-    echo "usage: $0 autoencoder|quick|mlp-2048|model-every" >&2; exit 2 ;;
+    echo "usage: $0 autoencoder|quick|mlp-2048|model-every|defaults" >&2; exit 2 ;;
 esac

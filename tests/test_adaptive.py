@@ -18,6 +18,7 @@ from torch import nn
 import rkfac
 from rkfac.adaptive import AdaptiveOptions, AdaptiveStep
 from rkfac.damping import factor_dampings, tikhonov_dampings
+from rkfac.experiments.models import build_model
 from rkfac.lowrank import BlockEigenpairs, Eigenpairs
 from tests.gloo import run_ranks
 from tests.test_quadratic_model import dense_ggn, flat_params
@@ -333,3 +334,23 @@ def test_the_command_line_refuses_a_fixed_step_setting_for_an_adaptive_optimizer
     with pytest.raises(ValueError, match=re.escape("drop {'lr': 0.1}")):
         resolve_config("sre-kfac-auto", "quick", {"lr": 0.1})
     assert resolve_config("sre-kfac-auto", "quick", {"initial_damping": 0.5}).initial_damping == 0.5
+
+
+def test_the_adaptive_step_trains_the_presets_vision_transformer() -> None:
+    # fashion-vit's model in float32: its attention runs through a kernel forward mode can differentiate
+    torch.manual_seed(0)
+    model = build_model("vit", (1, 14, 14), 3)
+    opt = rkfac.KFAC(model, loss="cross_entropy", curvature_samples=8)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(16, 1, 14, 14, generator=generator)
+    y = (x.mean((1, 2, 3)) > 0).long()
+    losses = []
+    for _ in range(6):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step(inputs=x, targets=y)
+        losses.append(float(loss.detach()))
+        assert not opt.adaptive.last.skipped  # type: ignore[union-attr]
+        assert math.isfinite(opt.adaptive.last.alpha)  # type: ignore[union-attr]
+    assert losses[-1] < losses[0]

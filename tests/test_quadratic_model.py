@@ -3,6 +3,8 @@ reverse-mode Jacobian and the loss's autograd Hessian), its minimiser against a 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -121,3 +123,26 @@ def test_parallel_directions_fall_back_to_alpha_alone_and_a_bad_model_to_no_step
 def test_an_unknown_loss_kind_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="'hinge'"):
         loss_value("hinge", torch.zeros(2, 2), torch.zeros(2))
+
+
+def test_forward_mode_passes_through_float32_attention_match_a_float64_central_difference() -> None:
+    # float32 attention dispatches to a fused CPU kernel that forward mode cannot differentiate
+    torch.manual_seed(2)
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True, norm_first=True)
+    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(5 * 16, 3))
+    x = torch.randn(3, 5, 16)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    tangent = {name: torch.randn_like(p) for name, p in params.items()}
+    with torch.no_grad():
+        outputs, (derivative,) = output_tangents(model, params, [x], [tangent])
+        reference = copy.deepcopy(model).double()
+        step = 1e-6
+
+        def at(sign: float) -> torch.Tensor:
+            moved = {name: (p.double() + sign * step * tangent[name].double()) for name, p in params.items()}
+            return functional_call(reference, moved, (x.double(),))
+
+        central = (at(1.0) - at(-1.0)) / (2 * step)
+        assert torch.allclose(outputs.double(), at(0.0), rtol=1e-4, atol=1e-5)
+        assert torch.allclose(forward(model, params, [x]).double(), at(0.0), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(derivative.double(), central, rtol=1e-3, atol=1e-4)

@@ -27,12 +27,19 @@ Loss kinds (``LOSS_KINDS``; "mean" averages over samples, "sum" adds them):
 - "mse": the squared error summed over each sample's outputs, ‖y − t‖², then reduced over the
   samples (the first dimension). Per sample H = 2I. (This is the loss whose Gaussian the
   "mc" Fisher samples from, :mod:`rkfac.mc_fisher`.)
+
+Attention: PyTorch's fused CPU attention kernels (flash, the default for
+``F.scaled_dot_product_attention`` and ``nn.MultiheadAttention``) have no forward-mode
+derivative, so every pass here runs attention through the math kernel (softmax of QKᵀ, then V),
+whose derivative forward mode knows. Both losses of ρ use the same kernel, so the measured
+change is not the difference of two kernels' roundings. Models without attention are unaffected.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -40,8 +47,17 @@ import torch.autograd.forward_ad as forward_ad
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 LOSS_KINDS = ("cross_entropy", "mse")
+
+
+@contextmanager
+def differentiable_attention() -> Iterator[None]:
+    """Scaled dot-product attention through the math kernel, which forward mode can differentiate
+    (the fused CPU kernels cannot; module docstring)."""
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 def loss_value(kind: str, outputs: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
@@ -87,7 +103,8 @@ def output_tangents(
             duals = {
                 name: forward_ad.make_dual(value, tangent[name]) if name in tangent else value for name, value in params.items()
             }
-            result = functional_call(model, {**duals, **buffers}, tuple(inputs))
+            with differentiable_attention():
+                result = functional_call(model, {**duals, **buffers}, tuple(inputs))
             primal, derivative = forward_ad.unpack_dual(result)
         outputs = primal if outputs is None else outputs
         derivatives.append(torch.zeros_like(primal) if derivative is None else derivative)
@@ -97,9 +114,11 @@ def output_tangents(
 
 
 def forward(model: nn.Module, params: dict[str, Tensor], inputs: Sequence[Tensor]) -> Tensor:
-    """The model's outputs at ``params``, with copies of its buffers (running statistics stay put)."""
+    """The model's outputs at ``params``, with copies of its buffers (running statistics stay put),
+    attention through the same kernel as :func:`output_tangents`."""
     buffers = {name: buffer.clone() for name, buffer in model.named_buffers()}
-    return functional_call(model, {**params, **buffers}, tuple(inputs))
+    with differentiable_attention():  # the kernel of output_tangents' primal, for ρ's two losses
+        return functional_call(model, {**params, **buffers}, tuple(inputs))
 
 
 @dataclass(frozen=True)
