@@ -286,20 +286,27 @@ def test_state_of_a_fixed_step_optimizer_is_refused_by_an_adaptive_one() -> None
         make_optimizer(make_model()).load_state_dict(fixed.state_dict())
 
 
-def test_adaptive_kfac_trains_a_small_problem_without_a_learning_rate() -> None:
-    model = make_model()
-    opt = make_optimizer(model, weight_decay=0.0)
-    x = batch(0, n=64)[0]
-    y = x[:, :3].argmax(1)  # a rule the network can learn
-    losses = []
-    for _ in range(40):
+def train_on(model: nn.Module, opt: rkfac.KFAC, x: torch.Tensor, y: torch.Tensor, steps: int) -> list[float]:
+    """``steps`` adaptive steps on one batch; the losses before each, every step taken (not skipped)."""
+    losses: list[float] = []
+    for _ in range(steps):
         opt.zero_grad()
         loss = F.cross_entropy(model(x), y)
         loss.backward()
         opt.step(inputs=x, targets=y)
         losses.append(float(loss.detach()))
+        assert not opt.adaptive.last.skipped  # type: ignore[union-attr]
+        assert math.isfinite(opt.adaptive.last.alpha)  # type: ignore[union-attr]
+    return losses
+
+
+def test_adaptive_kfac_trains_a_small_problem_without_a_learning_rate() -> None:
+    model = make_model()
+    opt = make_optimizer(model, weight_decay=0.0)
+    x = batch(0, n=64)[0]
+    y = x[:, :3].argmax(1)  # a rule the network can learn
+    losses = train_on(model, opt, x, y, steps=40)
     assert losses[-1] < 0.5 * losses[0]
-    assert not any(record for record in [opt.adaptive.last.skipped])  # type: ignore[union-attr]
 
 
 GLOBAL = 12
@@ -344,13 +351,5 @@ def test_the_adaptive_step_trains_the_presets_vision_transformer() -> None:
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(16, 1, 14, 14, generator=generator)
     y = (x.mean((1, 2, 3)) > 0).long()
-    losses = []
-    for _ in range(6):
-        opt.zero_grad()
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        opt.step(inputs=x, targets=y)
-        losses.append(float(loss.detach()))
-        assert not opt.adaptive.last.skipped  # type: ignore[union-attr]
-        assert math.isfinite(opt.adaptive.last.alpha)  # type: ignore[union-attr]
+    losses = train_on(model, opt, x, y, steps=6)
     assert losses[-1] < losses[0]
