@@ -12,6 +12,8 @@
 #   benchmarks/low_rank_soap.sh cnn2048       # the same on fashion-cnn-2048, seed 0 (grid ≈ 25 min, the winners ≈ 55 min)
 #   benchmarks/low_rank_soap.sh cnn2048-winners  # only the grid's winners (session 12's grid), 10 epochs of seed 0, in one
 #                                             # session, then benchmarks/equal_time.py on test accuracy, ≈ 60 min
+#   benchmarks/low_rank_soap.sh cnn           # rkfac tune of sre-soap, AdamW, SGD, SOAP on fashion-cnn (batch 256), seed 0:
+#                                             # the grid only (one epoch per point, ~ 65 min); the winners' 3 seeds are a second step
 #   benchmarks/low_rank_soap.sh vit           # rkfac tune of sre-soap, AdamW, SOAP, SGD on fashion-vit, seed 0, ≈ 40 min
 #   benchmarks/low_rank_soap.sh vit-winners   # only the grid's winners (session 13's grid), 5 epochs of seeds 0-2, in one
 #                                             # session, then benchmarks/equal_time.py on test accuracy, ≈ 45 min
@@ -55,6 +57,8 @@ case "${1:-}" in
     "$RKFAC" tune --preset fashion-cnn-2048 --optimizers sre-soap,adamw,sgd,soap --seeds 0 --out runs/tune-cnn2048 --quiet --resume ;;
   cnn2048-winners)  # the lrs session 12's grid chose (BENCHMARKS.md): the × 3 point for all but SGD's × 0.3
     winners fashion-cnn-2048 runs/cnn2048 0 60,120,240,480,960 sre-soap=9e-3 adamw=3e-3 soap=3e-3 sgd=0.015 ;;
+  cnn)
+    "$RKFAC" tune --preset fashion-cnn --optimizers sre-soap,adamw,sgd,soap --seeds 0 --out runs/tune-cnn --quiet --resume ;;
   vit)  # Muon left out as on mlp2048 (its CPU bfloat16 Newton-Schulz, 3.2x AdamW's step here)
     "$RKFAC" tune --preset fashion-vit --optimizers sre-soap,adamw,soap,sgd --seeds 0 --out runs/tune-vit --quiet --resume ;;
   vit-winners)  # the lrs session 13's grid chose (BENCHMARKS.md)
@@ -104,5 +108,5 @@ case "${1:-}" in
       "$PYTHON" benchmarks/step_time.py --preset "$preset" --optimizers "sgd,sre-kfac,soap,sre-soap,sre-soap[rank=64],sre-soap[rank=64;factor_every=3]" --steps 50 --chunk 10
     done ;;
   *)
-    echo "usage: $0 autoencoder|peers|mlp2048|cnn2048|cnn2048-winners|vit|vit-winners|mlp2048-decay|ranks|carry|sweep|subset|steps" >&2; exit 2 ;;
+    echo "usage: $0 autoencoder|peers|mlp2048|cnn2048|cnn|cnn2048-winners|vit|vit-winners|mlp2048-decay|ranks|carry|sweep|subset|steps" >&2; exit 2 ;;
 esac
