@@ -2,8 +2,9 @@
 
 Each ``LABEL=DIR[,DIR...]`` groups the seeds of one setting. Per group it prints medians over the
 runs of: seconds per epoch, time to each target of the runs' summaries, the final training-eval
-loss, and the training-eval loss at each ``--at`` time (linear between the evaluation points; a
-run that ended before that time counts as missing, "—" when the median is). It is how
+loss, the training-eval loss at each ``--at`` time (linear between the evaluation points; a
+run that ended before that time counts as missing, "—" when the median is) and, for the
+adaptive K-FACs, the share of their adaptive phase against the rest of the training time. It is how
 issue 21's loss-at-equal-time curve against the rank is read from ``benchmarks/low_rank_soap.sh
 sweep``. ``--metric test_acc`` reads a classifier's test accuracy at those times instead.
 
@@ -63,7 +64,18 @@ def summarize(runs: list[Path], at: list[float], metric: str = "train_eval_loss"
             if any(s.get(key) is not None for s in summaries)
         },
         **{f"at {when:g} s": _signed_median([loss_at(c, when) for c in curves], sign) for when in at},
+        **_adaptive_share(summaries),
     }
+
+
+def _adaptive_share(summaries: list[dict[str, Any]]) -> dict[str, str]:
+    """The adaptive step's phase over the rest of the training time (issue 20's "≤ 25% of a
+    K-FAC step"), the median over runs, for runs that have that phase; nothing otherwise."""
+    phases = [s.get("phase_seconds") or {} for s in summaries]
+    if not all("adaptive" in p for p in phases):
+        return {}
+    shares = [p["adaptive"] / (s["train_time"] - p["adaptive"]) for p, s in zip(phases, summaries, strict=True)]
+    return {"adaptive / rest": f"{100 * statistics.median(shares):.0f}%"}
 
 
 def _signed_median(values: list[float | None], sign: float) -> str:
