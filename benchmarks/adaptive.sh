@@ -10,7 +10,7 @@
 #                                        # fashion-autoencoder-auto (2 epochs), seed 0, interleaved (~12 min)
 #   benchmarks/adaptive.sh defaults      # sre-kfac-auto at its defaults (issue 20's "never diverges, 3 seeds") on
 #                                        # fashion-vit, fashion-cnn, fashion-cnn-2048, fashion-mlp-wide-2048 and
-#                                        # fashion-mlp-wide, seeds 0-2 interleaved by seed, then the table (~110 min)
+#                                        # fashion-mlp-wide, seeds 0-2 interleaved by seed, then the table (~140 min)
 #
 # Nothing else may run meanwhile (2 cores).
 set -euo pipefail
@@ -32,16 +32,22 @@ case "${1:-}" in
     done ;;
   defaults)
     presets=(fashion-vit fashion-cnn fashion-cnn-2048 fashion-mlp-wide-2048 fashion-mlp-wide)
-    for seed in 0 1 2; do
+    failed=()
+    for seed in 0 1 2; do  # a run that fails is named at the end; the others go on
       for preset in "${presets[@]}"; do
         out=runs/defaults/$preset-s$seed
         [ -f "$out/summary.json" ] && continue
-        "$RKFAC" train --optimizer sre-kfac-auto --preset "$preset" --seed "$seed" --quiet --out "$out" || true
+        "$RKFAC" train --optimizer sre-kfac-auto --preset "$preset" --seed "$seed" --quiet --out "$out" \
+          || failed+=("$preset seed $seed")
       done
     done
     for preset in "${presets[@]}"; do
-      "$PYTHON" benchmarks/equal_time.py --metric test_acc "$preset=$(ls -d "runs/defaults/$preset"-s* | paste -sd,)"
-    done ;;
+      runs=$(ls -d "runs/defaults/$preset"-s*/summary.json 2>/dev/null | xargs -r -n1 dirname | paste -sd,)
+      [ -n "$runs" ] && "$PYTHON" benchmarks/equal_time.py --metric test_acc "$preset=$runs"
+    done
+    if [ ${#failed[@]} -gt 0 ]; then
+      printf 'failed (no summary.json): %s\n' "${failed[@]}" >&2; exit 1
+    fi ;;
   *)
     echo "usage: $0 autoencoder|quick|mlp-2048|model-every|defaults" >&2; exit 2 ;;
 esac

@@ -13,7 +13,7 @@
 #   benchmarks/low_rank_soap.sh cnn2048-winners  # only the grid's winners (session 12's grid), 10 epochs of seed 0, in one
 #                                             # session, then benchmarks/equal_time.py on test accuracy, ≈ 60 min
 #   benchmarks/low_rank_soap.sh cnn           # rkfac tune of sre-soap, AdamW, SGD, SOAP on fashion-cnn (batch 256), seed 0:
-#                                             # (grid, one epoch a point, ~ 65 min), then the winners, 5 epochs (~ 40 min): two sessions
+#                                             # (grid, one epoch a point, ~ 65 min), then the winners, 5 epochs (~ 40 min): one whole session
 #   benchmarks/low_rank_soap.sh vit           # rkfac tune of sre-soap, AdamW, SOAP, SGD on fashion-vit, seed 0, ≈ 40 min
 #   benchmarks/low_rank_soap.sh vit-winners   # only the grid's winners (session 13's grid), 5 epochs of seeds 0-2, in one
 #                                             # session, then benchmarks/equal_time.py on test accuracy, ≈ 45 min
