@@ -11,6 +11,7 @@ that passes bitwise on a recorded kind) to check it fully.
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -19,19 +20,23 @@ import torch
 from tests import golden
 
 RECORDED = golden.load()
-SAME_MACHINE = RECORDED["fingerprint"] == golden.fingerprint()
+FIRST = json.loads(golden.RECORD.read_text())  # the first record, which holds every case
 
 
 def test_every_case_has_a_record() -> None:
-    assert set(RECORDED["cases"]) == set(golden.CASES)
+    """The first record has every case; another kind's may lack the cases added since it was
+    written (a new optimizer's), which are then checked against the first record's to tolerance."""
+    assert set(FIRST["cases"]) == set(golden.CASES)
+    assert set(RECORDED["cases"]) <= set(golden.CASES)
 
 
 @pytest.mark.parametrize("name", list(golden.CASES))
 def test_trajectory_matches_the_record(name: str) -> None:
-    expected = RECORDED["cases"][name]
+    record = RECORDED if name in RECORDED["cases"] else FIRST
+    expected = record["cases"][name]
     actual = golden.run(name)
     assert set(actual) == set(expected), f"{name}: recorded {sorted(expected)}, now {sorted(actual)}"
-    if SAME_MACHINE:
+    if record["fingerprint"] == golden.fingerprint():
         mismatched = [i for i, (a, e) in enumerate(zip(actual["losses"], expected["losses"], strict=True)) if a != e]
         if mismatched:
             first = mismatched[0]

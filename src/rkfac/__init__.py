@@ -5,10 +5,12 @@
 
 or the ready optimizer ``rkfac.KFAC(model, lr=0.1, **preconditioner_options)``; the comparison
 method is ``rkfac.SENG(model, lr=0.05)``; Adam in K-FAC's low-rank eigenbasis (randomized SOAP) is
-``rkfac.LowRankSOAP(model, lr=3e-3)``.
+``rkfac.LowRankSOAP(model, lr=3e-3)``; eigenvalue-corrected K-FAC (randomized EKFAC) is
+``rkfac.LowRankEKFAC(model, lr=0.03, momentum=0.9)``.
 """
 
 from rkfac.decompositions import BrandUpdate, Decomposition, ExactEigh, RandomizedSVD, SymmetricRandomizedEVD
+from rkfac.ekfac import LowRankEKFAC
 from rkfac.kfac import KFACPreconditioner
 from rkfac.lowrank import Eigenpairs
 from rkfac.optim import KFAC, SENG
@@ -28,6 +30,7 @@ __all__ = [
     "ExactEigh",
     "KFACOptions",
     "KFACPreconditioner",
+    "LowRankEKFAC",
     "LowRankSOAP",
     "Preconditioner",
     "RandomizedSVD",

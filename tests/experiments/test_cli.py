@@ -85,7 +85,8 @@ def test_train_writes_a_complete_run_directory(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "optimizer", ["sgd", "adam", "kfac", "rs-kfac", "b-kfac", "b-r-kfac", "seng", "kfac-auto", "sre-kfac-auto", "sre-soap"]
+    "optimizer",
+    ["sgd", "adam", "kfac", "rs-kfac", "b-kfac", "b-r-kfac", "seng", "kfac-auto", "sre-kfac-auto", "sre-soap", "sre-ekfac"],
 )
 def test_every_optimizer_trains(tmp_path: Path, optimizer: str) -> None:
     argv = ["train", "--optimizer", optimizer, "--max-steps", "3", "--out", str(tmp_path / optimizer), *read_by(optimizer, SMALL)]

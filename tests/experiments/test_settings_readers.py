@@ -46,6 +46,7 @@ CHANGES: dict[str, list[Any]] = {
     "skip": [["1"]],
     "refresh_every": [1],
     "carry": ["reset", "keep"],
+    "ekfac_carry": ["keep", "reset"],
     "weight_decay_start": [2],
     "factor_decay": [0.5],
     "factor_every": [2],

@@ -35,6 +35,7 @@ from rkfac.decompositions import BrandUpdate, SymmetricRandomizedEVD
 from rkfac.experiments.datasets import DATASETS
 from rkfac.experiments.models import MODELS
 from rkfac.experiments.tasks import RECONSTRUCTING_MODELS, Target
+from rkfac.kfac.eigenvalue_correction import EKFAC_CARRY
 from rkfac.options import KFACOptions, SENGOptions, SOAPOptions, UpdateOptions
 from rkfac.schedules import check_int
 from rkfac.schema import check_field, option
@@ -47,7 +48,9 @@ EpochSchedule: TypeAlias = float | dict[int, float]
 # the adaptive step (rkfac.adaptive): lr, momentum and damping chosen each step; the fixed-step
 # settings (lr, momentum, damping) are not read
 ADAPTIVE_OPTIMIZERS = ("kfac-auto", "sre-kfac-auto")
-FIXED_STEP_KFAC = ("kfac", "rs-kfac", "sre-kfac", "b-kfac", "b-r-kfac")
+# sre-ekfac: SRE-KFAC with its per-mode scales measured from the gradients (rkfac.LowRankEKFAC)
+EIGENVALUE_CORRECTED = ("sre-ekfac",)
+FIXED_STEP_KFAC = ("kfac", "rs-kfac", "sre-kfac", "b-kfac", "b-r-kfac", *EIGENVALUE_CORRECTED)
 # Adam in K-FAC's low-rank eigenbasis (rkfac.LowRankSOAP): K-FAC's factors, no damping or clip
 EIGENBASIS_ADAM = ("sre-soap",)
 OPTIMIZERS = ("sgd", "adam", "adamw", "muon", "soap", *FIXED_STEP_KFAC, "seng", *ADAPTIVE_OPTIMIZERS, *EIGENBASIS_ADAM)
@@ -60,7 +63,8 @@ PEERS = tuple(name for name in OPTIMIZERS if name not in PRECONDITIONED)  # what
 # by all: lr but for the adaptive step, weight_decay, seed, the model's, the data's, the run's).
 # build_optimizer passes a setting only to these; the CLI refuses a flag that none of a run's
 # optimizers reads (see unread_settings) rather than drop it silently.
-_RANDOMIZED = ("rs-kfac", "sre-kfac", "b-kfac", "b-r-kfac", "sre-kfac-auto", *EIGENBASIS_ADAM)  # an RS/SRE decomposition
+# the optimizers with an RS/SRE decomposition
+_RANDOMIZED = ("rs-kfac", "sre-kfac", "b-kfac", "b-r-kfac", "sre-kfac-auto", *EIGENBASIS_ADAM, *EIGENVALUE_CORRECTED)
 _SENG_SETTINGS = ("update_freq", "col_sample_size", "sketch_threshold", "sketch_rank")
 _ADAPTIVE_SETTINGS = ("initial_damping", "min_relative_damping", "damping_every", "curvature_samples", "model_every")
 _FACTOR_SETTINGS = ("weight_decay_start", "factor_decay", "factor_every", "inverse_every", "fisher", "kfac_approx")
@@ -72,11 +76,12 @@ READERS: dict[str, tuple[str, ...]] = {
     "damping_mode": KFAC_OPTIMIZERS,
     "clip": KFAC_OPTIMIZERS,
     "clip_value": KFAC_OPTIMIZERS,
-    "apply_dtype": KFAC_OPTIMIZERS,
+    "apply_dtype": tuple(name for name in KFAC_OPTIMIZERS if name not in EIGENVALUE_CORRECTED),  # the damped solve's
     "statistics_samples": KFAC_FACTORS,
     "skip": KFAC_FACTORS,
     "refresh_every": ("b-r-kfac",),
     "carry": EIGENBASIS_ADAM,
+    "ekfac_carry": EIGENVALUE_CORRECTED,
     **dict.fromkeys(_FACTOR_SETTINGS, KFAC_FACTORS),
     **dict.fromkeys(_DECOMPOSITION_SETTINGS, _RANDOMIZED),
     **dict.fromkeys(_ADAPTIVE_SETTINGS, ADAPTIVE_OPTIMIZERS),
@@ -203,6 +208,9 @@ class RunConfig:
     curvature_samples: int | None = library_option(AdaptiveOptions, "curvature_samples")
     model_every: int = library_option(AdaptiveOptions, "model_every")
     carry: str = library_option(SOAPOptions, "carry")
+    ekfac_carry: str = run_option(
+        "reset", "SRE-EKFAC: what a new basis does to the measured scales (reset: its eigenvalue products)", choices=EKFAC_CARRY
+    )
     update_freq: int = library_option(SENGOptions, "update_freq")
     col_sample_size: int = library_option(SENGOptions, "col_sample_size")
     sketch_threshold: float = library_option(SENGOptions, "sketch_threshold")

@@ -13,6 +13,7 @@ from rkfac.experiments.config import (
     ADAPTIVE_OPTIMIZERS,
     APPLY_DTYPES,
     EIGENBASIS_ADAM,
+    EIGENVALUE_CORRECTED,
     KFAC_OPTIMIZERS,
     RunConfig,
     step_schedule,
@@ -29,7 +30,7 @@ def decomposition_for(config: RunConfig, steps_per_epoch: int) -> rkfac.Decompos
     ignores the field, as it always has."""
     if config.optimizer in ADAPTIVE_OPTIMIZERS:  # the fixed-step method's decomposition
         return decomposition_for(config.updated(optimizer=config.optimizer.removesuffix("-auto")), steps_per_epoch)
-    if config.optimizer in EIGENBASIS_ADAM:  # sre-soap: SRE-KFAC's bases
+    if config.optimizer in (*EIGENBASIS_ADAM, *EIGENVALUE_CORRECTED):  # sre-soap, sre-ekfac: SRE-KFAC's bases
         return decomposition_for(config.updated(optimizer="sre-kfac"), steps_per_epoch)
     if config.optimizer == "kfac":
         return rkfac.ExactEigh()
@@ -73,7 +74,10 @@ def build_optimizer(
             }
         else:
             step = {"lr": lr, "momentum": config.momentum, "damping": step_schedule(config.damping, steps_per_epoch)}
-        return rkfac.KFAC(
+        if config.optimizer in EIGENVALUE_CORRECTED:
+            step["carry"] = config.ekfac_carry
+        kind = rkfac.LowRankEKFAC if config.optimizer in EIGENVALUE_CORRECTED else rkfac.KFAC
+        return kind(
             model,
             **step,
             weight_decay=config.weight_decay,

@@ -37,7 +37,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from rkfac.experiments.config import ADAPTIVE_OPTIMIZERS, EIGENBASIS_ADAM, FIXED_STEP_KFAC, KFAC_OPTIMIZERS, OPTIMIZERS, RunConfig
+from rkfac.experiments.config import (
+    ADAPTIVE_OPTIMIZERS,
+    EIGENBASIS_ADAM,
+    EIGENVALUE_CORRECTED,
+    FIXED_STEP_KFAC,
+    KFAC_OPTIMIZERS,
+    OPTIMIZERS,
+    RunConfig,
+)
 from rkfac.options import SENGOptions
 from rkfac.schema import default_of, from_options
 from rkfac.soap import LowRankSOAP
@@ -79,8 +87,14 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
 # What a preset benches unless it names its own: every optimizer but the issue-19 peers (AdamW,
 # Muon, SOAP), which the presets that want them name.
 DEFAULT_OPTIMIZERS = tuple(
-    name for name in OPTIMIZERS if name not in ("adamw", "muon", "soap", *ADAPTIVE_OPTIMIZERS, *EIGENBASIS_ADAM)
+    name
+    for name in OPTIMIZERS
+    if name not in ("adamw", "muon", "soap", *ADAPTIVE_OPTIMIZERS, *EIGENBASIS_ADAM, *EIGENVALUE_CORRECTED)
 )
+
+# A preset's settings for these optimizers, where it names none of their own, are those of the
+# method they change: sre-ekfac is SRE-KFAC with measured scales, so it runs at SRE-KFAC's recipe.
+SETTINGS_OF = {"sre-ekfac": "sre-kfac"}
 
 
 @dataclass(frozen=True)
@@ -317,7 +331,8 @@ def resolve_config(name: str, preset: str | None = None, overrides: dict[str, An
     values: dict[str, Any] = dict(FAMILY_DEFAULTS[optimizer])
     if preset is not None:
         values.update(PRESETS[preset].common)
-        values.update(PRESETS[preset].per_optimizer.get(optimizer, {}))
+        per_optimizer = PRESETS[preset].per_optimizer
+        values.update(per_optimizer.get(optimizer, per_optimizer.get(SETTINGS_OF.get(optimizer, optimizer), {})))
         values["preset"] = preset
     values.update(variant)
     fixed = {key: value for key, value in (overrides or {}).items() if key in ("lr", "momentum", "damping")}
@@ -330,6 +345,9 @@ def resolve_config(name: str, preset: str | None = None, overrides: dict[str, An
     unused = {key: value for key, value in (overrides or {}).items() if key in not_read}
     if optimizer in EIGENBASIS_ADAM and unused:
         raise ValueError(f"{optimizer} is Adam in K-FAC's eigenbasis: it has no {sorted(unused)} to set; drop {unused}")
+    apply_dtype = (overrides or {}).get("apply_dtype", "float32")
+    if optimizer in EIGENVALUE_CORRECTED and apply_dtype != "float32":
+        raise ValueError(f"{optimizer} has no damped solve for apply_dtype={apply_dtype!r}: drop it")
     values.update(overrides or {})
     values["optimizer"] = optimizer
     return from_options(RunConfig, values, "resolve_config")  # validated as it is made

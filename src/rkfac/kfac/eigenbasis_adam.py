@@ -171,6 +171,16 @@ class SecondMoments:
 
         return SecondMoments(fit(self.core, ranks), fit(self.rows, ranks[:1]), fit(self.cols, ranks[1:]), self.rest)
 
+    def filled(self, counts: tuple[int, int, int]) -> SecondMoments:
+        """Per-block scales with the empty blocks made harmless: ``counts`` are the entries per
+        row of X, per column of Y and in Z (zero where a side keeps every mode); an empty X or Y
+        takes Z's scale and an empty Z zero, so that their terms in :func:`scaled_in_blocks`
+        cancel exactly."""
+        rest = self.rest if counts[2] else torch.zeros_like(self.rest)
+        rows = self.rows if counts[0] else rest.unsqueeze(-1).expand_as(self.rows)
+        cols = self.cols if counts[1] else rest.unsqueeze(-1).expand_as(self.cols)
+        return SecondMoments(self.core, rows, cols, rest)
+
     def as_dict(self) -> dict[str, Tensor]:
         return {"core": self.core, "rows": self.rows, "cols": self.cols, "rest": self.rest}
 
@@ -261,7 +271,12 @@ class EigenbasisAdam:
         self.options = options
         self.moments: dict[str, LayerMoments] = {}
 
-    def direction(self, name: str, grad: Tensor, pairs: tuple[FactorInverse, FactorInverse] | None) -> Tensor:
+    needs_pairs = False  # before a layer's first decomposition the basis is the identity: Adam
+
+    def direction(
+        self, name: str, grad: Tensor, pairs: tuple[FactorInverse, FactorInverse] | None, dampings: object = None
+    ) -> Tensor:
+        """The layer's direction; ``dampings`` (K-FAC's) are not used: ε is Adam's damping."""
         a_pairs, g_pairs = pairs if pairs is not None else (None, None)
         if isinstance(a_pairs, BlockEigenpairs) != isinstance(g_pairs, BlockEigenpairs):
             raise ValueError(f"layer {name}: block eigenpairs must be on both sides")
@@ -294,19 +309,10 @@ class EigenbasisAdam:
         def scale(moment: Tensor) -> Tensor:  # 1 / (√v̂ + ε) / (1 − β₁ᵗ): turns m into m̂ / (√v̂ + ε)
             return 1 / ((moment / second_correction).sqrt_().add_(eps)) / first_correction
 
-        s_core, s_rows, s_cols = scale(state.second.core), scale(state.second.rows), scale(state.second.cols)
-        s_rest = scale(state.second.rest) if counts[2] else torch.zeros_like(state.second.rest)
-        s_rows = s_rows if counts[0] else s_rest.unsqueeze(-1).expand_as(s_rows)
-        s_cols = s_cols if counts[1] else s_rest.unsqueeze(-1).expand_as(s_cols)
-        s_rest_ = s_rest.unsqueeze(-1)
-        # direction = s_rest m + U_G[(s_rows − s_rest) ⊙ U_Gᵀm] + [(s_cols − s_rest) ⊙ m U_A] U_Aᵀ
-        #             + U_G [m_core ⊙ (s_core − s_rows − s_cols + s_rest)] U_Aᵀ
-        # accumulated in place (BLAS beta = 1): no d_G × d_A temporaries beyond the output
-        core_term = m_core * (s_core - s_rows.unsqueeze(-1) - s_cols.unsqueeze(-2) + s_rest_.unsqueeze(-1))
-        from_left = _add_product_(m_left * (s_rows - s_rest_).unsqueeze(-1), core_term, u_a, transpose=True)
-        out = state.first * s_rest_.unsqueeze(-1)
-        _add_product_(out, u_g, from_left)
-        return _add_product_(out, m_right * (s_cols - s_rest_).unsqueeze(-2), u_a, transpose=True)
+        second = state.second
+        rest = scale(second.rest) if counts[2] else torch.zeros_like(second.rest)
+        scales = SecondMoments(scale(second.core), scale(second.rows), scale(second.cols), rest).filled(counts)
+        return scaled_in_blocks((state.first, m_left, m_right, m_core), basis, scales)
 
     def _moments(self, name: str, grad: Tensor, basis: tuple[Tensor | None, Tensor | None]) -> LayerMoments:
         """The layer's moments, with the second moments carried into ``basis`` if it changed."""
@@ -340,6 +346,26 @@ class EigenbasisAdam:
         self.moments = {name: LayerMoments.from_state(entry, devices[name]) for name, entry in state.items()}
 
 
+def scaled_in_blocks(
+    rotations: tuple[Tensor, Tensor, Tensor, Tensor], basis: tuple[Tensor | None, Tensor | None], scales: SecondMoments
+) -> Tensor:
+    """A matrix M scaled block by block in the completed basis and rotated back, from its half
+    rotations: ``rotations`` = (M, U_Gᵀ M, M U_A, U_Gᵀ M U_A), ``scales`` one per block (the
+    module docstring's s_C, s_X, s_Y, s_Z; see :meth:`SecondMoments.filled` for empty blocks)::
+
+        s_Z M + U_G[(s_X − s_Z) ⊙ U_Gᵀ M] + [(s_Y − s_Z) ⊙ M U_A] U_Aᵀ + U_G [U_Gᵀ M U_A ⊙ (s_C − s_X − s_Y + s_Z)] U_Aᵀ
+
+    accumulated in place (BLAS beta = 1): no d_G × d_A temporaries beyond the output."""
+    full, left, right, core = rotations
+    u_g, u_a = basis
+    s_rest_ = scales.rest.unsqueeze(-1)
+    core_term = core * (scales.core - scales.rows.unsqueeze(-1) - scales.cols.unsqueeze(-2) + s_rest_.unsqueeze(-1))
+    from_left = _add_product_(left * (scales.rows - s_rest_).unsqueeze(-1), core_term, u_a, transpose=True)
+    out = full * s_rest_.unsqueeze(-1)
+    _add_product_(out, u_g, from_left)
+    return _add_product_(out, right * (scales.cols - s_rest_).unsqueeze(-2), u_a, transpose=True)
+
+
 def _add_product_(out: Tensor, first: Tensor | None, second: Tensor | None, transpose: bool = False) -> Tensor:
     """``out += first @ second`` in place (``first @ secondᵀ`` with ``transpose``); a None factor is
     the identity. Batched (block) operands go through ``baddbmm_``."""
@@ -355,4 +381,4 @@ def _add_product_(out: Tensor, first: Tensor | None, second: Tensor | None, tran
     return out.add_(first @ right)
 
 
-__all__ = ["EigenbasisAdam", "LayerMoments", "SecondMoments", "basis_of"]
+__all__ = ["EigenbasisAdam", "LayerMoments", "SecondMoments", "basis_of", "scaled_in_blocks"]

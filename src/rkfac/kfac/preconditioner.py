@@ -28,7 +28,8 @@ from __future__ import annotations
 
 import functools
 import warnings
-from typing import Any, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -42,7 +43,7 @@ from rkfac.health import Health, decompose_with_retry
 from rkfac.kfac.guards import Fault, Faults, Guard
 from rkfac.kfac.sampled_fisher import LabelSampler
 from rkfac.kfac.state import STATE_VERSION, Factor, LayerState, LayerView, layers_state_dict, load_layers, view
-from rkfac.kfac.statistics import Statistic, StatisticsCollector
+from rkfac.kfac.statistics import RowObserver, Statistic, StatisticsCollector
 from rkfac.kfac.trackers import DiagonalTracker
 from rkfac.layers import SUPPORTED_TEXT, LayerCapture
 from rkfac.layers.selection import (
@@ -66,16 +67,42 @@ from rkfac.timing import PhaseTimer, maybe_phase
 LOW_PRECISION_MIN_DIM = 128
 
 
+DampingsOf = Callable[[FactorInverse, FactorInverse], tuple[Damping, Damping]]
+
+
 class DirectionRule(Protocol):
     """What replaces the damped Kronecker solve when given (``direction=``): a rule that keeps
     its own per-layer state and turns a layer's gradient matrix and decompositions (None before
-    the first) into its direction, e.g. :class:`rkfac.kfac.eigenbasis_adam.EigenbasisAdam`."""
+    the first, unless ``needs_pairs``: then such a layer keeps its plain gradient) into its
+    direction, e.g. :class:`rkfac.kfac.eigenbasis_adam.EigenbasisAdam`. ``dampings`` gives the
+    step's factor dampings (λ_A, λ_G) of a layer's pairs, for a rule that damps as K-FAC does."""
 
-    def direction(self, name: str, grad: Tensor, pairs: tuple[FactorInverse, FactorInverse] | None) -> Tensor: ...
+    needs_pairs: bool
+
+    def direction(
+        self, name: str, grad: Tensor, pairs: tuple[FactorInverse, FactorInverse] | None, dampings: DampingsOf | None = None
+    ) -> Tensor: ...
 
     def state_dict(self) -> dict[str, Any]: ...
 
     def load_state_dict(self, state: dict[str, Any], devices: dict[str, torch.device]) -> None: ...
+
+
+@runtime_checkable
+class MeasuredRule(DirectionRule, RowObserver, Protocol):
+    """A direction rule with a statistic of its own, measured from the rows in the hooks
+    (:class:`rkfac.kfac.statistics.RowObserver`), e.g. the eigenvalue correction of
+    :mod:`rkfac.kfac.eigenvalue_correction`. At a factor step the preconditioner hands it each
+    layer's G scale (``take_batch``), folds it where the guards passed the statistics (``fold``,
+    with ``factor_decay``) and drops the rest (``clear_batch``)."""
+
+    def check_layers(self, kinds: dict[str, Any], online: list[str], world_size: int) -> None: ...
+
+    def take_batch(self, name: str, grad_scale: float, dims: tuple[int, int]) -> None: ...
+
+    def fold(self, name: str, decay: float) -> None: ...
+
+    def clear_batch(self) -> None: ...
 
 
 class KFACPreconditioner:
@@ -166,6 +193,11 @@ class KFACPreconditioner:
         for layer in self._layers:  # B-KFAC's online factors take the rows, not their Gram products
             self._collector.sums[layer.name].keep_rows = any(t.takes_columns for t in layer.trackers)
         self._collector.capture_output_grads = self.options.fisher == "empirical"
+        self._measured = direction if isinstance(direction, MeasuredRule) else None
+        if self._measured is not None:
+            online = [display_name(layer.name) for layer in self._layers if self._collector.sums[layer.name].keep_rows]
+            self._measured.check_layers({display_name(n): k for n, k in selected.items()}, online, self._comm.world_size)
+            self._collector.observer = self._measured
         self._capture = LayerCapture(selected, self._collector, root=model, batch_dim=self.options.batch_dim)
         self._sampler = LabelSampler(self.options.mc_loss, self.options.loss_reduction, self.options.seed, self._collector)
         self._guard = Guard()
@@ -264,6 +296,9 @@ class KFACPreconditioner:
             if not sums.keep_rows:
                 a, g = sums.averages(reduction)
                 statistics[layer.name] = (Statistic(a), Statistic(g))
+                if self._measured is not None:
+                    d_a, d_g = layer.kind.factor_dims
+                    self._measured.take_batch(layer.name, sums.grad_scale(reduction) / self._loss_scale() ** 2, (d_g, d_a))
                 continue
             a_columns, g_columns = sums.columns(reduction)
             a_tracker, g_tracker = layer.trackers
@@ -296,6 +331,10 @@ class KFACPreconditioner:
             if layer.name in statistics and not Fault.bad_statistic(faults.get(layer.name, [])):
                 for tracker, statistic in zip(layer.trackers, statistics[layer.name], strict=True):
                     tracker.update(statistic, self.options.factor_decay)
+                if self._measured is not None:
+                    self._measured.fold(layer.name, self.options.factor_decay)
+        if self._measured is not None:
+            self._measured.clear_batch()
 
     def _decompose(self, step: int) -> None:
         """Decompose every due factor (in a process group, by its owner only, then shared)."""
@@ -328,7 +367,8 @@ class KFACPreconditioner:
         grads: list[Tensor] = []
         for layer in self._layers:
             pairs = layer.pairs()
-            if (pairs is None and self.direction is None) or Fault.GRADIENT in faults.get(layer.name, []):
+            needs_pairs = self.direction is None or self.direction.needs_pairs
+            if (pairs is None and needs_pairs) or Fault.GRADIENT in faults.get(layer.name, []):
                 continue
             grad = layer.kind.grad_matrix()
             if grad is None:
@@ -337,7 +377,8 @@ class KFACPreconditioner:
                 # the factors' dtype (float32, float64 for a float64 model), also before the first pairs
                 working = torch.promote_types(grad.dtype, torch.float32) if pairs is None else pairs[0].values.dtype
                 grad = grad.to(working)
-                updated.append((layer, self.direction.direction(layer.name, grad, pairs)))
+                dampings = functools.partial(self._factor_dampings, damping)
+                updated.append((layer, self.direction.direction(layer.name, grad, pairs, dampings)))
                 grads.append(grad)
                 continue
             assert pairs is not None
@@ -445,4 +486,4 @@ def _keyed(keys: tuple[int | str, ...], device: torch.device) -> torch.Generator
     return keyed_generator(device, *keys)
 
 
-__all__ = ["LOW_PRECISION_MIN_DIM", "DirectionRule", "KFACPreconditioner"]
+__all__ = ["LOW_PRECISION_MIN_DIM", "DirectionRule", "KFACPreconditioner", "MeasuredRule"]

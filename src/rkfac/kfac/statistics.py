@@ -53,6 +53,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -70,6 +71,19 @@ class PendingInputs:
     count: int  # N, the rows of the call
     committed: bool = False
     keep: Tensor | None = None  # the rows that count (an embedding's non-padding tokens), None: all
+    observed: Any = None  # what a RowObserver made of the rows (e.g. rotated into a basis)
+
+
+class RowObserver(Protocol):
+    """Something that needs the rows themselves, paired: told each call's input rows when the
+    forward runs and its output-gradient rows when they arrive, in the same order (a row is one
+    sample of the Kronecker statistics), e.g. :class:`rkfac.kfac.eigenvalue_correction.EigenvalueCorrection`."""
+
+    def on_input_rows(self, name: str, rows: Tensor) -> Any: ...
+
+    def on_output_grad_rows(self, name: str, inputs: Any, rows: Tensor) -> None: ...
+
+    def clear_rows(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -164,6 +178,10 @@ class StatisticSums:
         kept = self.kept_samples
         return 1.0 / self.input_rows, (c_g if kept == n else c_g * n / kept)
 
+    def grad_scale(self, loss_reduction: str) -> float:
+        """c_G of S_G = c_G Σ g gᵀ (n for a mean loss, 1/n for a sum; times n/m when subsampled)."""
+        return self._scales(loss_reduction)[1]
+
     def averages(self, loss_reduction: str) -> tuple[Tensor, Tensor]:
         """(S_A, S_G) with the scaling of :mod:`rkfac.layers.base`."""
         c_a, c_g = self._scales(loss_reduction)
@@ -212,6 +230,7 @@ class StatisticsCollector:
         self.timer = timer
         self.capture_output_grads = True
         self.uncaptured_grads = 0
+        self.observer: RowObserver | None = None
 
     def capturing(self) -> bool:
         return self.is_factor_step()
@@ -231,9 +250,14 @@ class StatisticsCollector:
                 counts, count = layer.input_diagonal(inputs, layer.statistics_dtype)
                 return PendingInputs(counts, None, count, keep=layer.row_mask(inputs))
             if not self.reduce:
-                return self.sums[name].pending(layer.input_rows(inputs).to(layer.statistics_dtype))
-            rows = layer.input_rows(layer.batch_first(inputs, batch_dim)).to(layer.statistics_dtype)
-            return self.sums[name].pending(rows.unflatten(-2, (kept, -1)).mean(-2))
+                rows = layer.input_rows(inputs).to(layer.statistics_dtype)
+            else:
+                rows = layer.input_rows(layer.batch_first(inputs, batch_dim)).to(layer.statistics_dtype)
+                rows = rows.unflatten(-2, (kept, -1)).mean(-2)
+            pending = self.sums[name].pending(rows)
+            if self.observer is not None:
+                pending.observed = self.observer.on_input_rows(name, rows)
+            return pending
 
     def on_output_grad(self, name: str, layer: LayerKind, grad: Tensor, call: Call) -> None:
         if not self.capture_output_grads:
@@ -251,8 +275,12 @@ class StatisticsCollector:
             sums = self.sums[name]
             sums.commit(call.context)
             sums.add_output_grads(rows, call.samples, call.group, kept)
+            if self.observer is not None:
+                self.observer.on_output_grad_rows(name, call.context.observed, rows)
 
     def clear(self) -> None:
         for sums in self.sums.values():
             sums.clear()
         self.uncaptured_grads = 0
+        if self.observer is not None:
+            self.observer.clear_rows()

@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Issue 21's EKFAC form (rkfac.LowRankEKFAC, `sre-ekfac`) against SRE-KFAC at the same settings,
+# each tuned on the same grid (rkfac tune: lr x 0.1, 0.3, 1, 3 of its own, one epoch of seed 0).
+# Tables land in the --out directories; BENCHMARKS.md keeps them. Nothing else may run meanwhile.
+#
+#   benchmarks/ekfac.sh autoencoder   # fashion-autoencoder (issue 20's K-FAC settings), seeds 0-2, 4 epochs, ~ 30 min
+#   benchmarks/ekfac.sh carry         # one epoch of sre-ekfac at the tuned lr with carry reset / keep / rotate, ~ 3 min
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RKFAC=${RKFAC:-.venv/bin/rkfac}
+case "${1:-}" in
+  autoencoder)
+    "$RKFAC" tune --preset fashion-autoencoder --optimizers sre-kfac,sre-ekfac --seeds 0,1,2 --out runs/tune-ae-ekfac --quiet --resume ;;
+  carry)
+    lr=${LR:-0.03}
+    for carry in reset keep rotate; do
+      [ -f "runs/ekfac-carry-$carry/summary.json" ] && continue
+      "$RKFAC" train --preset fashion-autoencoder --optimizer sre-ekfac --lr "$lr" --ekfac-carry "$carry" --epochs 1 --quiet --out "runs/ekfac-carry-$carry"
+    done
+    grep -h '"final_train_eval_loss"\|"train_time"' runs/ekfac-carry-*/summary.json ;;
+  *)
+    echo "usage: $0 autoencoder|carry" >&2
+    exit 2 ;;
+esac

@@ -1,0 +1,294 @@
+"""Eigenvalue-corrected K-FAC in the low-rank Kronecker eigenbasis: randomized EKFAC (issue 21).
+
+K-FAC scales the gradient, in the eigenbasis of its factors, by the products of their
+eigenvalues: mode pair (i, j) of a layer is divided by (λ_G,i + δ_G)(λ_A,j + δ_A). EKFAC (George
+et al. 2018) keeps the basis and replaces the product λ_G,i λ_A,j with the second moment of the
+per-sample gradient in that mode pair, the diagonal of the Fisher in the Kronecker eigenbasis,
+which the product only approximates (it is exact when a and g are independent). Here the basis
+is the one K-FAC's decompositions keep, U_G (d_G × r_G) and U_A (d_A × r_A), of any rank; its
+orthogonal complements are never formed, and the rotated gradient has the four blocks of
+:mod:`rkfac.kfac.eigenbasis_adam` (C kept × kept, X kept G × A complement, Y G complement ×
+kept A, Z complement × complement).
+
+**The statistic.** Under K-FAC's convention (:mod:`rkfac.kfac.statistics`) each row t of a layer
+call is a sample of the Kronecker statistics, S_A = c_A Σ_t a_t a_tᵀ and S_G = c_G Σ_t g_t g_tᵀ
+(c_G = n for a mean loss, 1/n for a sum; with subsampling, expand/reduce and several calls as
+there). The per-row gradient is g_t a_tᵀ, and its squared rotation, summed the same way, is
+
+    s_ij = c_G Σ_t (u_G,iᵀ g_t)² (u_A,jᵀ a_t)²                                   kept × kept
+
+equal to λ_G,i λ_A,j when the two sides are independent over the rows. For the complements,
+whose modes are not represented, one value per row of X, per column of Y and for Z, the mean
+over the block's entries, from the per-row complement norms ‖a_t‖² − ‖U_Aᵀ a_t‖² (likewise g):
+
+    s_X,i = c_G Σ_t (u_G,iᵀ g_t)² ‖P_A⊥ a_t‖² / (d_A − r_A),   s_Y,j likewise,
+    s_Z = c_G Σ_t ‖P_G⊥ g_t‖² ‖P_A⊥ a_t‖² / ((d_G − r_G)(d_A − r_A)).
+
+The rows are rotated in the hooks (:class:`RowObserver`): the input rows when the forward
+runs, (N × d_A)(d_A × r_A), kept as their squares until the output gradient arrives, whose rows
+are rotated likewise and paired row by row; O(N d r) per layer and factor step, next to the
+Gram products' O(N d²). Batch by batch the statistic is averaged as the factors are, with
+``factor_decay`` ρ on factor steps: s ← ρ s + (1 − ρ) ŝ.
+
+**The step.** With the damped product written as (λ_G + δ_G)(λ_A + δ_A) = λ_G λ_A + [δ_G λ_A +
+λ_G δ_A + δ_G δ_A], EKFAC replaces the first term only, and the complement's eigenvalues are 0
+as in K-FAC's truncated solve::
+
+    D_C = s_C + δ_G λ_Aᵀ + λ_G δ_A + δ_G δ_A,   D_X = s_X + λ_G δ_A + δ_G δ_A,
+    D_Y = s_Y + δ_G λ_A + δ_G δ_A,              D_Z = s_Z + δ_G δ_A,
+    direction = the gradient divided by D block by block in the completed basis
+
+(:func:`rkfac.kfac.eigenbasis_adam.scaled_in_blocks`, O(d_G d_A (r_G + r_A)), as the damped
+solve). δ_A, δ_G are K-FAC's factor dampings (any damping mode and scale, the adaptive step's
+included), so that with s = λ_G λ_Aᵀ and s_X = s_Y = s_Z = 0 the step is exactly K-FAC's. That
+is what a new basis starts from: its scales are K-FAC's eigenvalue products, and the measured
+statistic takes over at ρ per factor step. ``carry`` says what happens to measured scales when a
+decomposition replaces the basis: ``"reset"`` back to the new eigenvalue products (the default:
+the statistic is measured in one basis, and a product is K-FAC's own estimate in the new one),
+``"keep"`` or ``"rotate"`` as :class:`rkfac.kfac.eigenbasis_adam.SecondMoments` does for
+sre-soap. At r = d the blocks X, Y, Z are empty and this is dense EKFAC on K-FAC's factors. K-FAC's
+clip, momentum, weight decay and learning rate act on this direction as on the damped solve.
+
+Not handled, and refused by name: a diagonal factor (an embedding's A: its rows would be one-hot
+vectors, a different statistic), B-KFAC's online factors (the rows are kept for Brand's update,
+not rotated), and a process group of several ranks (the scales would need an all-reduce of their
+own). A layer is rotated only once it has a basis; before, it keeps its plain gradient, as in
+K-FAC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from rkfac.kfac.eigenbasis_adam import SecondMoments, basis_of, scaled_in_blocks
+from rkfac.lowrank import Damping, DiagonalFactor, FactorInverse
+
+EKFAC_CARRY = ("reset", "keep", "rotate")
+
+DampingsOf = Callable[[FactorInverse, FactorInverse], tuple[Damping, Damping]]
+
+
+@dataclass
+class RotatedInputs:
+    """One layer call's input rows in the basis: their squared coordinates (..., N, r_A) and
+    complement norms (..., N), held until the output gradient arrives; ``basis`` is U_G then."""
+
+    squares: Tensor
+    complement: Tensor
+    u_g: Tensor
+
+
+@dataclass
+class LayerScales:
+    """One layer's EKFAC scales s (per block, :class:`SecondMoments` layout) and the basis they are in."""
+
+    scales: SecondMoments
+    basis: tuple[Tensor, Tensor]  # (U_G, U_A)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"scales": self.scales.as_dict(), "basis": list(self.basis)}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any], device: torch.device) -> LayerScales:
+        scales = SecondMoments(**{name: t.to(device) for name, t in state["scales"].items()})
+        u_g, u_a = state["basis"]
+        return cls(scales, (u_g.to(device), u_a.to(device)))
+
+
+def _rotated_rows(rows: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
+    """((rows U)², ‖rows‖² − ‖rows U‖² floored): a row's squared coordinates in the kept modes
+    and its squared norm in the complement, in the dtype of ``rows`` (outside any autocast)."""
+    with torch.autocast(rows.device.type, enabled=False):
+        squares = (rows @ basis.to(rows.dtype)).square_()
+    norms = rows.square().sum(-1)
+    kept = squares.sum(-1)
+    return squares, torch.maximum(norms - kept, torch.finfo(rows.dtype).eps * norms)
+
+
+def eigenvalue_products(pairs: tuple[FactorInverse, FactorInverse]) -> SecondMoments:
+    """K-FAC's scales in its own basis: λ_G λ_Aᵀ on the kept modes, 0 on the complements."""
+    a_pairs, g_pairs = pairs
+    values_g, values_a = g_pairs.values, a_pairs.values
+    core = values_g.unsqueeze(-1) * values_a.unsqueeze(-2)
+    return SecondMoments(core, torch.zeros_like(values_g), torch.zeros_like(values_a), values_g.new_zeros(values_g.shape[:-1]))
+
+
+def _per_block(damping: Damping, like: Tensor, extra_dims: int) -> Damping:
+    """A factor damping broadcastable against a block statistic: a per-block tensor (B,) gains
+    ``extra_dims`` trailing dimensions; a float stays as it is."""
+    if isinstance(damping, Tensor):
+        return damping.to(like.dtype).reshape(*damping.shape, *([1] * extra_dims))
+    return damping
+
+
+def damped_scales(
+    scales: SecondMoments, pairs: tuple[FactorInverse, FactorInverse], dampings: tuple[Damping, Damping]
+) -> SecondMoments:
+    """1 / D per block (module docstring): the measured scales plus the damping terms of K-FAC's
+    damped product, the complements' eigenvalues taken as 0."""
+    (a_pairs, g_pairs), (a_damping, g_damping) = pairs, dampings
+    values_g, values_a = g_pairs.values, a_pairs.values
+    d_g2, d_a2 = _per_block(g_damping, values_g, 2), _per_block(a_damping, values_a, 2)
+    d_g1, d_a1 = _per_block(g_damping, values_g, 1), _per_block(a_damping, values_a, 1)
+    d_g0, d_a0 = _per_block(g_damping, values_g, 0), _per_block(a_damping, values_a, 0)
+    core = scales.core + d_g2 * values_a.unsqueeze(-2) + values_g.unsqueeze(-1) * d_a2 + d_g2 * d_a2
+    rows = scales.rows + values_g * d_a1 + d_g1 * d_a1
+    cols = scales.cols + d_g1 * values_a + d_g1 * d_a1
+    rest = scales.rest + d_g0 * d_a0
+    return SecondMoments(core.reciprocal(), rows.reciprocal(), cols.reciprocal(), rest.reciprocal())
+
+
+class EigenvalueCorrection:
+    """The direction rule of :class:`rkfac.LowRankEKFAC` (module docstring), and the
+    :class:`RowObserver` that measures its statistic in the preconditioner's hooks."""
+
+    needs_pairs = True  # a layer without a decomposition keeps its plain gradient, as in K-FAC
+
+    def __init__(self, carry: str = "reset") -> None:
+        if carry not in EKFAC_CARRY:
+            raise ValueError(f"carry={carry!r}: the eigenvalue-corrected scales take one of {EKFAC_CARRY}")
+        self.carry = carry
+        self.layers: dict[str, LayerScales] = {}
+        self._sums: dict[str, SecondMoments] = {}  # this factor step's raw sums, per layer
+        self._batch: dict[str, SecondMoments] = {}  # ŝ, taken from the sums at the step
+
+    # ------------------------------------------------------------------ the hooks (RowObserver)
+
+    def on_input_rows(self, name: str, rows: Tensor) -> RotatedInputs | None:
+        """Rotate one call's input rows into the layer's basis (None before it has one)."""
+        state = self.layers.get(name)
+        if state is None:
+            return None
+        u_g, u_a = state.basis
+        squares, complement = _rotated_rows(rows, u_a)
+        return RotatedInputs(squares, complement, u_g)
+
+    def on_output_grad_rows(self, name: str, inputs: RotatedInputs | None, rows: Tensor) -> None:
+        """Pair the output-gradient rows with their call's rotated inputs, row by row, into the sums."""
+        if inputs is None:
+            return
+        g_squares, g_complement = _rotated_rows(rows, inputs.u_g)
+        a_squares, a_complement = inputs.squares, inputs.complement
+        with torch.autocast(rows.device.type, enabled=False):
+            batch = SecondMoments(
+                g_squares.mT @ a_squares,
+                (g_squares * a_complement.unsqueeze(-1)).sum(-2),
+                (a_squares * g_complement.unsqueeze(-1)).sum(-2),
+                (g_complement * a_complement).sum(-1),
+            )
+        sums = self._sums.get(name)
+        if sums is None:
+            self._sums[name] = batch
+        else:
+            for field in ("core", "rows", "cols", "rest"):
+                getattr(sums, field).add_(getattr(batch, field))
+
+    # ------------------------------------------------------------------ the step
+
+    def take_batch(self, name: str, grad_scale: float, dims: tuple[int, int]) -> None:
+        """ŝ of one layer from this step's sums: ``grad_scale`` is c_G (divided by a loss scale²),
+        ``dims`` (d_G, d_A) count the complement entries."""
+        sums = self._sums.pop(name, None)
+        if sums is None:
+            return
+        d_g, d_a = dims
+        r_g, r_a = sums.core.shape[-2:]
+        per_row, per_col = max(d_a - r_a, 1), max(d_g - r_g, 1)
+        self._batch[name] = SecondMoments(
+            sums.core * grad_scale,
+            sums.rows * (grad_scale / per_row),
+            sums.cols * (grad_scale / per_col),
+            sums.rest * (grad_scale / (per_row * per_col)),
+        )
+
+    def fold(self, name: str, decay: float) -> None:
+        """s ← ρ s + (1 − ρ) ŝ for a layer whose statistics passed the guards (ŝ finite)."""
+        batch = self._batch.pop(name, None)
+        state = self.layers.get(name)
+        if batch is None or state is None:
+            return
+        if not all(bool(torch.isfinite(t).all()) for t in batch.as_dict().values()):
+            return
+        state.scales.lerp_(batch, 1 - decay)
+
+    def clear_rows(self) -> None:
+        """Drop what the hooks collected since the last step (the collector clears with it)."""
+        self._sums.clear()
+
+    def clear_batch(self) -> None:
+        """Drop the ŝ that were not folded (a layer whose statistics the guards rejected)."""
+        self._batch.clear()
+
+    def check_layers(self, kinds: dict[str, Any], online: list[str], world_size: int) -> None:
+        """Refuse, by name, what the correction does not handle (module docstring)."""
+        diagonal = [name for name, kind in kinds.items() if kind.diagonal_input]
+        if diagonal:
+            raise ValueError(
+                f"the eigenvalue correction does not handle a diagonal factor (an embedding's A): {diagonal}; "
+                "pass them in skip=, or use rkfac.KFAC or rkfac.LowRankSOAP"
+            )
+        if online:
+            raise ValueError(f"the eigenvalue correction needs decomposed factors, not B-KFAC's online updates: {online}")
+        if world_size > 1:
+            raise ValueError(
+                f"the eigenvalue correction is not averaged across ranks yet (world size {world_size}): "
+                "use rkfac.KFAC or rkfac.LowRankSOAP with DDP"
+            )
+
+    def direction(
+        self, name: str, grad: Tensor, pairs: tuple[FactorInverse, FactorInverse] | None, dampings: DampingsOf | None = None
+    ) -> Tensor:
+        if pairs is None or dampings is None:
+            raise ValueError(f"layer {name}: the eigenvalue correction needs the layer's decompositions and dampings")
+        a_pairs, g_pairs = pairs
+        if isinstance(a_pairs, DiagonalFactor) or isinstance(g_pairs, DiagonalFactor):
+            raise ValueError(f"layer {name}: the eigenvalue correction does not handle a diagonal factor (an embedding)")
+        u_g, u_a = basis_of(g_pairs), basis_of(a_pairs)
+        assert u_g is not None and u_a is not None
+        state = self._scales(name, pairs, (u_g, u_a))
+        left, right = u_g.mT @ grad, grad @ u_a
+        core = left @ u_a if grad.shape[-1] <= grad.shape[-2] else u_g.mT @ right  # from the cheaper side
+        d_g, d_a = grad.shape[-2:]
+        r_g, r_a = core.shape[-2:]
+        counts = (d_a - r_a, d_g - r_g, (d_g - r_g) * (d_a - r_a))
+        scales = damped_scales(state.scales, pairs, dampings(a_pairs, g_pairs)).filled(counts)
+        return scaled_in_blocks((grad, left, right, core), (u_g, u_a), scales)
+
+    def _scales(self, name: str, pairs: tuple[FactorInverse, FactorInverse], basis: tuple[Tensor, Tensor]) -> LayerScales:
+        """The layer's scales in ``basis``: created, or carried over if the basis changed."""
+        state = self.layers.get(name)
+        if state is None or (state.scales.core.shape[:-2] != basis[0].shape[:-2]):
+            state = LayerScales(eigenvalue_products(pairs), basis)
+            self.layers[name] = state
+            return state
+        old = state.basis
+        if all(a is b or (a.shape == b.shape and torch.equal(a, b)) for a, b in zip(old, basis, strict=True)):
+            state.basis = basis
+            return state
+        ranks = (basis[0].shape[-1], basis[1].shape[-1])
+        if self.carry == "reset":
+            state.scales = eigenvalue_products(pairs)
+        elif self.carry == "rotate":
+            state.scales = state.scales.rotated(old, basis)
+        else:
+            state.scales = state.scales.resized(ranks)
+        state.basis = basis
+        return state
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: layer.state_dict() for name, layer in self.layers.items()}
+
+    def load_state_dict(self, state: dict[str, Any], devices: dict[str, torch.device]) -> None:
+        self.layers = {name: LayerScales.from_state(entry, devices[name]) for name, entry in state.items()}
+        self.clear_rows()
+        self.clear_batch()
+
+
+__all__ = ["EKFAC_CARRY", "EigenvalueCorrection", "LayerScales", "RotatedInputs", "damped_scales", "eigenvalue_products"]
