@@ -145,8 +145,8 @@ rkfac tune chose for them (sre-soap's tuned lr is its default).
 - Classifiers: at batch 2048, every optimizer tuned, sre-soap reaches each target first but
   ends below SOAP: fashion-mlp-wide-2048 (3 seeds) 86% and 88% 1.6x sooner than AdamW and 2.8x
   than SGD, final 89.2% against 90.1%; fashion-cnn-2048 (seed 0) 89% and 90% in 0.65x and 0.71x
-  SOAP's time, final 91.7% against 92.4%. At batch 256, fashion-cnn (seed 0, every peer tuned):
-  89% and 90% 1.2x and 2.3x sooner than AdamW, final 91.4% against AdamW's 91.7%; on fashion-vit
+  SOAP's time, final 91.7% against 92.4%. At batch 256, fashion-cnn (3 seeds, every peer tuned):
+  89% and 90% 1.3x sooner than AdamW, final 91.5% against SOAP's 91.9%; on fashion-vit
   (3 seeds, batch 256) SOAP reaches 85% and 87% first (sre-soap 1.3x its time, final 88.0%
   against 88.2%).
 Curves: runs/bench-demo/bench-curves.png (median smoothed step loss against time and steps) and
