@@ -28,8 +28,8 @@ from rkfac.protocol import Preconditioner
 class LowRankEKFAC(KFAC):
     """K-FAC whose per-mode scales are measured from the per-sample gradients (EKFAC) in the
     kept low-rank eigenbasis. Options: :class:`rkfac.KFAC`'s (every one: decomposition, damping,
-    clip, lr, momentum, the adaptive step's ``loss=``), plus ``carry`` ("reset", the default;
-    "keep"; "rotate"): what measured scales become when a decomposition replaces the basis.
+    clip, lr, momentum, the adaptive step's ``loss=``), plus ``carry`` ("keep", the default;
+    "rotate"; "reset"): what measured scales become when a decomposition replaces the basis.
     Embeddings, B-KFAC's online factors, several ranks and ``apply_dtype`` (the damped solve's)
     are refused by name.
 
@@ -39,7 +39,7 @@ class LowRankEKFAC(KFAC):
         opt.zero_grad(); loss_fn(model(x), y).backward(); opt.step()
     """
 
-    def __init__(self, model: nn.Module, *, carry: str = "reset", **options: Any) -> None:
+    def __init__(self, model: nn.Module, *, carry: str = "keep", **options: Any) -> None:
         if options.get("apply_dtype") is not None:
             raise ValueError(
                 f"apply_dtype={options['apply_dtype']} is the damped Kronecker solve's; rkfac.LowRankEKFAC scales "

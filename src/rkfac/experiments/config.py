@@ -209,7 +209,7 @@ class RunConfig:
     model_every: int = library_option(AdaptiveOptions, "model_every")
     carry: str = library_option(SOAPOptions, "carry")
     ekfac_carry: str = run_option(
-        "reset", "SRE-EKFAC: what a new basis does to the measured scales (reset: its eigenvalue products)", choices=EKFAC_CARRY
+        "keep", "SRE-EKFAC: what a new basis does to the measured scales (reset: its eigenvalue products)", choices=EKFAC_CARRY
     )
     update_freq: int = library_option(SENGOptions, "update_freq")
     col_sample_size: int = library_option(SENGOptions, "col_sample_size")
