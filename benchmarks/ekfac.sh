@@ -5,6 +5,7 @@
 #
 #   benchmarks/ekfac.sh autoencoder   # fashion-autoencoder (issue 20's K-FAC settings), seeds 0-2, 4 epochs, ~ 30 min
 #   benchmarks/ekfac.sh carry         # one epoch of sre-ekfac at the tuned lr with carry reset / keep / rotate, ~ 3 min
+#   benchmarks/ekfac.sh steps         # ms per step, interleaved, of SGD, SRE-KFAC, sre-ekfac and sre-soap on every preset, ~ 10 min
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RKFAC=${RKFAC:-.venv/bin/rkfac}
@@ -18,7 +19,11 @@ case "${1:-}" in
       "$RKFAC" train --preset fashion-autoencoder --optimizer sre-ekfac --lr "$lr" --ekfac-carry "$carry" --epochs 1 --quiet --out "runs/ekfac-carry-$carry"
     done
     grep -h '"final_train_eval_loss"\|"train_time"' runs/ekfac-carry-*/summary.json ;;
+  steps)
+    for preset in fashion-autoencoder fashion-mlp-wide fashion-cnn fashion-vit; do
+      "${PYTHON:-.venv/bin/python}" benchmarks/step_time.py --preset "$preset" --optimizers sgd,sre-kfac,sre-ekfac,sre-soap --steps 50 --chunk 10
+    done ;;
   *)
-    echo "usage: $0 autoencoder|carry" >&2
+    echo "usage: $0 autoencoder|carry|steps" >&2
     exit 2 ;;
 esac
