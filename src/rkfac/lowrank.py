@@ -15,6 +15,7 @@ eigendecomposition is the case k = d of the same formula, so every method shares
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -191,6 +192,8 @@ Damping = float | Tensor
 
 #: What a factor's damped inverse is applied through.
 FactorInverse = Eigenpairs | DiagonalFactor | BlockEigenpairs
+# (λ_A, λ_G) of a layer's two decompositions, as the preconditioner damps them this step
+DampingsOf = Callable[[FactorInverse, FactorInverse], tuple[Damping, Damping]]
 
 
 def _inverse_correction(values: Tensor, damping: float | Tensor) -> Tensor:

@@ -259,3 +259,65 @@ def test_the_adaptive_step_drives_the_corrected_direction() -> None:
     assert opt.adaptive is not None and opt.adaptive.last is not None
     assert losses[-1] < 0.05 * losses[0]
     assert opt.adaptive.last.damping < 1.0  # λ moved from its start, so the scales saw it change
+
+
+def test_a_non_finite_measurement_is_skipped_counted_and_said() -> None:
+    """The statistic holds fourth powers of the rows: float32 inputs of 3e10 overflow it where the
+    Gram products (squares) stay finite. The scales keep their values and the skip is counted."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5))
+    rule = EigenvalueCorrection()
+    pre = KFACPreconditioner(model, direction=rule, decomposition=rkfac.ExactEigh(), factor_every=1, inverse_every=100, clip=None)
+    for scale in (1.0, 3e10):
+        model.zero_grad()
+        (model(torch.randn(16, 6) * scale) ** 2).sum(1).mean().backward()
+        if scale == 1.0:
+            pre.step()
+            before = rule.layers["0"].scales.core.clone()
+        else:
+            with pytest.warns(RuntimeWarning, match="non-finite measured statistic.*'0' at step 1"):
+                pre.step()
+    assert all(bool(factor.isfinite().all()) for factor in pre.factors()["0"])  # K-FAC's statistics were fine
+    assert pre.health.skipped_statistics == 1
+    assert torch.equal(rule.layers["0"].scales.core, before)
+
+
+def test_grouped_convolution_corrects_each_block_in_its_own_basis() -> None:
+    """A grouped Conv2d's factors are per group (block eigenpairs, per-block dampings): each
+    group's direction is the dense EKFAC step of that group's own rows."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, padding=1, groups=2).to(DTYPE)
+    model = nn.Sequential(conv)
+    generator = torch.Generator().manual_seed(3)
+    x0, x1 = (torch.randn(3, 4, 5, 5, generator=generator, dtype=DTYPE) for _ in range(2))
+    pre = ekfac(model, decomposition=rkfac.ExactEigh())
+
+    def rows(x: Tensor) -> list[tuple[Tensor, Tensor]]:
+        conv.zero_grad()
+        out = conv(x)
+        out.retain_grad()
+        (out**3).mean().backward()
+        assert out.grad is not None
+        per_group = []
+        for group in range(2):
+            inputs, grads = x[:, 2 * group : 2 * group + 2], out.grad[:, 3 * group : 3 * group + 3]
+            patches = F.unfold(inputs, 3, padding=1).transpose(1, 2).reshape(-1, 2 * 9)
+            per_group.append((with_ones(patches), grads.flatten(2).transpose(1, 2).reshape(-1, 3)))
+        return per_group
+
+    def group_grads() -> list[Tensor]:
+        assert conv.weight.grad is not None and conv.bias is not None and conv.bias.grad is not None
+        weight, bias = conv.weight.grad.reshape(6, -1), conv.bias.grad[:, None]
+        return [torch.cat([weight[3 * g : 3 * g + 3], bias[3 * g : 3 * g + 3]], dim=1) for g in range(2)]
+
+    first = rows(x0)
+    pre.step()
+    n, positions = x0.shape[0], 25
+    factors = [(n * g.T @ g, a.T @ a / (n * positions)) for a, g in first]
+    second = rows(x1)
+    grads = group_grads()
+    pre.step()
+    for group, ((a1, g1), (g_factor, a_factor), grad, got) in enumerate(zip(second, factors, grads, group_grads(), strict=True)):
+        kept = (descending(g_factor)[1], descending(a_factor)[1])
+        expected = dense_ekfac_direction(grad, (a1, g1), float(n), kept, (g_factor, a_factor))
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12, msg=f"group {group}")

@@ -240,7 +240,8 @@ class LayerMoments:
         )
 
 
-def _same(old: Tensor | None, new: Tensor | None) -> bool:
+def same_basis(old: Tensor | None, new: Tensor | None) -> bool:
+    """Whether two bases are the same values (the same tensor, or equal: e.g. after a restore)."""
     if old is None or new is None:
         return old is new
     return old is new or (old.shape == new.shape and torch.equal(old, new))
@@ -324,7 +325,7 @@ class EigenbasisAdam:
             state.rotate_first()
             self.moments[name] = state
             return state
-        if all(_same(old, new) for old, new in zip(state.basis, basis, strict=True)):
+        if all(same_basis(old, new) for old, new in zip(state.basis, basis, strict=True)):
             state.basis = basis  # the same values (e.g. after a restore): keep the live tensors
             return state
         switched = any((old is None) != (new is None) for old, new in zip(state.basis, basis, strict=True))
@@ -381,4 +382,4 @@ def _add_product_(out: Tensor, first: Tensor | None, second: Tensor | None, tran
     return out.add_(first @ right)
 
 
-__all__ = ["EigenbasisAdam", "LayerMoments", "SecondMoments", "basis_of", "scaled_in_blocks"]
+__all__ = ["EigenbasisAdam", "LayerMoments", "SecondMoments", "basis_of", "same_basis", "scaled_in_blocks"]

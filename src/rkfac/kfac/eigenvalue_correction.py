@@ -62,19 +62,16 @@ K-FAC.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from rkfac.kfac.eigenbasis_adam import SecondMoments, basis_of, scaled_in_blocks
-from rkfac.lowrank import Damping, DiagonalFactor, FactorInverse
+from rkfac.kfac.eigenbasis_adam import SecondMoments, basis_of, same_basis, scaled_in_blocks
+from rkfac.lowrank import Damping, DampingsOf, DiagonalFactor, FactorInverse
 
 EKFAC_CARRY = ("keep", "rotate", "reset")
-
-DampingsOf = Callable[[FactorInverse, FactorInverse], tuple[Damping, Damping]]
 
 
 @dataclass
@@ -210,15 +207,18 @@ class EigenvalueCorrection:
             sums.rest * (grad_scale / (per_row * per_col)),
         )
 
-    def fold(self, name: str, decay: float) -> None:
-        """s ← ρ s + (1 − ρ) ŝ for a layer whose statistics passed the guards (ŝ finite)."""
+    def fold(self, name: str, decay: float) -> bool:
+        """s ← ρ s + (1 − ρ) ŝ for a layer whose K-FAC statistics passed the guards; False (and
+        s unchanged) if ŝ itself is not finite: it holds fourth powers of the rows, which can
+        overflow where the Gram products do not."""
         batch = self._batch.pop(name, None)
         state = self.layers.get(name)
         if batch is None or state is None:
-            return
+            return True
         if not all(bool(torch.isfinite(t).all()) for t in batch.as_dict().values()):
-            return
+            return False
         state.scales.lerp_(batch, 1 - decay)
+        return True
 
     def clear_rows(self) -> None:
         """Drop what the hooks collected since the last step (the collector clears with it)."""
@@ -271,7 +271,7 @@ class EigenvalueCorrection:
             self.layers[name] = state
             return state
         old = state.basis
-        if all(a is b or (a.shape == b.shape and torch.equal(a, b)) for a, b in zip(old, basis, strict=True)):
+        if all(same_basis(a, b) for a, b in zip(old, basis, strict=True)):
             state.basis = basis
             return state
         ranks = (basis[0].shape[-1], basis[1].shape[-1])

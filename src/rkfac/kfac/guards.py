@@ -91,6 +91,14 @@ class Guard:
             self.warn_once(f"non-finite {what} in layer {name!r} at step {step}{others}: {', '.join(consequences)}")
         return faults
 
+    def skipped_measurement(self, layer: str, step: int) -> None:
+        """Count (and say, the first time) a direction rule's own statistic that was not finite."""
+        self.health.skipped_statistics += 1
+        self.warn_once(
+            f"non-finite measured statistic of the direction rule in layer {layer!r} at step {step}: "
+            "its scales keep their last values"
+        )
+
     def decomposition(self, retried: bool, failed: bool, layer: str, factor: str, step: int, had_pairs: bool) -> None:
         """Count one decomposition's retry and failure (and say the first failure)."""
         self.health.float64_retries += int(retried)

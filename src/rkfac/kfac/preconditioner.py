@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import warnings
-from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -56,7 +55,7 @@ from rkfac.layers.selection import (
     unsupported_layers,
     unwrap,
 )
-from rkfac.lowrank import Damping, FactorInverse, kronecker_solve
+from rkfac.lowrank import Damping, DampingsOf, FactorInverse, kronecker_solve
 from rkfac.options import KFACOptions
 from rkfac.schedules import at_step_float, at_step_int
 from rkfac.schema import check_instance, options_from
@@ -65,9 +64,6 @@ from rkfac.timing import PhaseTimer, maybe_phase
 
 # Layers narrower than this on either side keep the working dtype under ``apply_dtype``.
 LOW_PRECISION_MIN_DIM = 128
-
-
-DampingsOf = Callable[[FactorInverse, FactorInverse], tuple[Damping, Damping]]
 
 
 class DirectionRule(Protocol):
@@ -100,7 +96,7 @@ class MeasuredRule(DirectionRule, RowObserver, Protocol):
 
     def take_batch(self, name: str, grad_scale: float, dims: tuple[int, int]) -> None: ...
 
-    def fold(self, name: str, decay: float) -> None: ...
+    def fold(self, name: str, decay: float) -> bool: ...
 
     def clear_batch(self) -> None: ...
 
@@ -271,7 +267,7 @@ class KFACPreconditioner:
                 if statistics:
                     self._note_missing(statistics, step)
                 faults = self._guard.check(statistics, self._gradients(), step)
-                self._update_factors(statistics, faults)
+                self._update_factors(statistics, faults, step)
                 self._decompose(step)
             with maybe_phase(self.timer, "precondition"):
                 self._precondition(step, faults)
@@ -288,6 +284,7 @@ class KFACPreconditioner:
         Unscaled from a GradScaler's loss scale and, in a process group, averaged over ranks.
         """
         reduction = self.options.loss_reduction
+        scale = self._loss_scale()
         statistics: dict[str, tuple[Statistic, Statistic]] = {}
         for layer in self._layers:
             sums = self._collector.sums[layer.name]
@@ -298,14 +295,13 @@ class KFACPreconditioner:
                 statistics[layer.name] = (Statistic(a), Statistic(g))
                 if self._measured is not None:
                     d_a, d_g = layer.kind.factor_dims
-                    self._measured.take_batch(layer.name, sums.grad_scale(reduction) / self._loss_scale() ** 2, (d_g, d_a))
+                    self._measured.take_batch(layer.name, sums.grad_scale(reduction) / scale**2, (d_g, d_a))
                 continue
             a_columns, g_columns = sums.columns(reduction)
             a_tracker, g_tracker = layer.trackers
             world = self._comm.world_size
             statistics[layer.name] = (a_tracker.from_columns(a_columns, world), g_tracker.from_columns(g_columns, world))
         self._collector.clear()
-        scale = self._loss_scale()
         if scale != 1.0:
             statistics = {
                 name: (a, Statistic(g.value / (scale if g.columns else scale**2), g.columns))
@@ -326,13 +322,13 @@ class KFACPreconditioner:
     def _gradients(self) -> list[tuple[str, Tensor]]:
         return [(layer.name, grad) for layer in self._layers for grad in layer.kind.gradients()]
 
-    def _update_factors(self, statistics: dict[str, tuple[Statistic, Statistic]], faults: Faults) -> None:
+    def _update_factors(self, statistics: dict[str, tuple[Statistic, Statistic]], faults: Faults, step: int) -> None:
         for layer in self._layers:
             if layer.name in statistics and not Fault.bad_statistic(faults.get(layer.name, [])):
                 for tracker, statistic in zip(layer.trackers, statistics[layer.name], strict=True):
                     tracker.update(statistic, self.options.factor_decay)
-                if self._measured is not None:
-                    self._measured.fold(layer.name, self.options.factor_decay)
+                if self._measured is not None and not self._measured.fold(layer.name, self.options.factor_decay):
+                    self._guard.skipped_measurement(layer.name, step)
         if self._measured is not None:
             self._measured.clear_batch()
 
