@@ -68,6 +68,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from rkfac.health import all_finite
 from rkfac.kfac.eigenbasis_adam import SecondMoments, basis_of, same_basis, scaled_in_blocks
 from rkfac.lowrank import Damping, DampingsOf, DiagonalFactor, FactorInverse
 
@@ -215,7 +216,7 @@ class EigenvalueCorrection:
         state = self.layers.get(name)
         if batch is None or state is None:
             return True
-        if not all(bool(torch.isfinite(t).all()) for t in batch.as_dict().values()):
+        if not all(all_finite(list(batch.as_dict().values()))):  # one host sync
             return False
         state.scales.lerp_(batch, 1 - decay)
         return True
