@@ -69,6 +69,10 @@ def train(model: nn.Module, decomposition: str, rank: int, world_size: int) -> t
         optimizer = rkfac.SENG(model, lr=0.1, update_freq=2, sketch_threshold=50, col_sample_size=5, sketch_rank=2)
     elif decomposition == "sre-soap":  # Adam in the SRE bases: computed from the averaged gradient on every rank
         optimizer = rkfac.LowRankSOAP(model, lr=0.01, decomposition=make_decomposition("sre"), factor_every=1, inverse_every=2)
+    elif decomposition == "sre-ekfac":  # the measured scales: all-reduced with the statistics
+        optimizer = rkfac.LowRankEKFAC(
+            model, lr=0.1, momentum=0.5, decomposition=make_decomposition("sre"), factor_every=1, inverse_every=2
+        )
     else:
         optimizer = rkfac.KFAC(
             model, lr=0.1, momentum=0.5, decomposition=make_decomposition(decomposition), factor_every=1, inverse_every=2
@@ -89,13 +93,13 @@ def _worker(rank: int, world_size: int, decomposition: str) -> dict:
     return {"params": params, "traffic": optimizer.preconditioner.traffic, "decomposed": DECOMPOSED}  # type: ignore[attr-defined]
 
 
-@pytest.mark.parametrize("decomposition", ["exact", "sre", "seng", "brand", "sre-soap"])
+@pytest.mark.parametrize("decomposition", ["exact", "sre", "seng", "brand", "sre-soap", "sre-ekfac"])
 def test_two_ranks_match_one_process_over_the_global_batch(tmp_path: Path, decomposition: str):
     ranks = run_ranks(_worker, 2, tmp_path, decomposition)
     for mine, theirs in zip(ranks[0]["params"], ranks[1]["params"], strict=True):
         assert torch.equal(mine, theirs)  # identical on both ranks, bit for bit
 
-    if decomposition in ("seng", "brand", "sre-soap"):
+    if decomposition in ("seng", "brand", "sre-soap", "sre-ekfac"):
         single = make_model()
         train(single, decomposition, rank=0, world_size=1)
         # The all-reduce sums the gradient in another order than one process does (≈ 1e-16

@@ -168,14 +168,18 @@ def test_one_adamw_step_lowers_the_loss_on_a_small_batch() -> None:
 # ---------------------------------------------------------------------- rkfac on the whole encoder
 
 
-def test_a_transformer_encoder_trains_200_steps_with_rkfac_without_faults() -> None:
-    """Every projection of every attention is preconditioned, and 200 K-FAC steps (factors every
-    2, inverses every 10) run with no recovered fault, finite losses, and the loss going down."""
+@pytest.mark.parametrize("method", [rkfac.KFAC, rkfac.LowRankEKFAC])
+def test_a_transformer_encoder_trains_200_steps_with_rkfac_without_faults(method: type[rkfac.KFAC]) -> None:
+    """Every projection of every attention and the position embedding are preconditioned, and
+    200 steps of K-FAC, or of EKFAC (whose statistic pairs the embedding's tokens with their
+    rows), at factors every 2 and inverses every 10, run with no recovered fault, finite losses,
+    and the loss going down."""
     torch.manual_seed(0)
     data = synthetic_dataset(train=512, test=16, seed=0)
     model = build_model("vit", FASHION, 10, width_scale=0.25)
-    optimizer = rkfac.KFAC(model, lr=0.05, factor_every=2, inverse_every=10)
+    optimizer = method(model, lr=0.05, factor_every=2, inverse_every=10)
     names = optimizer.preconditioner.layer_names
+    assert "position" in names
     for index in range(4):
         for role in ("q_proj", "k_proj", "v_proj", "out_proj"):
             assert f"encoder.layers.{index}.self_attn.{role}" in names

@@ -48,22 +48,32 @@ def block_means(full: Tensor, r_g: int, r_a: int) -> Tensor:
 
 
 def dense_ekfac_direction(
-    grad: Tensor, rows: tuple[Tensor, Tensor], scale: float, kept: tuple[Tensor, Tensor], factors: tuple[Tensor, Tensor]
+    grad: Tensor,
+    rows: tuple[Tensor, Tensor],
+    scale: float,
+    kept: tuple[Tensor, Tensor],
+    factors: tuple[Tensor, Tensor],
+    initial: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """One EKFAC step after one fold of the statistic into K-FAC's eigenvalue products.
 
     ``rows`` (a (N, d_A), g (N, d_G)) are the step's rows and ``scale`` c_G; ``kept`` (U_G, U_A)
     the kept eigenvectors of the factors of the previous step, ``factors`` (G, A) those factors
-    (for the eigenvalues and the relative damping)."""
+    (for the eigenvalues and the relative damping); ``initial`` the factors whose eigenvalue
+    products the scales started from, if not those."""
     a_rows, g_rows = rows
     (u_g, u_a), (g_factor, a_factor) = kept, factors
     q_g, q_a = completed(u_g), completed(u_a)
     r_g, r_a = u_g.shape[1], u_a.shape[1]
-    # the kept eigenvalues in that basis (uᵀ F u), 0 on the complement, as K-FAC's truncated solve has them
-    values_g = torch.cat([torch.einsum("di,de,ei->i", u_g, g_factor, u_g), torch.zeros(q_g.shape[1] - r_g, dtype=DTYPE)])
-    values_a = torch.cat([torch.einsum("di,de,ei->i", u_a, a_factor, u_a), torch.zeros(q_a.shape[1] - r_a, dtype=DTYPE)])
+
+    def kept_values(u: Tensor, factor: Tensor, q: Tensor) -> Tensor:
+        """The kept eigenvalues in that basis (uᵀ F u), 0 on the complement, as K-FAC's truncated solve has them."""
+        return torch.cat([torch.einsum("di,de,ei->i", u, factor, u), torch.zeros(q.shape[1] - u.shape[1], dtype=DTYPE)])
+
+    values_g, values_a = kept_values(u_g, g_factor, q_g), kept_values(u_a, a_factor, q_a)
     measured = scale * torch.einsum("ti,tj->ij", (g_rows @ q_g) ** 2, (a_rows @ q_a) ** 2)
-    products = torch.outer(values_g, values_a)  # zero on the complement blocks
+    start_g, start_a = initial if initial is not None else factors
+    products = torch.outer(kept_values(u_g, start_g, q_g), kept_values(u_a, start_a, q_a))  # zero on the complement blocks
     scales = DECAY * products + (1 - DECAY) * block_means(measured, r_g, r_a)
     lam_g = DAMPING * float(torch.linalg.eigvalsh(g_factor)[-1])
     lam_a = DAMPING * float(torch.linalg.eigvalsh(a_factor)[-1])
@@ -229,9 +239,6 @@ def test_state_dict_round_trip_continues_bitwise() -> None:
 
 
 def test_what_it_does_not_handle_is_refused_by_name() -> None:
-    embedding_model = nn.Sequential(nn.Embedding(10, 4), nn.Flatten(), nn.Linear(8, 3))
-    with pytest.raises(ValueError, match=r"diagonal factor.*'0'"):
-        rkfac.LowRankEKFAC(embedding_model)
     with pytest.raises(ValueError, match=r"online updates.*'0'"):
         rkfac.LowRankEKFAC(mlp(), decomposition=rkfac.BrandUpdate(rank=4))
     with pytest.raises(ValueError, match="carry='fresh'"):
@@ -321,3 +328,43 @@ def test_grouped_convolution_corrects_each_block_in_its_own_basis() -> None:
         kept = (descending(g_factor)[1], descending(a_factor)[1])
         expected = dense_ekfac_direction(grad, (a1, g1), float(n), kept, (g_factor, a_factor))
         torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-12, msg=f"group {group}")
+
+
+@pytest.mark.parametrize("rank", [None, 2])
+def test_embedding_statistic_counts_each_token_in_its_own_column(rank: int | None) -> None:
+    """An embedding's input rows are one-hot (A diagonal, its own basis): the dense EKFAC step with
+    the unit vectors as A's basis, the rows built here as one-hot vectors (padding left out of
+    both sides), at full and truncated G rank (the G complement per token column)."""
+    torch.manual_seed(0)
+    vocab, width, padding = 10, 4, 0
+    embedding = nn.Embedding(vocab, width, padding_idx=padding).to(DTYPE)
+    head = nn.Linear(2 * width, 3).to(DTYPE)
+    model = nn.Sequential(embedding, nn.Flatten(), head)
+    generator = torch.Generator().manual_seed(5)
+    tokens0, tokens1 = (torch.randint(0, vocab - 2, (30, 2), generator=generator) for _ in range(2))  # 8, 9 unseen
+    decomposition = rkfac.ExactEigh() if rank is None else rkfac.SymmetricRandomizedEVD(rank=rank, oversample=2, power_iters=4)
+    pre = ekfac(model, decomposition=decomposition, skip=["2"])
+
+    def rows(tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        model.zero_grad()
+        out = embedding(tokens)
+        out.retain_grad()
+        F.cross_entropy(head(out.flatten(1)), torch.arange(30) % 3).backward()
+        assert out.grad is not None and embedding.weight.grad is not None
+        kept = tokens.reshape(-1) != padding
+        one_hot = F.one_hot(tokens.reshape(-1), vocab).to(DTYPE)[kept]
+        return one_hot, out.grad.reshape(-1, width)[kept], embedding.weight.grad.T.clone()
+
+    a0, g0, _ = rows(tokens0)
+    pre.step()
+    n = tokens0.shape[0]
+    a_factor, g_factor = a0.T @ a0 / a0.shape[0], n * g0.T @ g0
+    kept = (descending(g_factor)[1] if rank is None else pre.eigenpairs()["0"][1].vectors, torch.eye(vocab, dtype=DTYPE))
+    a1, g1, grad = rows(tokens1)
+    pre.step()
+    # a diagonal A needs no decomposition: its eigenvalues are the current average, this step's
+    # included, while the scales started from the products of step 0's
+    a_average = DECAY * a_factor + (1 - DECAY) * a1.T @ a1 / a1.shape[0]
+    expected = dense_ekfac_direction(grad, (a1, g1), float(n), kept, (g_factor, a_average), (g_factor, a_factor))
+    assert embedding.weight.grad is not None
+    torch.testing.assert_close(embedding.weight.grad.T, expected, rtol=1e-9, atol=1e-12)

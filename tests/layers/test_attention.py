@@ -297,18 +297,20 @@ def test_a_deleted_model_with_attention_is_freed_after_remove() -> None:
     assert alive() is None
 
 
+@pytest.mark.parametrize("method", [rkfac.LowRankSOAP, rkfac.LowRankEKFAC])
 @pytest.mark.parametrize(("batch_first", "bias", "kdim"), [(True, True, None), (False, True, 5)])
-def test_low_rank_soap_steps_the_projections_as_the_explicit_linear_model(
-    batch_first: bool, bias: bool, kdim: int | None
+def test_eigenbasis_methods_step_the_projections_as_the_explicit_linear_model(
+    batch_first: bool, bias: bool, kdim: int | None, method: type[rkfac.KFAC] | type[rkfac.LowRankSOAP]
 ) -> None:
-    """rkfac.LowRankSOAP (issue 21) on the routed attention: after three steps (a new basis every
-    step, so the carry runs) every projection's weights equal the explicit-Linear model's."""
+    """rkfac.LowRankSOAP and rkfac.LowRankEKFAC (issue 21) on the routed attention: after three
+    steps (a new basis every step, so the carry runs; EKFAC's rows paired in the routed hooks)
+    every projection's weights equal the explicit-Linear model's."""
     module = attention(batch_first, bias, kdim, kdim)
     routed, reference = Head(module), Head(ExplicitCrossAttention(module))
     reference.readout.load_state_dict(routed.readout.state_dict())
     options = {"lr": 0.01, "factor_every": 1, "inverse_every": 1, "decomposition": rkfac.ExactEigh()}
     options["batch_dim"] = 0 if batch_first else 1
-    optimizers = [rkfac.LowRankSOAP(model, **options) for model in (routed, reference)]
+    optimizers = [method(model, **options) for model in (routed, reference)]
     assert optimizers[0].preconditioner.layer_names[:4] == [f"attention.{p}_proj" for p in "qkv"] + ["attention.out_proj"]
     generator = torch.Generator().manual_seed(5)
     for step in range(3):

@@ -53,15 +53,22 @@ scales when a decomposition replaces the basis: ``"keep"`` (the default) leaves 
 At r = d the blocks X, Y, Z are empty and this is dense EKFAC on K-FAC's factors. K-FAC's
 clip, momentum, weight decay and learning rate act on this direction as on the damped solve.
 
-Not handled, and refused by name: a diagonal factor (an embedding's A: its rows would be one-hot
-vectors, a different statistic), B-KFAC's online factors (the rows are kept for Brand's update,
-not rotated), and a process group of several ranks (the scales would need an all-reduce of their
-own). A layer is rotated only once it has a basis; before, it keeps its plain gradient, as in
-K-FAC.
+An embedding's A is diagonal (token frequencies) and is its own eigenbasis, every mode kept:
+its input rows are the one-hot e_token(t), so the statistic adds each G row's squared
+coordinates into its token's column (an index_add, O(N r_G), never a vocabulary-wide row):
+s_ij = c_G Σ_{t: token(t)=j} (u_G,iᵀ g_t)², and the G complement's s_Y,j likewise; X and Z are
+empty. Under data parallelism ŝ is averaged over the ranks with the K-FAC statistics (one more
+all-reduce of r_G r_A + r_G + r_A + 1 numbers per layer and factor step); each rank's ŝ carries
+its own c_G as its S_G does, so the mean is the global batch's statistic.
+
+Not handled, and refused by name: B-KFAC's online factors (the rows are kept for Brand's
+update, not rotated). A layer is rotated only once it has a basis; before, it keeps its plain
+gradient, as in K-FAC.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,11 +85,39 @@ EKFAC_CARRY = ("keep", "rotate", "reset")
 @dataclass
 class RotatedInputs:
     """One layer call's input rows in the basis: their squared coordinates (..., N, r_A) and
-    complement norms (..., N), held until the output gradient arrives; ``basis`` is U_G then."""
+    complement norms (..., N), held until the output gradient arrives; ``u_g`` is U_G then."""
 
     squares: Tensor
     complement: Tensor
     u_g: Tensor
+
+    def paired(self, g_squares: Tensor, g_complement: Tensor) -> SecondMoments:
+        """The unscaled sums of the statistic's four blocks over the rows (module docstring)."""
+        a_squares, a_complement = self.squares, self.complement
+        return SecondMoments(
+            g_squares.mT @ a_squares,
+            (g_squares * a_complement.unsqueeze(-1)).sum(-2),
+            (a_squares * g_complement.unsqueeze(-1)).sum(-2),
+            (g_complement * a_complement).sum(-1),
+        )
+
+
+@dataclass
+class TokenInputs:
+    """A diagonal factor's input rows (an embedding's): row t is the one-hot e_token(t), whose
+    squared coordinates in A's basis (the unit vectors, every mode kept) are itself and whose
+    complement is empty. ``width`` is d_A (the vocabulary)."""
+
+    tokens: Tensor
+    width: int
+    u_g: Tensor
+
+    def paired(self, g_squares: Tensor, g_complement: Tensor) -> SecondMoments:
+        """The sums of :meth:`RotatedInputs.paired` for one-hot rows: the G rows' squares added
+        into the column of their token (core, and cols for the G complement); X and Z are empty."""
+        core = g_squares.new_zeros(g_squares.shape[-1], self.width).index_add_(1, self.tokens, g_squares.mT)
+        cols = g_complement.new_zeros(self.width).index_add_(0, self.tokens, g_complement)
+        return SecondMoments(core, g_squares.new_zeros(g_squares.shape[-1]), cols, g_squares.new_zeros(()))
 
 
 @dataclass
@@ -90,7 +125,7 @@ class LayerScales:
     """One layer's EKFAC scales s (per block, :class:`SecondMoments` layout) and the basis they are in."""
 
     scales: SecondMoments
-    basis: tuple[Tensor, Tensor]  # (U_G, U_A)
+    basis: tuple[Tensor, Tensor | None]  # (U_G, U_A); U_A None: the identity (a diagonal A)
 
     def state_dict(self) -> dict[str, Any]:
         return {"scales": self.scales.as_dict(), "basis": list(self.basis)}
@@ -99,7 +134,7 @@ class LayerScales:
     def from_state(cls, state: dict[str, Any], device: torch.device) -> LayerScales:
         scales = SecondMoments(**{name: t.to(device) for name, t in state["scales"].items()})
         u_g, u_a = state["basis"]
-        return cls(scales, (u_g.to(device), u_a.to(device)))
+        return cls(scales, (u_g.to(device), None if u_a is None else u_a.to(device)))
 
 
 def _rotated_rows(rows: Tensor, basis: Tensor) -> tuple[Tensor, Tensor]:
@@ -167,22 +202,24 @@ class EigenvalueCorrection:
         if state is None:
             return None
         u_g, u_a = state.basis
+        assert u_a is not None, f"layer {name}: dense input rows for a diagonal A"
         squares, complement = _rotated_rows(rows, u_a)
         return RotatedInputs(squares, complement, u_g)
 
-    def on_output_grad_rows(self, name: str, inputs: RotatedInputs | None, rows: Tensor) -> None:
+    def on_input_tokens(self, name: str, tokens: Tensor) -> TokenInputs | None:
+        """An embedding's call: its tokens, whose one-hot rows need no rotation (None before a basis)."""
+        state = self.layers.get(name)
+        if state is None:
+            return None
+        return TokenInputs(tokens, state.scales.cols.shape[-1], state.basis[0])
+
+    def on_output_grad_rows(self, name: str, inputs: RotatedInputs | TokenInputs | None, rows: Tensor) -> None:
         """Pair the output-gradient rows with their call's rotated inputs, row by row, into the sums."""
         if inputs is None:
             return
         g_squares, g_complement = _rotated_rows(rows, inputs.u_g)
-        a_squares, a_complement = inputs.squares, inputs.complement
         with torch.autocast(rows.device.type, enabled=False):
-            batch = SecondMoments(
-                g_squares.mT @ a_squares,
-                (g_squares * a_complement.unsqueeze(-1)).sum(-2),
-                (a_squares * g_complement.unsqueeze(-1)).sum(-2),
-                (g_complement * a_complement).sum(-1),
-            )
+            batch = inputs.paired(g_squares, g_complement)
         sums = self._sums.get(name)
         if sums is None:
             self._sums[name] = batch
@@ -229,21 +266,22 @@ class EigenvalueCorrection:
         """Drop the ŝ that were not folded (a layer whose statistics the guards rejected)."""
         self._batch.clear()
 
-    def check_layers(self, kinds: dict[str, Any], online: list[str], world_size: int) -> None:
+    def average_batch(self, average: Callable[[list[Tensor]], list[Tensor]]) -> None:
+        """ŝ of every layer averaged over data-parallel ranks (``average``: the communicator's mean
+        over ranks of a list of tensors, one all-reduce), as the K-FAC statistics are: each rank's
+        ŝ carries its own c_G as its S_G does, so the mean is the global batch's statistic. The
+        bases are the same on every rank (the decompositions are shared), and so are the layers
+        with a ŝ: they are the layers with statistics, in model order."""
+        names = list(self._batch)
+        fields = ("core", "rows", "cols", "rest")
+        averaged = iter(average([getattr(self._batch[name], field) for name in names for field in fields]))
+        for name in names:
+            self._batch[name] = SecondMoments(*(next(averaged) for _ in fields))
+
+    def check_layers(self, kinds: dict[str, Any], online: list[str]) -> None:
         """Refuse, by name, what the correction does not handle (module docstring)."""
-        diagonal = [name for name, kind in kinds.items() if kind.diagonal_input]
-        if diagonal:
-            raise ValueError(
-                f"the eigenvalue correction does not handle a diagonal factor (an embedding's A): {diagonal}; "
-                "pass them in skip=, or use rkfac.KFAC or rkfac.LowRankSOAP"
-            )
         if online:
             raise ValueError(f"the eigenvalue correction needs decomposed factors, not B-KFAC's online updates: {online}")
-        if world_size > 1:
-            raise ValueError(
-                f"the eigenvalue correction is not averaged across ranks yet (world size {world_size}): "
-                "use rkfac.KFAC or rkfac.LowRankSOAP with DDP"
-            )
 
     def direction(
         self, name: str, grad: Tensor, pairs: tuple[FactorInverse, FactorInverse] | None, dampings: DampingsOf | None = None
@@ -251,20 +289,24 @@ class EigenvalueCorrection:
         if pairs is None or dampings is None:
             raise ValueError(f"layer {name}: the eigenvalue correction needs the layer's decompositions and dampings")
         a_pairs, g_pairs = pairs
-        if isinstance(a_pairs, DiagonalFactor) or isinstance(g_pairs, DiagonalFactor):
-            raise ValueError(f"layer {name}: the eigenvalue correction does not handle a diagonal factor (an embedding)")
-        u_g, u_a = basis_of(g_pairs), basis_of(a_pairs)
-        assert u_g is not None and u_a is not None
+        if isinstance(g_pairs, DiagonalFactor):
+            raise ValueError(f"layer {name}: the eigenvalue correction takes a diagonal factor on the input side only")
+        u_g, u_a = basis_of(g_pairs), basis_of(a_pairs)  # U_A None: a diagonal A, its own basis
+        assert u_g is not None
         state = self._scales(name, pairs, (u_g, u_a))
-        left, right = u_g.mT @ grad, grad @ u_a
-        core = left @ u_a if grad.shape[-1] <= grad.shape[-2] else u_g.mT @ right  # from the cheaper side
+        left = u_g.mT @ grad
+        right = grad if u_a is None else grad @ u_a
+        if u_a is None:
+            core = left
+        else:  # from the cheaper side
+            core = left @ u_a if grad.shape[-1] <= grad.shape[-2] else u_g.mT @ right
         d_g, d_a = grad.shape[-2:]
         r_g, r_a = core.shape[-2:]
         counts = (d_a - r_a, d_g - r_g, (d_g - r_g) * (d_a - r_a))
         scales = damped_scales(state.scales, pairs, dampings(a_pairs, g_pairs)).filled(counts)
         return scaled_in_blocks((grad, left, right, core), (u_g, u_a), scales)
 
-    def _scales(self, name: str, pairs: tuple[FactorInverse, FactorInverse], basis: tuple[Tensor, Tensor]) -> LayerScales:
+    def _scales(self, name: str, pairs: tuple[FactorInverse, FactorInverse], basis: tuple[Tensor, Tensor | None]) -> LayerScales:
         """The layer's scales in ``basis``: created, or carried over if the basis changed."""
         state = self.layers.get(name)
         if state is None or (state.scales.core.shape[:-2] != basis[0].shape[:-2]):
@@ -275,7 +317,7 @@ class EigenvalueCorrection:
         if all(same_basis(a, b) for a, b in zip(old, basis, strict=True)):
             state.basis = basis
             return state
-        ranks = (basis[0].shape[-1], basis[1].shape[-1])
+        ranks = (basis[0].shape[-1], state.scales.core.shape[-1] if basis[1] is None else basis[1].shape[-1])
         if self.carry == "reset":
             state.scales = eigenvalue_products(pairs)
         elif self.carry == "rotate":
@@ -296,4 +338,12 @@ class EigenvalueCorrection:
         self.clear_batch()
 
 
-__all__ = ["EKFAC_CARRY", "EigenvalueCorrection", "LayerScales", "RotatedInputs", "damped_scales", "eigenvalue_products"]
+__all__ = [
+    "EKFAC_CARRY",
+    "EigenvalueCorrection",
+    "LayerScales",
+    "RotatedInputs",
+    "TokenInputs",
+    "damped_scales",
+    "eigenvalue_products",
+]

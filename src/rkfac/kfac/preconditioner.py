@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -89,12 +90,15 @@ class MeasuredRule(DirectionRule, RowObserver, Protocol):
     """A direction rule with a statistic of its own, measured from the rows in the hooks
     (:class:`rkfac.kfac.statistics.RowObserver`), e.g. the eigenvalue correction of
     :mod:`rkfac.kfac.eigenvalue_correction`. At a factor step the preconditioner hands it each
-    layer's G scale (``take_batch``), folds it where the guards passed the statistics (``fold``,
+    layer's G scale (``take_batch``), has it averaged over data-parallel ranks with the K-FAC
+    statistics (``average_batch``), folds it where the guards passed the statistics (``fold``,
     with ``factor_decay``) and drops the rest (``clear_batch``)."""
 
-    def check_layers(self, kinds: dict[str, Any], online: list[str], world_size: int) -> None: ...
+    def check_layers(self, kinds: dict[str, Any], online: list[str]) -> None: ...
 
     def take_batch(self, name: str, grad_scale: float, dims: tuple[int, int]) -> None: ...
+
+    def average_batch(self, average: Callable[[list[Tensor]], list[Tensor]]) -> None: ...
 
     def fold(self, name: str, decay: float) -> bool: ...
 
@@ -192,7 +196,7 @@ class KFACPreconditioner:
         self._measured = direction if isinstance(direction, MeasuredRule) else None
         if self._measured is not None:
             online = [display_name(layer.name) for layer in self._layers if self._collector.sums[layer.name].keep_rows]
-            self._measured.check_layers({display_name(n): k for n, k in selected.items()}, online, self._comm.world_size)
+            self._measured.check_layers({display_name(n): k for n, k in selected.items()}, online)
             self._collector.observer = self._measured
         self._capture = LayerCapture(selected, self._collector, root=model, batch_dim=self.options.batch_dim)
         self._sampler = LabelSampler(self.options.mc_loss, self.options.loss_reduction, self.options.seed, self._collector)
@@ -302,6 +306,8 @@ class KFACPreconditioner:
             world = self._comm.world_size
             statistics[layer.name] = (a_tracker.from_columns(a_columns, world), g_tracker.from_columns(g_columns, world))
         self._collector.clear()
+        if self._measured is not None and self._comm.active:
+            self._measured.average_batch(self._comm.average_flat)
         if scale != 1.0:
             statistics = {
                 name: (a, Statistic(g.value / (scale if g.columns else scale**2), g.columns))

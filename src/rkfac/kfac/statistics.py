@@ -81,6 +81,11 @@ class RowObserver(Protocol):
 
     def on_input_rows(self, name: str, rows: Tensor) -> Any: ...
 
+    def on_input_tokens(self, name: str, tokens: Tensor) -> Any:
+        """A diagonal factor's input rows, given as the indices of their one-hot vectors (an
+        embedding's looked-up tokens, padding left out)."""
+        ...
+
     def on_output_grad_rows(self, name: str, inputs: Any, rows: Tensor) -> None: ...
 
     def clear_rows(self) -> None: ...
@@ -248,7 +253,10 @@ class StatisticsCollector:
             inputs, kept, batch_dim = self._kept(layer, inputs, layer.samples(inputs, self.batch_dim))
             if layer.diagonal_input:  # an embedding: Σ e eᵀ is diagonal, kept as token counts
                 counts, count = layer.input_diagonal(inputs, layer.statistics_dtype)
-                return PendingInputs(counts, None, count, keep=layer.row_mask(inputs))
+                diagonal = PendingInputs(counts, None, count, keep=layer.row_mask(inputs))
+                if self.observer is not None:
+                    diagonal.observed = self.observer.on_input_tokens(name, layer.input_tokens(inputs))
+                return diagonal
             if not self.reduce:
                 rows = layer.input_rows(inputs).to(layer.statistics_dtype)
             else:

@@ -116,6 +116,10 @@ class LayerKind(ABC):
         """(diagonal of Σ_rows a aᵀ, the number of rows N), for kinds with ``diagonal_input``."""
         raise NotImplementedError(f"{type(self).__name__} has dense input rows")
 
+    def input_tokens(self, inputs: Tensor) -> Tensor:
+        """The index of each one-hot input row (N,), for kinds with ``diagonal_input``."""
+        raise NotImplementedError(f"{type(self).__name__} has dense input rows")
+
     @abstractmethod
     def input_rows(self, inputs: Tensor) -> Tensor:
         """The A-statistic rows ``a`` (N, d_A) of one forward input."""

@@ -58,12 +58,16 @@ class EmbeddingKind(LayerKind):
         padding = self.module.padding_idx
         return None if padding is None else inputs.reshape(-1) != padding
 
-    def input_diagonal(self, inputs: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
-        """(Σ_rows e eᵀ as its diagonal, the number of rows N): token counts, padding left out."""
+    def input_tokens(self, inputs: Tensor) -> Tensor:
+        """The looked-up tokens, one per row (the index of its one-hot input row), padding left
+        out: in the order of :meth:`output_grad_rows` after :meth:`row_mask`."""
         flat = inputs.reshape(-1)
         mask = self.row_mask(inputs)
-        if mask is not None:
-            flat = flat[mask]
+        return flat if mask is None else flat[mask]
+
+    def input_diagonal(self, inputs: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
+        """(Σ_rows e eᵀ as its diagonal, the number of rows N): token counts, padding left out."""
+        flat = self.input_tokens(inputs)
         return torch.bincount(flat, minlength=self.module.num_embeddings).to(dtype), flat.numel()
 
     def input_rows(self, inputs: Tensor) -> Tensor:
