@@ -5,6 +5,8 @@
 #
 #   benchmarks/ekfac.sh autoencoder   # fashion-autoencoder (issue 20's K-FAC settings), seeds 0-2, 4 epochs, ~ 30 min
 #   benchmarks/ekfac.sh carry         # one epoch of sre-ekfac at the tuned lr with carry reset / keep / rotate, ~ 3 min
+#   benchmarks/ekfac.sh vit           # fashion-vit (its position embedding now measured too): the grid, then the winners,
+#                                     # seed 0, 3 epochs (EPOCHS=, SEEDS= to change), ~ 20 min
 #   benchmarks/ekfac.sh steps         # ms per step, interleaved, of SGD, SRE-KFAC, sre-ekfac and sre-soap on every preset, ~ 10 min
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +14,9 @@ RKFAC=${RKFAC:-.venv/bin/rkfac}
 case "${1:-}" in
   autoencoder)
     "$RKFAC" tune --preset fashion-autoencoder --optimizers sre-kfac,sre-ekfac --seeds 0,1,2 --out runs/tune-ae-ekfac --quiet --resume ;;
+  vit)
+    "$RKFAC" tune --preset fashion-vit --optimizers sre-kfac,sre-ekfac --seeds "${SEEDS:-0}" --epochs "${EPOCHS:-3}" \
+      --out runs/tune-vit-ekfac --quiet --resume ;;
   carry)
     lr=${LR:-0.03}
     for carry in reset keep rotate; do
@@ -24,6 +29,6 @@ case "${1:-}" in
       "${PYTHON:-.venv/bin/python}" benchmarks/step_time.py --preset "$preset" --optimizers sgd,sre-kfac,sre-ekfac,sre-soap --steps 50 --chunk 10
     done ;;
   *)
-    echo "usage: $0 autoencoder|carry|steps" >&2
+    echo "usage: $0 autoencoder|vit|carry|steps" >&2
     exit 2 ;;
 esac

@@ -79,6 +79,8 @@ def test_objective_and_the_choice_of_the_winner() -> None:
 
     assert choose([(point(3), 0.2), (point(0.3), 0.2), (point(1), 0.3)]) == point(0.3)  # tie: the smaller lr
     assert choose([(point(1, 1), 0.2), (point(1, 0), 0.2)]) == point(1, 0)  # then the knob value given first
+    assert choose([(point(3), 16.744965), (point(1), 16.744967)]) == point(1)  # within 1e-4 relative: a tie
+    assert choose([(point(3), 16.74), (point(1), 16.75)]) == point(3)  # 6e-4 apart: not a tie
     assert choose([(point(3), math.inf), (point(1), 0.9)]) == point(1)
     assert choose([(point(3), math.inf), (point(1), math.inf)]) is None
 
