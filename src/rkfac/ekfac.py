@@ -30,8 +30,8 @@ class LowRankEKFAC(KFAC):
     kept low-rank eigenbasis. Options: :class:`rkfac.KFAC`'s (every one: decomposition, damping,
     clip, lr, momentum, the adaptive step's ``loss=``), plus ``carry`` ("keep", the default;
     "rotate"; "reset"): what measured scales become when a decomposition replaces the basis.
-    Embeddings (a diagonal A) and DDP are handled; B-KFAC's online factors and ``apply_dtype``
-    (the damped solve's) are refused by name.
+    Embeddings (a diagonal A), B-KFAC's online factors and DDP are handled; ``apply_dtype`` (the
+    damped solve's) is refused by name.
 
     Example::
 

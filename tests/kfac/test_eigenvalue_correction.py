@@ -239,8 +239,6 @@ def test_state_dict_round_trip_continues_bitwise() -> None:
 
 
 def test_what_it_does_not_handle_is_refused_by_name() -> None:
-    with pytest.raises(ValueError, match=r"online updates.*'0'"):
-        rkfac.LowRankEKFAC(mlp(), decomposition=rkfac.BrandUpdate(rank=4))
     with pytest.raises(ValueError, match="carry='fresh'"):
         rkfac.LowRankEKFAC(mlp(), carry="fresh")
     with pytest.raises(ValueError, match=r"apply_dtype=torch.bfloat16"):
@@ -368,3 +366,40 @@ def test_embedding_statistic_counts_each_token_in_its_own_column(rank: int | Non
     expected = dense_ekfac_direction(grad, (a1, g1), float(n), kept, (g_factor, a_average), (g_factor, a_factor))
     assert embedding.weight.grad is not None
     torch.testing.assert_close(embedding.weight.grad.T, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_online_factors_measure_in_the_rows_basis_and_carry_into_brands_update() -> None:
+    """B-KFAC's online factors (4 rows per step, both factors wider: Brand's update every factor
+    step) replace the basis at every step: step 1's rows are measured in step 0's basis, folded
+    there into its eigenvalue products, and kept (carry "keep", the same ranks) for step 1's
+    updated basis, whose eigenvalues and dampings the step then uses."""
+    torch.manual_seed(0)
+    layer = nn.Linear(12, 10).to(DTYPE)
+    model = nn.Sequential(layer)
+    generator = torch.Generator().manual_seed(6)
+    x0, x1 = (torch.randn(4, 12, generator=generator, dtype=DTYPE) for _ in range(2))
+    t0, t1 = (torch.randn(4, 10, generator=generator, dtype=DTYPE) for _ in range(2))
+    pre = ekfac(model, decomposition=rkfac.BrandUpdate(rank=3))
+    linear_rows(layer, x0, t0)
+    pre.step()
+    assert pre.layers[0].a.online and pre.layers[0].g.online
+    a_old, g_old = pre.eigenpairs()["0"]
+    a1, g1 = linear_rows(layer, x1, t1)
+    grad = grad_matrix(layer)
+    pre.step()
+    a_new, g_new = pre.eigenpairs()["0"]
+    assert not torch.equal(a_new.vectors, a_old.vectors)  # Brand's update moved the basis
+
+    def padded(values: Tensor, dim: int) -> Tensor:
+        return torch.cat([values, torch.zeros(dim - values.shape[0], dtype=DTYPE)])
+
+    q_g, q_a = completed(g_old.vectors), completed(a_old.vectors)
+    measured = 4.0 * torch.einsum("ti,tj->ij", (g1 @ q_g) ** 2, (a1 @ q_a) ** 2)  # c_G = n for a mean loss
+    products = torch.outer(padded(g_old.values, 10), padded(a_old.values, 13))
+    scales = DECAY * products + (1 - DECAY) * block_means(measured, 3, 3)
+    values_g, values_a = padded(g_new.values, 10), padded(a_new.values, 13)
+    lam_g, lam_a = DAMPING * g_new.top, DAMPING * a_new.top
+    damped = scales + lam_g * values_a[None, :] + values_g[:, None] * lam_a + lam_g * lam_a
+    p_g, p_a = completed(g_new.vectors), completed(a_new.vectors)
+    expected = p_g @ ((p_g.T @ grad @ p_a) / damped) @ p_a.T
+    torch.testing.assert_close(grad_matrix(layer), expected, rtol=1e-9, atol=1e-12)

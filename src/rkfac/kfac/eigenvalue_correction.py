@@ -61,9 +61,10 @@ empty. Under data parallelism ŝ is averaged over the ranks with the K-FAC stati
 all-reduce of r_G r_A + r_G + r_A + 1 numbers per layer and factor step); each rank's ŝ carries
 its own c_G as its S_G does, so the mean is the global batch's statistic.
 
-Not handled, and refused by name: B-KFAC's online factors (the rows are kept for Brand's
-update, not rotated). A layer is rotated only once it has a basis; before, it keeps its plain
-gradient, as in K-FAC.
+B-KFAC's online factors (Brand's update, every factor step) give a new basis at every factor
+step: the step's rows are measured in the basis they were rotated into, the one of the last
+step, folded there, and then carried into the updated basis as ``carry`` says. A layer is
+rotated only once it has a basis; before, it keeps its plain gradient, as in K-FAC.
 """
 
 from __future__ import annotations
@@ -277,11 +278,6 @@ class EigenvalueCorrection:
         averaged = iter(average([getattr(self._batch[name], field) for name in names for field in fields]))
         for name in names:
             self._batch[name] = SecondMoments(*(next(averaged) for _ in fields))
-
-    def check_layers(self, kinds: dict[str, Any], online: list[str]) -> None:
-        """Refuse, by name, what the correction does not handle (module docstring)."""
-        if online:
-            raise ValueError(f"the eigenvalue correction needs decomposed factors, not B-KFAC's online updates: {online}")
 
     def direction(
         self, name: str, grad: Tensor, pairs: tuple[FactorInverse, FactorInverse] | None, dampings: DampingsOf | None = None

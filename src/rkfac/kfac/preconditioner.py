@@ -94,8 +94,6 @@ class MeasuredRule(DirectionRule, RowObserver, Protocol):
     statistics (``average_batch``), folds it where the guards passed the statistics (``fold``,
     with ``factor_decay``) and drops the rest (``clear_batch``)."""
 
-    def check_layers(self, kinds: dict[str, Any], online: list[str]) -> None: ...
-
     def take_batch(self, name: str, grad_scale: float, dims: tuple[int, int]) -> None: ...
 
     def average_batch(self, average: Callable[[list[Tensor]], list[Tensor]]) -> None: ...
@@ -195,8 +193,6 @@ class KFACPreconditioner:
         self._collector.capture_output_grads = self.options.fisher == "empirical"
         self._measured = direction if isinstance(direction, MeasuredRule) else None
         if self._measured is not None:
-            online = [display_name(layer.name) for layer in self._layers if self._collector.sums[layer.name].keep_rows]
-            self._measured.check_layers({display_name(n): k for n, k in selected.items()}, online)
             self._collector.observer = self._measured
         self._capture = LayerCapture(selected, self._collector, root=model, batch_dim=self.options.batch_dim)
         self._sampler = LabelSampler(self.options.mc_loss, self.options.loss_reduction, self.options.seed, self._collector)
@@ -294,12 +290,12 @@ class KFACPreconditioner:
             sums = self._collector.sums[layer.name]
             if not (sums.has_inputs and sums.has_output_grads):
                 continue
+            if self._measured is not None:
+                d_a, d_g = layer.kind.factor_dims
+                self._measured.take_batch(layer.name, sums.grad_scale(reduction) / scale**2, (d_g, d_a))
             if not sums.keep_rows:
                 a, g = sums.averages(reduction)
                 statistics[layer.name] = (Statistic(a), Statistic(g))
-                if self._measured is not None:
-                    d_a, d_g = layer.kind.factor_dims
-                    self._measured.take_batch(layer.name, sums.grad_scale(reduction) / scale**2, (d_g, d_a))
                 continue
             a_columns, g_columns = sums.columns(reduction)
             a_tracker, g_tracker = layer.trackers
