@@ -4,6 +4,8 @@
 # Tables land in the --out directories; BENCHMARKS.md keeps them. Nothing else may run meanwhile.
 #
 #   benchmarks/ekfac.sh autoencoder   # fashion-autoencoder (issue 20's K-FAC settings), seeds 0-2, 4 epochs, ~ 30 min
+#   benchmarks/ekfac.sh every         # fashion-autoencoder, seed 0, 2 epochs: sre-kfac (lr 0.09) and sre-ekfac (0.03), each
+#                                     # with factors every 10 steps (the preset's) and every step, ~ 5 min
 #   benchmarks/ekfac.sh carry         # one epoch of sre-ekfac at the tuned lr with carry reset / keep / rotate, ~ 3 min
 #   benchmarks/ekfac.sh vit           # fashion-vit (its position embedding now measured too): the grid, then the winners,
 #                                     # seed 0, 3 epochs (EPOCHS=, SEEDS= to change), ~ 20 min
@@ -17,6 +19,16 @@ case "${1:-}" in
   vit)
     "$RKFAC" tune --preset fashion-vit --optimizers sre-kfac,sre-ekfac --seeds "${SEEDS:-0}" --epochs "${EPOCHS:-3}" \
       --out runs/tune-vit-ekfac --quiet --resume ;;
+  every)
+    for every in 10 1; do
+      for run in sre-kfac=0.09 sre-ekfac=0.03; do
+        name=${run%%=*}
+        out=runs/ekfac-every-$name-f$every
+        [ -f "$out/summary.json" ] && continue
+        "$RKFAC" train --preset fashion-autoencoder --optimizer "$name" --lr "${run#*=}" --factor-every "$every" --epochs 2 --quiet --out "$out"
+      done
+    done
+    grep -H '"final_train_eval_loss"\|"seconds_per_epoch"' runs/ekfac-every-*/summary.json ;;
   carry)
     lr=${LR:-0.03}
     for carry in reset keep rotate; do
@@ -29,6 +41,6 @@ case "${1:-}" in
       "${PYTHON:-.venv/bin/python}" benchmarks/step_time.py --preset "$preset" --optimizers sgd,sre-kfac,sre-ekfac,sre-soap --steps 50 --chunk 10
     done ;;
   *)
-    echo "usage: $0 autoencoder|vit|carry|steps" >&2
+    echo "usage: $0 autoencoder|vit|every|carry|steps" >&2
     exit 2 ;;
 esac
