@@ -8,6 +8,8 @@
 #   benchmarks/adaptive.sh mlp-2048      # fashion-mlp-wide-2048 (10 epochs at batch 2048), same four (~15 min)
 #   benchmarks/adaptive.sh model-every   # sre-kfac-auto solving its model every 1, 2, 4 steps: quick (2 epochs) and
 #                                        # fashion-autoencoder-auto (2 epochs), seed 0, interleaved (~12 min)
+#   benchmarks/adaptive.sh sampling      # the curvature samples: the first 128 against 64 and 32 importance draws
+#                                        # (PRESET=quick, 2 epochs; SEEDS=0,1), interleaved by seed (~8 min on quick)
 #   benchmarks/adaptive.sh defaults      # sre-kfac-auto at its defaults (issue 20's "never diverges, 3 seeds") on
 #                                        # fashion-vit, fashion-cnn, fashion-cnn-2048, fashion-mlp-wide-2048 and
 #                                        # fashion-mlp-wide, seeds 0-2 interleaved by seed, then the table (~140 min)
@@ -30,6 +32,10 @@ case "${1:-}" in
       "$RKFAC" bench --preset "$preset" --optimizers sre-kfac-auto,sre-kfac-auto-k2,sre-kfac-auto-k4 --epochs 2 --seeds 0 \
         --out "runs/bench-$preset-model-every" --quiet --resume
     done ;;
+  sampling)
+    preset=${PRESET:-quick}
+    "$RKFAC" bench --preset "$preset" --optimizers sre-kfac-auto-first,sre-kfac-auto,sre-kfac-auto-is32 \
+      --epochs "${EPOCHS:-2}" --seeds "${SEEDS:-0,1}" --out "runs/bench-$preset-sampling" --quiet --resume ;;
   defaults)
     presets=(fashion-vit fashion-cnn fashion-cnn-2048 fashion-mlp-wide-2048 fashion-mlp-wide)
     failed=()
@@ -49,5 +55,5 @@ case "${1:-}" in
       printf 'failed (no summary.json): %s\n' "${failed[@]}" >&2; exit 1
     fi ;;
   *)
-    echo "usage: $0 autoencoder|quick|mlp-2048|model-every|defaults" >&2; exit 2 ;;
+    echo "usage: $0 autoencoder|quick|mlp-2048|model-every|sampling|defaults" >&2; exit 2 ;;
 esac

@@ -20,6 +20,7 @@ from rkfac.adaptive import AdaptiveOptions, AdaptiveStep
 from rkfac.damping import factor_dampings, tikhonov_dampings
 from rkfac.experiments.models import build_model
 from rkfac.lowrank import BlockEigenpairs, Eigenpairs
+from rkfac.seeding import derived_seed
 from tests.gloo import run_ranks
 from tests.test_quadratic_model import dense_ggn, flat_params
 
@@ -61,22 +62,73 @@ def minimise(matrix: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return coefficients
 
 
-@pytest.mark.parametrize(("samples", "reduction"), [(10_000, "mean"), (4, "mean"), (4, "sum")])  # 10 000: all of it
-def test_each_step_takes_the_alpha_and_mu_that_minimise_the_dense_quadratic_model(samples: int, reduction: str) -> None:
+def importance_draws(logits: torch.Tensor, count: int, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The draws of ``rkfac.curvature_samples.importance_samples``, written out: q mixes each
+    sample's 1 − Σp² (normalised) 9:1 with uniform; the m draws with replacement come from the
+    generator seeded by (seed, "curvature-samples", step). Returns the draws and their q."""
+    probs = logits.detach().softmax(-1).double()
+    trace = 1 - probs.pow(2).sum(1)
+    q = 0.9 * trace / trace.sum() + 0.1 / len(trace)
+    generator = torch.Generator().manual_seed(derived_seed(seed, "curvature-samples", step))
+    draws = torch.multinomial(q, count, replacement=True, generator=generator)
+    return draws, q[draws]
+
+
+def sampled_ggn(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    logits: torch.Tensor,
+    sampling: str,
+    samples: int,
+    reduction: str,
+    seed: int,
+    step: int,
+) -> torch.Tensor:
+    """The curvature the step should use: the dense GGN of the first samples (scaled n/m for a
+    sum), of the whole batch, or Σₖ ωₖ C_{sₖ} over importance draws, C_s one sample's GGN and
+    ωₖ = 1/(m n qₖ) for a mean, 1/(m qₖ) for a sum."""
+    if samples >= len(x) or sampling == "first":
+        curvature = dense_ggn(model, x[:samples], y[:samples], "cross_entropy", reduction)
+        return curvature * len(x) / len(x[:samples]) if reduction == "sum" else curvature  # a sum stands for the batch's
+    draws, q = importance_draws(logits, samples, seed, step)
+    weights = 1 / (samples * q) / (len(x) if reduction == "mean" else 1)
+    with torch.random.fork_rng():  # a copy without the step's forward hook (its passes would be caught as the batch's)
+        twin = make_model()
+    twin.load_state_dict(model.state_dict())
+    return sum(
+        w * dense_ggn(twin, x[s : s + 1], y[s : s + 1], "cross_entropy", reduction) for w, s in zip(weights, draws.tolist())
+    )
+
+
+@pytest.mark.parametrize(
+    ("samples", "reduction", "sampling"),
+    [
+        (10_000, "mean", "importance"),
+        (4, "mean", "first"),
+        (4, "sum", "first"),
+        (4, "mean", "importance"),
+        (4, "sum", "importance"),
+    ],
+)  # 10 000: all of it
+def test_each_step_takes_the_alpha_and_mu_that_minimise_the_dense_quadratic_model(
+    samples: int, reduction: str, sampling: str
+) -> None:
     model = make_model()
-    opt = make_optimizer(model, curvature_samples=samples, initial_damping=0.3, loss_reduction=reduction)
+    opt = make_optimizer(
+        model, curvature_samples=samples, curvature_sampling=sampling, initial_damping=0.3, loss_reduction=reduction
+    )
     previous: torch.Tensor | None = None
     for step in range(3):
         x, y = batch(step)
         opt.zero_grad()
-        F.cross_entropy(model(x), y, reduction=reduction).backward()
+        logits = model(x)
+        F.cross_entropy(logits, y, reduction=reduction).backward()
         theta, _ = flat_params(model)
         g = flat([p.grad for p in model.parameters()]).clone() + WEIGHT_DECAY * theta
         damping = opt.adaptive.damping  # type: ignore[union-attr]
         gradient = torch.cat([model[0].weight.grad, model[0].bias.grad[:, None]], 1).clone()
-        curvature = dense_ggn(model, x[:samples], y[:samples], "cross_entropy", reduction)
-        if reduction == "sum":  # a summed loss over the subset stands for the whole batch's sum
-            curvature = curvature * len(x) / len(x[:samples])
+        curvature = sampled_ggn(model, x, y, logits, sampling, samples, reduction, opt.adaptive.seed, step)  # type: ignore[union-attr]
         opt.step(inputs=x, targets=y)
         # the factors were damped by λ + η, split as "pi" splits it: a dense Kronecker solve
         a, g_factor = opt.preconditioner.factors()["0"]  # type: ignore[attr-defined]

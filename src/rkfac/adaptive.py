@@ -29,12 +29,15 @@ well, and without the floor the direction became those modes amplified by 1/λ (
 BENCHMARKS.md, issue 20). With the floor, F̂ is more damped than M when λ is small, which only
 shortens the direction; α is still M's minimiser along it.
 
-Subsampling: C and both losses of ρ are measured on the first ``curvature_samples`` samples of
-the batch, by default 128 for cross-entropy and 32 for the squared error (``CURVATURE_SAMPLES``).
-The batch is a random draw, so they are a random subset; g is the whole batch's.
-Each is then an unbiased estimate of its whole-batch value: the predicted change uses the
-subset's curvature, the measured one the subset's losses. h(θ) is the primal of the first
-forward-mode pass, so ρ costs one extra forward of the subset every T steps.
+Subsampling (:mod:`rkfac.curvature_samples`): C and both losses of ρ are measured on
+``curvature_samples`` (m) samples of the batch; g is the whole batch's. For cross-entropy, by
+default m = 64 draws with probability ∝ each sample's trace of H (1 − Σ p², from the training's
+own forward pass, caught by a forward hook on the model), weighted to stay unbiased
+(``curvature_sampling="importance"``); for the squared error, whose H = 2I weighs every sample
+alike, the batch's first 32 (``"first"``). Each is an unbiased estimate of its whole-batch
+value: the predicted change uses the samples' curvature, the measured one the same samples'
+losses. h(θ) is the primal of the first forward-mode pass, so ρ costs one extra forward of the
+samples every T steps.
 
 Every ``model_every`` (K) steps the curvature is measured: on steps 0, K, 2K, ... as above. The
 K − 1 steps between measure nothing on the model (no forward pass): they keep the last
@@ -57,6 +60,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -64,17 +68,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from rkfac.curvature_samples import SAMPLINGS, CurvatureSample, first_samples, importance_samples
 from rkfac.distributed import Communicator
 from rkfac.quadratic_model import LOSS_KINDS, QuadraticModel, forward, ggn_inner, loss_value, output_tangents
 from rkfac.schema import option, validate
 from rkfac.seeding import derived_seed
 
-#: Samples the curvature products and ρ use by default, per loss kind. Cross-entropy needs more:
-#: a confidently classified sample adds almost nothing to the GGN (H = diag(p) − ppᵀ ≈ 0), so few
-#: of 32 samples carry it; on the quick MLP 32 samples ended at 82.2% test accuracy with loss
-#: spikes, 128 at 89.5% (SGD 87.2%). For the squared error every sample counts (H = 2I): on
-#: fashion-autoencoder 32 samples lost nothing against the whole batch (BENCHMARKS.md, issue 20).
-CURVATURE_SAMPLES = {"cross_entropy": 128, "mse": 32}
+#: Samples the curvature products and ρ use by default, per loss kind and sampling. Cross-entropy
+#: needs more: a confidently classified sample adds almost nothing to the GGN (H = diag(p) − ppᵀ
+#: ≈ 0), so few of 32 first samples carry it; on the quick MLP 32 samples ended at 82.2% test
+#: accuracy with loss spikes, 128 at 89.5% (SGD 87.2%). Drawn by importance, 64 estimate the
+#: curvature about as well as 128 first ones (rkfac.curvature_samples). For the squared error
+#: every sample counts (H = 2I): on fashion-autoencoder 32 samples lost nothing against the whole
+#: batch (BENCHMARKS.md, issue 20).
+CURVATURE_SAMPLES = {("cross_entropy", "first"): 128, ("cross_entropy", "importance"): 64, ("mse", "first"): 32}
+#: The sampling each loss kind gets by default.
+DEFAULT_SAMPLING = {"cross_entropy": "importance", "mse": "first"}
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,16 @@ class AdaptiveOptions:
     adapt_momentum: bool = option(True, "choose μ too (else μ = 0)", kind="bool")
     max_momentum: float = option(0.95, "μ is kept in [0, max_momentum]", low=0.0, high=1.0, high_inclusive=False)
     curvature_samples: int | None = option(
-        None, "samples of the batch the curvature products and ρ use (None: 128 for cross_entropy, 32 for mse)", kind="int", low=1
+        None,
+        "samples of the batch the curvature products and ρ use (None: 64 draws for cross_entropy, the first 32 for mse)",
+        kind="int",
+        low=1,
+    )
+    curvature_sampling: str | None = option(
+        None,
+        "how they are chosen: the batch's first ones, or drawn by their GGN weight "
+        "(None: importance for cross_entropy, first for mse)",
+        choices=(*SAMPLINGS, None),
     )
     model_every: int = option(
         1, "steps between curvature measurements (K); between, M keeps the last curvature per unit direction", kind="int", low=1
@@ -103,6 +121,11 @@ class AdaptiveOptions:
         validate(self)
         if self.min_damping > self.max_damping:
             raise ValueError(f"min_damping {self.min_damping} exceeds max_damping {self.max_damping}")
+        if self.loss == "mse" and self.curvature_sampling == "importance":
+            raise ValueError(
+                "curvature_sampling='importance' needs cross_entropy: for mse every sample's H is 2I, "
+                "so the draws would be uniform; use 'first'"
+            )
         if not self.min_damping <= self.initial_damping <= self.max_damping:
             raise ValueError(
                 f"initial_damping {self.initial_damping} is outside [min_damping, max_damping] = "
@@ -157,6 +180,18 @@ class AdaptiveStep:
         self._unit_curvature: Tensor | None = None  # Ĉ of the last measuring step (model_every > 1)
         self._loss_before = torch.zeros(1)  # h(θ) on the curvature samples, from this step's first pass
         self._comm = Communicator(process_group)
+        self.sampling = options.curvature_sampling or DEFAULT_SAMPLING[options.loss]
+        self.sample_count = options.curvature_samples or CURVATURE_SAMPLES[(options.loss, self.sampling)]
+        self._outputs: Tensor | None = None  # the last training forward's outputs (importance sampling)
+        self._fell_back = False  # warned once that importance sampling took the first samples
+        if self.sampling == "importance":
+            model.register_forward_hook(self._keep_outputs)
+
+    def _keep_outputs(self, module: nn.Module, args: Any, output: Any) -> None:
+        """Forward hook: the outputs of a forward with gradients on (the training's; the model's
+        own passes here run under no_grad), detached, for the importance weights."""
+        if torch.is_grad_enabled() and isinstance(output, Tensor):
+            self._outputs = output.detach()
 
     # ------------------------------------------------------------------ the step
 
@@ -179,7 +214,8 @@ class AdaptiveStep:
             use_momentum = False  # measured before there was a δ₀: Δ alone until the next measurement
         grads = [g + weight_decay * p if weight_decay else g for p, g in pairs]
         tangents = [directions, previous] if use_momentum else [directions]
-        model = self._quadratic_model(params, grads, tangents, self.damping + weight_decay, inputs, targets, measure)  # type: ignore[arg-type]
+        sample = self._curvature_sample(inputs, targets) if measure else None
+        model = self._quadratic_model(params, grads, tangents, self.damping + weight_decay, sample)  # type: ignore[arg-type]
         coefficients = model.minimiser(second_range=(0.0, self.options.max_momentum))
         if coefficients is None:
             record.skipped = True
@@ -198,7 +234,8 @@ class AdaptiveStep:
         if measure:
             record.predicted = model.change(coefficients)
         if adjust:
-            after = self._objective(params, weight_decay, inputs, targets)
+            assert sample is not None
+            after = self._objective(params, weight_decay, sample)
             record.rho = self._adjust(after - before, record.predicted)
         self.last, self.steps = record, self.steps + 1
         return record
@@ -214,18 +251,16 @@ class AdaptiveStep:
         grads: list[Tensor],
         tangents: list[list[Tensor]],
         shift: float,
-        inputs: Sequence[Tensor],
-        targets: Tensor,
-        measure: bool = True,
+        sample: CurvatureSample | None,
     ) -> QuadraticModel:
-        """Q and b of M over the coefficients of ``tangents`` (Δ, and δ₀ when given). ``measure``:
-        the curvature from forward-mode passes (keeping Ĉ, and the objective at θ on the
-        curvature samples, the first pass's primal, for ρ); else from the last Ĉ."""
+        """Q and b of M over the coefficients of ``tangents`` (Δ, and δ₀ when given). ``sample``
+        given: the curvature from forward-mode passes on it (keeping Ĉ, and the objective at θ on
+        it, the first pass's primal, for ρ); None: from the last Ĉ."""
         k = len(tangents)
         gram = _gram([*tangents, grads], rows=k)  # ⟨Δ, δ₀⟩ among themselves, then ⟨g, Δ⟩, ⟨g, δ₀⟩
         norms = gram[:k].diagonal().sqrt().clamp_min(torch.finfo(torch.float64).tiny)
-        if measure:
-            curvature = self._measured_curvature(tangents, params, inputs, targets)
+        if sample is not None:
+            curvature = self._measured_curvature(tangents, params, sample)
             if self.options.model_every > 1:
                 self._unit_curvature = curvature / torch.outer(norms, norms)
         else:
@@ -233,32 +268,32 @@ class AdaptiveStep:
             curvature = self._unit_curvature[:k, :k] * torch.outer(norms, norms)
         return QuadraticModel(curvature + shift * gram[:k], gram[k].clone())
 
-    def _measured_curvature(
-        self, tangents: list[list[Tensor]], params: Sequence[Tensor], inputs: Sequence[Tensor], targets: Tensor
-    ) -> Tensor:
+    def _measured_curvature(self, tangents: list[list[Tensor]], params: Sequence[Tensor], sample: CurvatureSample) -> Tensor:
         """vᵢᵀ C vⱼ for the tangents, C the GGN on the curvature samples (averaged over ranks)."""
-        sample_inputs, sample_targets = self._curvature_batch(inputs, targets)
         primals, derivatives = self._primals(), []
         for tangent in tangents:  # one pass each, every pass with the same dropout draws
             named = {self.names[id(p)]: t for p, t in zip(params, tangent, strict=True)}
             with self._dropout_draws():
-                outputs, (derivative,) = output_tangents(self.model, primals, sample_inputs, [named])
+                outputs, (derivative,) = output_tangents(self.model, primals, sample.inputs, [named])
             derivatives.append(derivative)
-        loss = loss_value(self._loss, outputs, sample_targets, self.loss_reduction).double()
-        self._loss_before = loss.reshape(1) * self._sum_scale(inputs)
+        loss = loss_value(self._loss, outputs, sample.targets, self.loss_reduction, sample.weights).double()
+        self._loss_before = loss.reshape(1) * sample.scale
         k = len(tangents)
-        reduction = self.loss_reduction
+        reduction, weights = self.loss_reduction, sample.weights
         curvature = torch.stack(
-            [ggn_inner(self._loss, outputs, derivatives[i], derivatives[j], reduction) for i in range(k) for j in range(k)]
+            [
+                ggn_inner(self._loss, outputs, derivatives[i], derivatives[j], reduction, weights)
+                for i in range(k)
+                for j in range(k)
+            ]
         ).double()
-        return self._comm.average_flat([curvature * self._sum_scale(inputs)])[0].reshape(k, k).cpu()
+        return self._comm.average_flat([curvature * sample.scale])[0].reshape(k, k).cpu()
 
-    def _objective(self, params: Sequence[Tensor], weight_decay: float, inputs: Sequence[Tensor], targets: Tensor) -> float:
+    def _objective(self, params: Sequence[Tensor], weight_decay: float, sample: CurvatureSample) -> float:
         """h + η/2 ‖θ‖² on the curvature samples, averaged over ranks, with this step's dropout draws."""
-        sample_inputs, sample_targets = self._curvature_batch(inputs, targets)
         with self._dropout_draws():
-            outputs = forward(self.model, self._primals(), sample_inputs)
-        loss = loss_value(self._loss, outputs, sample_targets, self.loss_reduction).double() * self._sum_scale(inputs)
+            outputs = forward(self.model, self._primals(), sample.inputs)
+        loss = loss_value(self._loss, outputs, sample.targets, self.loss_reduction, sample.weights).double() * sample.scale
         return float(self._comm.average_flat([loss.reshape(1)])[0][0]) + _decay_term(params, weight_decay)
 
     def _adjust(self, actual: float, predicted: float) -> float | None:
@@ -287,21 +322,27 @@ class AdaptiveStep:
     def _primals(self) -> dict[str, Tensor]:
         return {name: p.detach() for name, p in self.model.named_parameters()}
 
-    def _curvature_batch(self, inputs: Sequence[Tensor], targets: Tensor) -> tuple[list[Tensor], Tensor]:
-        """The first ``curvature_samples`` samples of the batch (along ``batch_dim``)."""
-        count = self.options.curvature_samples or CURVATURE_SAMPLES[self._loss]
-        if count >= inputs[0].shape[self.batch_dim]:
-            return list(inputs), targets
-        dim = self.batch_dim
-        return [x.narrow(dim, 0, count) for x in inputs], targets.narrow(dim, 0, count)
-
-    def _sum_scale(self, inputs: Sequence[Tensor]) -> float:
-        """batch / subset for a summed loss measured on a subset (a mean needs no scale): the
-        gradient is the whole batch's sum, so its curvature and losses must be too."""
-        if self.loss_reduction != "sum":
-            return 1.0
-        batch = inputs[0].shape[self.batch_dim]
-        return batch / self._curvature_batch(inputs, inputs[0])[0][0].shape[self.batch_dim]
+    def _curvature_sample(self, inputs: Sequence[Tensor], targets: Tensor) -> CurvatureSample:
+        """This step's curvature samples (:mod:`rkfac.curvature_samples`). Importance sampling
+        needs the training forward's outputs for this batch, samples first (``batch_dim`` 0);
+        without them it takes the batch's first samples, and says so once."""
+        n = inputs[0].shape[self.batch_dim]
+        if self.sampling == "first" or self.sample_count >= n:
+            return first_samples(inputs, targets, self.sample_count, self.batch_dim, self.loss_reduction)
+        outputs = self._outputs
+        if self.batch_dim != 0 or outputs is None or outputs.dim() == 0 or outputs.shape[0] != n:
+            if not self._fell_back:
+                seen = "no training forward seen" if outputs is None else f"the last training forward gave {tuple(outputs.shape)}"
+                warnings.warn(
+                    f"curvature_sampling='importance' needs the model's outputs for the batch of {n} samples along "
+                    f"dimension 0 (batch_dim={self.batch_dim}; {seen}): measuring on the batch's first "
+                    f"{self.sample_count} samples instead",
+                    stacklevel=3,
+                )
+                self._fell_back = True
+            return first_samples(inputs, targets, self.sample_count, self.batch_dim, self.loss_reduction)
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, "curvature-samples", self.steps))
+        return importance_samples(inputs, targets, outputs, self._loss, self.sample_count, self.loss_reduction, generator)
 
     @contextlib.contextmanager
     def _dropout_draws(self) -> Iterator[None]:

@@ -60,18 +60,44 @@ def differentiable_attention() -> Iterator[None]:
         yield
 
 
-def loss_value(kind: str, outputs: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
-    """The loss of ``kind`` (see the module docstring), as the quadratic model assumes it."""
+def loss_value(kind: str, outputs: Tensor, targets: Tensor, reduction: str = "mean", weights: Tensor | None = None) -> Tensor:
+    """The loss of ``kind`` (see the module docstring), as the quadratic model assumes it.
+    ``weights`` (one per sample, the first dimension): Σᵢ ωᵢ cᵢ instead, cᵢ sample i's part of
+    the loss (:func:`per_sample`)."""
+    if weights is not None:
+        rows = _loss_rows(kind, outputs, targets)
+        return (weights.double() * per_sample(rows, outputs.shape[0], reduction).double()).sum()
     if kind == "cross_entropy":
         return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1), reduction=reduction)
     if kind == "mse":
-        per_sample = (outputs - targets).pow(2).reshape(outputs.shape[0], -1).sum(1)
-        return per_sample.mean() if reduction == "mean" else per_sample.sum()
+        per_sample_error = (outputs - targets).pow(2).reshape(outputs.shape[0], -1).sum(1)
+        return per_sample_error.mean() if reduction == "mean" else per_sample_error.sum()
     raise ValueError(f"loss must be one of {LOSS_KINDS}, got {kind!r}")
 
 
-def ggn_inner(kind: str, outputs: Tensor, left: Tensor, right: Tensor, reduction: str = "mean") -> Tensor:
-    """vᵀ C w from the output tangents ``left`` = Jv and ``right`` = Jw (shaped like ``outputs``)."""
+def per_sample(rows: Tensor, samples: int, reduction: str) -> Tensor:
+    """Each sample's part cᵢ of a value given per row (a row per leading position of the outputs,
+    as the loss kinds count them): the batch's value is the mean of the cᵢ ("mean") or their sum
+    ("sum"). Under "mean" a sample's rows are averaged (F.cross_entropy averages every row, and
+    each sample has as many), under "sum" added."""
+    grouped = rows.reshape(samples, -1)
+    return grouped.mean(1) if reduction == "mean" else grouped.sum(1)
+
+
+def _loss_rows(kind: str, outputs: Tensor, targets: Tensor) -> Tensor:
+    """The loss per row: a cross-entropy per leading position, a squared error per sample."""
+    if kind == "cross_entropy":
+        return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1), reduction="none")
+    if kind == "mse":
+        return (outputs - targets).pow(2).reshape(outputs.shape[0], -1).sum(1)
+    raise ValueError(f"loss must be one of {LOSS_KINDS}, got {kind!r}")
+
+
+def ggn_inner(
+    kind: str, outputs: Tensor, left: Tensor, right: Tensor, reduction: str = "mean", weights: Tensor | None = None
+) -> Tensor:
+    """vᵀ C w from the output tangents ``left`` = Jv and ``right`` = Jw (shaped like ``outputs``);
+    with ``weights`` (one per sample) Σᵢ ωᵢ cᵢ, cᵢ sample i's part (:func:`per_sample`)."""
     dtype = torch.promote_types(outputs.dtype, torch.float32)  # half precision outputs: in float32
     if kind == "cross_entropy":
         width = outputs.shape[-1]
@@ -82,7 +108,22 @@ def ggn_inner(kind: str, outputs: Tensor, left: Tensor, right: Tensor, reduction
         rows = 2.0 * (left.to(dtype) * right.to(dtype)).reshape(outputs.shape[0], -1).sum(1)
     else:
         raise ValueError(f"loss must be one of {LOSS_KINDS}, got {kind!r}")
+    if weights is not None:
+        return (weights.double() * per_sample(rows, outputs.shape[0], reduction).double()).sum()
     return rows.mean() if reduction == "mean" else rows.sum()
+
+
+def ggn_weights(kind: str, outputs: Tensor) -> Tensor:
+    """Per sample (the first dimension of ``outputs``), the trace of H summed over its rows: for
+    cross-entropy Σ_rows (1 − Σ_c p_c²), which is near 0 for a confidently classified sample,
+    whose GGN part JᵀHJ is then near 0 too; for the squared error a constant (H = 2I)."""
+    if kind == "cross_entropy":
+        dtype = torch.promote_types(outputs.dtype, torch.float32)
+        probs = F.softmax(outputs.reshape(-1, outputs.shape[-1]).to(dtype), dim=-1)
+        return (1.0 - probs.pow(2).sum(1)).reshape(outputs.shape[0], -1).sum(1)
+    if kind == "mse":
+        return torch.full((outputs.shape[0],), 2.0 * outputs[0].numel(), device=outputs.device)
+    raise ValueError(f"loss must be one of {LOSS_KINDS}, got {kind!r}")
 
 
 def output_tangents(
@@ -156,4 +197,4 @@ class QuadraticModel:
         return float(self.vector @ c + 0.5 * c @ self.matrix @ c)
 
 
-__all__ = ["LOSS_KINDS", "QuadraticModel", "forward", "ggn_inner", "loss_value", "output_tangents"]
+__all__ = ["LOSS_KINDS", "QuadraticModel", "forward", "ggn_inner", "ggn_weights", "loss_value", "output_tangents", "per_sample"]

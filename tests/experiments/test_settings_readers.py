@@ -64,6 +64,7 @@ CHANGES: dict[str, list[Any]] = {
     "min_relative_damping": [10.0],
     "damping_every": [1],
     "curvature_samples": [4],
+    "curvature_sampling": ["first"],
     "model_every": [2],
     "update_freq": [1],
     "col_sample_size": [4],
@@ -77,6 +78,7 @@ CONTEXT: dict[str, dict[str, Any]] = {
     "col_sample_size": {"sketch_threshold": 0.0},  # SENG samples rows of sketched layers only
     "warm_power_iters": {"warm_start": True},
     "min_rank": {"adaptive_rank": True},
+    "curvature_sampling": {"curvature_samples": 4},  # fewer than the batch, or the batch is used whole
     "apply_dtype": {"widths": [128]},  # layers narrower than 128 keep float32 (LOW_PRECISION_MIN_DIM)
 }
 # Read, but with nothing to act on in 4 steps of this MLP: kfac_approx needs shared (token,

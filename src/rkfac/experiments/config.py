@@ -66,7 +66,14 @@ PEERS = tuple(name for name in OPTIMIZERS if name not in PRECONDITIONED)  # what
 # the optimizers with an RS/SRE decomposition
 _RANDOMIZED = ("rs-kfac", "sre-kfac", "b-kfac", "b-r-kfac", "sre-kfac-auto", *EIGENBASIS_ADAM, *EIGENVALUE_CORRECTED)
 _SENG_SETTINGS = ("update_freq", "col_sample_size", "sketch_threshold", "sketch_rank")
-_ADAPTIVE_SETTINGS = ("initial_damping", "min_relative_damping", "damping_every", "curvature_samples", "model_every")
+_ADAPTIVE_SETTINGS = (
+    "initial_damping",
+    "min_relative_damping",
+    "damping_every",
+    "curvature_samples",
+    "curvature_sampling",
+    "model_every",
+)
 _FACTOR_SETTINGS = ("weight_decay_start", "factor_decay", "factor_every", "inverse_every", "fisher", "kfac_approx")
 _DECOMPOSITION_SETTINGS = ("rank", "oversample", "power_iters", "warm_start", "warm_power_iters", "adaptive_rank", "min_rank")
 READERS: dict[str, tuple[str, ...]] = {
@@ -206,6 +213,7 @@ class RunConfig:
     min_relative_damping: float = library_option(AdaptiveOptions, "min_relative_damping")
     damping_every: int = library_option(AdaptiveOptions, "damping_every")
     curvature_samples: int | None = library_option(AdaptiveOptions, "curvature_samples")
+    curvature_sampling: str | None = library_option(AdaptiveOptions, "curvature_sampling")
     model_every: int = library_option(AdaptiveOptions, "model_every")
     carry: str = library_option(SOAPOptions, "carry")
     ekfac_carry: str = run_option(

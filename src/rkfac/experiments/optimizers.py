@@ -70,6 +70,7 @@ def build_optimizer(
                 "min_relative_damping": config.min_relative_damping,
                 "damping_every": config.damping_every,
                 "curvature_samples": config.curvature_samples,
+                "curvature_sampling": config.curvature_sampling,
                 "model_every": config.model_every,
             }
         else:

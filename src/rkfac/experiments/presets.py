@@ -303,6 +303,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "sre-kfac-bf16": ("sre-kfac", {"apply_dtype": "bfloat16"}),
     "sre-kfac-auto-k2": ("sre-kfac-auto", {"model_every": 2}),  # the curvature measured every 2nd step
     "sre-kfac-auto-k4": ("sre-kfac-auto", {"model_every": 4}),
+    # the curvature samples before importance sampling (the batch's first 128), and 32 draws
+    "sre-kfac-auto-first": ("sre-kfac-auto", {"curvature_sampling": "first"}),
+    "sre-kfac-auto-is32": ("sre-kfac-auto", {"curvature_sampling": "importance", "curvature_samples": 32}),
 }
 RUNNABLE = (*OPTIMIZERS, *VARIANTS)
 

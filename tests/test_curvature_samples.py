@@ -1,0 +1,90 @@
+"""The adaptive step's curvature samples: importance draws weighted so that the estimate of a
+batch mean (or sum) stays unbiased, counted against the exact value over many draws; the floor
+that keeps every sample drawable; the settings refused and the fallback said aloud."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rkfac
+from rkfac.adaptive import AdaptiveOptions
+from rkfac.curvature_samples import UNIFORM_SHARE, first_samples, importance_samples
+from tests.test_adaptive import batch, make_model, make_optimizer
+
+SAMPLES, DRAWN, REPEATS = 12, 5, 4000
+
+
+def logits_with_a_confident_sample() -> torch.Tensor:
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(SAMPLES, 4, generator=generator, dtype=torch.float64) * 2
+    logits[0] = torch.tensor([40.0, 0.0, 0.0, 0.0])  # p ≈ one-hot: 1 − Σp² ≈ 0
+    return logits
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_importance_draws_estimate_the_batch_value_without_bias(reduction: str) -> None:
+    logits = logits_with_a_confident_sample()
+    parts = torch.rand(SAMPLES, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5
+    parts[0] = 5.0  # the confident sample's part is large: only the uniform share can find it
+    index = torch.arange(SAMPLES)
+    estimates, first_draws = [], 0
+    for seed in range(REPEATS):
+        generator = torch.Generator().manual_seed(seed)
+        sample = importance_samples([index[:, None].double()], index, logits, "cross_entropy", DRAWN, reduction, generator)
+        assert sample.weights is not None and sample.scale == 1.0
+        drawn = sample.targets
+        estimates.append(float((sample.weights * parts[drawn]).sum()))
+        first_draws += int((drawn == 0).sum())
+    estimates_t = torch.tensor(estimates, dtype=torch.float64)
+    exact = float(parts.mean() if reduction == "mean" else parts.sum())
+    standard_error = float(estimates_t.std()) / REPEATS**0.5
+    assert abs(float(estimates_t.mean()) - exact) < 4 * standard_error
+    # the confident sample is drawn at the floor's rate β/n, not never
+    rate = first_draws / (REPEATS * DRAWN)
+    assert rate == pytest.approx(UNIFORM_SHARE / SAMPLES, rel=0.15)
+
+
+def test_first_samples_scale_a_sum_by_the_batch_over_the_subset_and_keep_a_mean() -> None:
+    x, y = torch.arange(10.0)[:, None], torch.arange(10)
+    assert first_samples([x], y, 4, 0, "sum").scale == 10 / 4
+    assert first_samples([x], y, 4, 0, "mean").scale == 1.0
+    whole = first_samples([x], y, 40, 0, "sum")
+    assert whole.scale == 1.0 and whole.targets.tolist() == list(range(10))
+
+
+def test_importance_sampling_for_a_squared_error_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=re.escape("curvature_sampling='importance' needs cross_entropy")):
+        AdaptiveOptions(loss="mse", curvature_sampling="importance")
+
+
+def test_without_the_batch_outputs_importance_falls_back_to_the_first_samples_and_says_so() -> None:
+    model = make_model()
+    opt = make_optimizer(model, curvature_samples=4, curvature_sampling="importance")
+    twin_model = copy.deepcopy(model)
+    twin = make_optimizer(twin_model, curvature_samples=4, curvature_sampling="first")
+    x, y = batch(0)
+    for net, optimizer in ((model, opt), (twin_model, twin)):
+        torch.manual_seed(1)  # the same global draws for both (the Fisher's sampled targets)
+        optimizer.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        net(x[:3])  # a later forward (with gradients on) of another size: its outputs are not the batch's
+        if optimizer is opt:
+            with pytest.warns(UserWarning, match=re.escape("needs the model's outputs for the batch of 10 samples")):
+                optimizer.step(inputs=x, targets=y)
+        else:
+            optimizer.step(inputs=x, targets=y)
+    assert opt.adaptive is not None and twin.adaptive is not None
+    assert opt.adaptive.last.alpha == twin.adaptive.last.alpha
+
+
+def test_the_default_sampling_is_importance_for_cross_entropy_and_first_for_mse() -> None:
+    ce = rkfac.KFAC(make_model(), loss="cross_entropy")
+    mse = rkfac.KFAC(make_model(), loss="mse")
+    assert ce.adaptive is not None and mse.adaptive is not None
+    assert (ce.adaptive.sampling, ce.adaptive.sample_count) == ("importance", 64)
+    assert (mse.adaptive.sampling, mse.adaptive.sample_count) == ("first", 32)
