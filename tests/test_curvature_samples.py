@@ -5,6 +5,7 @@ that keeps every sample drawable; the settings refused and the fallback said alo
 from __future__ import annotations
 
 import copy
+import gc
 import re
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import rkfac
-from rkfac.adaptive import AdaptiveOptions
+from rkfac.adaptive import AdaptiveOptions, AdaptiveStep
 from rkfac.curvature_samples import UNIFORM_SHARE, first_samples, importance_samples
 from tests.test_adaptive import batch, make_model, make_optimizer
 
@@ -82,9 +83,35 @@ def test_without_the_batch_outputs_importance_falls_back_to_the_first_samples_an
     assert opt.adaptive.last.alpha == twin.adaptive.last.alpha
 
 
-def test_the_default_sampling_is_importance_for_cross_entropy_and_first_for_mse() -> None:
+def batch_norm_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Tanh(), torch.nn.Linear(8, 3)).double()
+
+
+def test_the_default_sampling_is_importance_for_cross_entropy_and_first_for_mse_or_batch_norm() -> None:
     ce = rkfac.KFAC(make_model(), loss="cross_entropy")
     mse = rkfac.KFAC(make_model(), loss="mse")
-    assert ce.adaptive is not None and mse.adaptive is not None
+    normed = rkfac.KFAC(batch_norm_model(), loss="cross_entropy")
+    assert ce.adaptive is not None and mse.adaptive is not None and normed.adaptive is not None
     assert (ce.adaptive.sampling, ce.adaptive.sample_count) == ("importance", 64)
     assert (mse.adaptive.sampling, mse.adaptive.sample_count) == ("first", 32)
+    assert (normed.adaptive.sampling, normed.adaptive.sample_count) == ("first", 128)
+
+
+def test_importance_asked_for_a_model_with_batch_norm_in_training_takes_the_first_samples_and_says_so() -> None:
+    model = batch_norm_model()
+    opt = make_optimizer(model, curvature_samples=4, curvature_sampling="importance")
+    x, y = batch(0)
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.warns(UserWarning, match="a BatchNorm in training mode"):
+        opt.step(inputs=x, targets=y)
+
+
+def test_the_output_hook_goes_with_its_step() -> None:
+    model = make_model()
+    step = AdaptiveStep(model, list(model.parameters()), AdaptiveOptions(loss="cross_entropy"))
+    assert len(model._forward_hooks) == 1
+    del step
+    gc.collect()
+    assert len(model._forward_hooks) == 0

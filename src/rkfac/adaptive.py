@@ -34,7 +34,10 @@ Subsampling (:mod:`rkfac.curvature_samples`): C and both losses of ρ are measur
 default m = 64 draws with probability ∝ each sample's trace of H (1 − Σ p², from the training's
 own forward pass, caught by a forward hook on the model), weighted to stay unbiased
 (``curvature_sampling="importance"``); for the squared error, whose H = 2I weighs every sample
-alike, the batch's first 32 (``"first"``). Each is an unbiased estimate of its whole-batch
+alike, the batch's first 32 (``"first"``); a model with BatchNorm takes the first 128 by
+default too (drawn samples, repeats included, would skew its batch statistics; asked for
+importance, a BatchNorm in training mode makes the step take the first ones, saying so once).
+Each is an unbiased estimate of its whole-batch
 value: the predicted change uses the samples' curvature, the measured one the same samples'
 losses. h(θ) is the primal of the first forward-mode pass, so ρ costs one extra forward of the
 samples every T steps.
@@ -61,6 +64,7 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -180,18 +184,27 @@ class AdaptiveStep:
         self._unit_curvature: Tensor | None = None  # Ĉ of the last measuring step (model_every > 1)
         self._loss_before = torch.zeros(1)  # h(θ) on the curvature samples, from this step's first pass
         self._comm = Communicator(process_group)
-        self.sampling = options.curvature_sampling or DEFAULT_SAMPLING[options.loss]
+        self._batch_norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        default = "first" if self._batch_norms else DEFAULT_SAMPLING[options.loss]  # repeats would skew batch statistics
+        self.sampling = options.curvature_sampling or default
         self.sample_count = options.curvature_samples or CURVATURE_SAMPLES[(options.loss, self.sampling)]
         self._outputs: Tensor | None = None  # the last training forward's outputs (importance sampling)
         self._fell_back = False  # warned once that importance sampling took the first samples
         if self.sampling == "importance":
-            model.register_forward_hook(self._keep_outputs)
+            self._watch_outputs(model)
 
-    def _keep_outputs(self, module: nn.Module, args: Any, output: Any) -> None:
-        """Forward hook: the outputs of a forward with gradients on (the training's; the model's
-        own passes here run under no_grad), detached, for the importance weights."""
-        if torch.is_grad_enabled() and isinstance(output, Tensor):
-            self._outputs = output.detach()
+    def _watch_outputs(self, model: nn.Module) -> None:
+        """A forward hook keeping the outputs of the model's last forward with gradients on (the
+        training's; the passes here run under no_grad), detached, for the importance weights.
+        It holds this object weakly and is removed when this object goes."""
+        this = weakref.ref(self)
+
+        def keep(module: nn.Module, args: Any, output: Any) -> None:
+            step = this()
+            if step is not None and torch.is_grad_enabled() and isinstance(output, Tensor):
+                step._outputs = output.detach()
+
+        weakref.finalize(self, model.register_forward_hook(keep).remove)
 
     # ------------------------------------------------------------------ the step
 
@@ -330,19 +343,32 @@ class AdaptiveStep:
         if self.sampling == "first" or self.sample_count >= n:
             return first_samples(inputs, targets, self.sample_count, self.batch_dim, self.loss_reduction)
         outputs = self._outputs
+        first = first_samples(inputs, targets, self._first_count, self.batch_dim, self.loss_reduction)
+        if any(m.training for m in self._batch_norms):
+            self._fall_back_once("a BatchNorm in training mode would normalise over the drawn samples, repeats included")
+            return first
         if self.batch_dim != 0 or outputs is None or outputs.dim() == 0 or outputs.shape[0] != n:
-            if not self._fell_back:
-                seen = "no training forward seen" if outputs is None else f"the last training forward gave {tuple(outputs.shape)}"
-                warnings.warn(
-                    f"curvature_sampling='importance' needs the model's outputs for the batch of {n} samples along "
-                    f"dimension 0 (batch_dim={self.batch_dim}; {seen}): measuring on the batch's first "
-                    f"{self.sample_count} samples instead",
-                    stacklevel=3,
-                )
-                self._fell_back = True
-            return first_samples(inputs, targets, self.sample_count, self.batch_dim, self.loss_reduction)
+            seen = "no training forward seen" if outputs is None else f"the last training forward gave {tuple(outputs.shape)}"
+            self._fall_back_once(
+                f"it needs the model's outputs for the batch of {n} samples along dimension 0 "
+                f"(batch_dim={self.batch_dim}; {seen})"
+            )
+            return first
         generator = torch.Generator().manual_seed(derived_seed(self.seed, "curvature-samples", self.steps))
         return importance_samples(inputs, targets, outputs, self._loss, self.sample_count, self.loss_reduction, generator)
+
+    @property
+    def _first_count(self) -> int:
+        """The samples taken when importance sampling cannot run: the first ones, as many as by default."""
+        return self.options.curvature_samples or CURVATURE_SAMPLES[(self._loss, "first")]
+
+    def _fall_back_once(self, why: str) -> None:
+        if not self._fell_back:
+            warnings.warn(
+                f"curvature_sampling='importance' took the batch's first {self._first_count} samples instead: {why}",
+                stacklevel=4,
+            )
+            self._fell_back = True
 
     @contextlib.contextmanager
     def _dropout_draws(self) -> Iterator[None]:

@@ -17,7 +17,8 @@ and backward of the samples it sees, so they are estimated from m of the batch's
   sample has H = diag(p) − ppᵀ ≈ 0, so its parts are ≈ 0, and a uniform subset spends most of its
   samples on them late in training. Measured on the quick MLP's batches
   (``benchmarks/curvature_sampling.py``, BENCHMARKS.md): the standard error of ΔᵀCΔ from 64
-  importance draws is within 0.8–1.3× that of 128 first samples once the loss is below 0.5.
+  importance draws is 0.95–1.31× that of 128 first samples once the loss is below 0.5 (2× at
+  initialisation, where every sample is uncertain and the draws only lose the 128's share).
 """
 
 from __future__ import annotations
