@@ -4,6 +4,7 @@
 # Tables land in the --out directories; BENCHMARKS.md keeps them. Nothing else may run meanwhile.
 #
 #   benchmarks/ekfac.sh autoencoder   # fashion-autoencoder (issue 20's K-FAC settings), seeds 0-2, 4 epochs, ~ 30 min
+#   benchmarks/ekfac.sh cnn           # fashion-cnn at batch 256, the same protocol as vit (grid, then the winners), ~ 25 min
 #   benchmarks/ekfac.sh every         # fashion-autoencoder, seed 0, 2 epochs: sre-kfac (lr 0.09) and sre-ekfac (0.03), each
 #                                     # with factors every 10 steps (the preset's) and every step, ~ 5 min
 #   benchmarks/ekfac.sh carry         # one epoch of sre-ekfac at the tuned lr with carry reset / keep / rotate, ~ 3 min
@@ -19,6 +20,9 @@ case "${1:-}" in
   vit)
     "$RKFAC" tune --preset fashion-vit --optimizers sre-kfac,sre-ekfac --seeds "${SEEDS:-0}" --epochs "${EPOCHS:-3}" \
       --out runs/tune-vit-ekfac --quiet --resume ;;
+  cnn)
+    "$RKFAC" tune --preset fashion-cnn --optimizers sre-kfac,sre-ekfac --seeds "${SEEDS:-0}" --epochs "${EPOCHS:-3}" \
+      --out runs/tune-cnn-ekfac --quiet --resume ;;
   every)
     for every in 10 1; do
       for run in sre-kfac=0.09 sre-ekfac=0.03; do
@@ -41,6 +45,6 @@ case "${1:-}" in
       "${PYTHON:-.venv/bin/python}" benchmarks/step_time.py --preset "$preset" --optimizers sgd,sre-kfac,sre-ekfac,sre-soap --steps 50 --chunk 10
     done ;;
   *)
-    echo "usage: $0 autoencoder|vit|every|carry|steps" >&2
+    echo "usage: $0 autoencoder|vit|cnn|every|carry|steps" >&2
     exit 2 ;;
 esac

@@ -235,7 +235,7 @@ class AdaptiveStep:
             self.last, self.steps = record, self.steps + 1
             return record
         if adjust:
-            before = float(self._comm.average_flat([self._loss_before])[0][0]) + _decay_term(params, weight_decay)
+            before = float(self._comm.average_flat([self._loss_before])[0][0])
         alpha, mu = float(coefficients[0]), float(coefficients[1]) if use_momentum else 0.0
         for index, p in enumerate(params):
             update = directions[index].mul(alpha)
@@ -248,8 +248,9 @@ class AdaptiveStep:
             record.predicted = model.change(coefficients)
         if adjust:
             assert sample is not None
-            after = self._objective(params, weight_decay, sample)
-            record.rho = self._adjust(after - before, record.predicted)
+            updates = [self.previous[id(p)] for p in params]
+            actual = self._loss_at(sample) - before + _decay_change(params, updates, weight_decay)
+            record.rho = self._adjust(actual, record.predicted)
         self.last, self.steps = record, self.steps + 1
         return record
 
@@ -302,12 +303,13 @@ class AdaptiveStep:
         ).double()
         return self._comm.average_flat([curvature * sample.scale])[0].reshape(k, k).cpu()
 
-    def _objective(self, params: Sequence[Tensor], weight_decay: float, sample: CurvatureSample) -> float:
-        """h + η/2 ‖θ‖² on the curvature samples, averaged over ranks, with this step's dropout draws."""
+    def _loss_at(self, sample: CurvatureSample) -> float:
+        """h at the current parameters on the curvature samples, averaged over ranks, with this
+        step's dropout draws (the weight decay's part is :func:`_decay_change`)."""
         with self._dropout_draws():
             outputs = forward(self.model, self._primals(), sample.inputs)
         loss = loss_value(self._loss, outputs, sample.targets, self.loss_reduction, sample.weights).double() * sample.scale
-        return float(self._comm.average_flat([loss.reshape(1)])[0][0]) + _decay_term(params, weight_decay)
+        return float(self._comm.average_flat([loss.reshape(1)])[0][0])
 
     def _adjust(self, actual: float, predicted: float) -> float | None:
         """ρ from the actual and predicted changes, and λ moved by the Levenberg–Marquardt rule."""
@@ -400,9 +402,16 @@ class AdaptiveStep:
         self.previous = {id(p): t.to(p.device) for p, t in zip(self.params, previous, strict=True) if t is not None}
 
 
-def _decay_term(params: Sequence[Tensor], weight_decay: float) -> float:
-    """η/2 ‖θ‖², the weight decay's part of the objective."""
-    return 0.5 * weight_decay * sum(float(p.double().pow(2).sum()) for p in params) if weight_decay else 0.0
+def _decay_change(params: Sequence[Tensor], updates: Sequence[Tensor], weight_decay: float) -> float:
+    """The change of the weight decay's part of the objective, η/2 ‖θ‖², over the update δ just
+    applied: η/2 (‖θ + δ‖² − ‖θ‖²) = η (⟨θ + δ, δ⟩ − ½‖δ‖²), from the parameters after it. Two
+    inner products per parameter and one read-back, where the difference of the two norms would
+    need a float64 copy of θ twice and cancel two large numbers."""
+    if not weight_decay:
+        return 0.0
+    flat = [(p.reshape(-1), d.reshape(-1)) for p, d in zip(params, updates, strict=True)]
+    terms = [torch.dot(p, d).double() - 0.5 * torch.dot(d, d).double() for p, d in flat]
+    return weight_decay * float(torch.stack(terms).sum())
 
 
 def _gram(vectors: Sequence[Sequence[Tensor]], rows: int) -> Tensor:
