@@ -113,8 +113,8 @@ class AdaptiveOptions:
     )
     curvature_sampling: str | None = option(
         None,
-        "how they are chosen: the batch's first ones, or drawn by their GGN weight "
-        "(None: importance for cross_entropy, first for mse)",
+        "how the curvature samples are chosen: the batch's first ones, or drawn by their GGN weight "
+        "(None: importance for cross_entropy, first for mse or a model with BatchNorm)",
         choices=(*SAMPLINGS, None),
     )
     model_every: int = option(
