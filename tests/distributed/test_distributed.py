@@ -174,12 +174,15 @@ def _inputs(model: str, generator: torch.Generator) -> torch.Tensor:
     return torch.randn(GLOBAL_BATCH, 5, 8, generator=generator, dtype=torch.float64)
 
 
-def _train_sequence_model(rank: int, world_size: int, model: str) -> dict[str, torch.Tensor]:
-    """Three K-FAC steps of TokenModel ("tokens") or AttentionModel ("attention") on this rank's share."""
+def _train_sequence_model(rank: int, world_size: int, model: str, method: str = "kfac") -> dict[str, torch.Tensor]:
+    """Three steps of K-FAC ("kfac") or the EKFAC form ("ekfac": its measured scales, an
+    embedding's by token, all-reduced with the statistics) on TokenModel ("tokens") or
+    AttentionModel ("attention"), on this rank's share."""
     torch.manual_seed(0)
     net = (TokenModel() if model == "tokens" else AttentionModel()).double()
     wrapped = nn.parallel.DistributedDataParallel(net) if world_size > 1 else net
-    optimizer = rkfac.KFAC(wrapped, lr=0.1, factor_every=1, inverse_every=2)
+    kind = rkfac.LowRankEKFAC if method == "ekfac" else rkfac.KFAC
+    optimizer = kind(wrapped, lr=0.1, factor_every=1, inverse_every=2)
     generator = torch.Generator().manual_seed(2)
     share = GLOBAL_BATCH // world_size
     for _ in range(3):
@@ -188,6 +191,8 @@ def _train_sequence_model(rank: int, world_size: int, model: str) -> dict[str, t
         part = slice(rank * share, (rank + 1) * share)
         F.cross_entropy(wrapped(inputs[part]), labels[part]).backward()
         optimizer.step()
+    if method == "ekfac":  # the embedding's scales were measured (not K-FAC's products carried along)
+        assert "embed" in optimizer._rule.layers  # type: ignore[attr-defined]
     return {name: p.detach().clone() for name, p in net.state_dict().items()}
 
 
@@ -203,12 +208,12 @@ class AttentionModel(nn.Module):
         return self.head(torch.tanh(self.attn(x, x, x, need_weights=False)[0]).mean(1))
 
 
-@pytest.mark.parametrize("model", ["tokens", "attention"])
-def test_sequence_models_on_two_ranks_match_one_process(tmp_path: Path, model: str) -> None:
+@pytest.mark.parametrize(("model", "method"), [("tokens", "kfac"), ("attention", "kfac"), ("tokens", "ekfac")])
+def test_sequence_models_on_two_ranks_match_one_process(tmp_path: Path, model: str, method: str) -> None:
     """An embedding (diagonal A, averaged across ranks as a vector) and a routed attention (q/k/v
     rows of one packed weight, sharded like any other layer)."""
-    one = _train_sequence_model(0, 1, model)
-    ranks = run_ranks(_train_sequence_model, 2, tmp_path, model)
+    one = _train_sequence_model(0, 1, model, method)
+    ranks = run_ranks(_train_sequence_model, 2, tmp_path, model, method)
     for name, value in one.items():
         torch.testing.assert_close(ranks[0][name], value)
         assert torch.equal(ranks[0][name], ranks[1][name])
