@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from rkfac.curvature_samples import UNIFORM_SHARE
 from rkfac.experiments.datasets import load_fashion_mnist
 from rkfac.experiments.models import build_model
 from rkfac.quadratic_model import output_tangents
@@ -44,7 +45,7 @@ def per_sample_terms(model: torch.nn.Module, images: torch.Tensor, labels: torch
 def relative_errors(terms: torch.Tensor, weights: torch.Tensor, m: int) -> tuple[float, float]:
     n, mean = terms.numel(), terms.mean()
     uniform = (1 - m / n) * terms.var(unbiased=False) / m
-    q = 0.9 * weights / weights.sum() + 0.1 / n  # a defensive mixture: no qᵢ is 0
+    q = (1 - UNIFORM_SHARE) * weights / weights.sum() + UNIFORM_SHARE / n  # the library's mixture: no qᵢ is 0
     importance = ((terms.pow(2) / (n * n * q)).sum() - mean**2) / m
     return float(uniform.sqrt() / mean), float(importance.clamp_min(0).sqrt() / mean)
 

@@ -36,7 +36,7 @@ def test_importance_draws_estimate_the_batch_value_without_bias(reduction: str) 
     estimates, first_draws = [], 0
     for seed in range(REPEATS):
         generator = torch.Generator().manual_seed(seed)
-        sample = importance_samples([index[:, None].double()], index, logits, "cross_entropy", DRAWN, reduction, generator)
+        sample = importance_samples([index[:, None].double()], index, logits, DRAWN, reduction, generator)
         assert sample.weights is not None and sample.scale == 1.0
         drawn = sample.targets
         estimates.append(float((sample.weights * parts[drawn]).sum()))
@@ -115,3 +115,14 @@ def test_the_output_hook_goes_with_its_step() -> None:
     del step
     gc.collect()
     assert len(model._forward_hooks) == 0
+
+
+def test_a_negative_class_index_is_refused_by_value() -> None:
+    model = make_model()
+    opt = make_optimizer(model)
+    x, y = batch(0)
+    y[3] = -100  # F.cross_entropy's ignore_index: the gradient leaves the row out, the model would not
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    with pytest.raises(ValueError, match=re.escape("negative class index (-100)")):
+        opt.step(inputs=x, targets=y)

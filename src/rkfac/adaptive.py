@@ -341,23 +341,26 @@ class AdaptiveStep:
         """This step's curvature samples (:mod:`rkfac.curvature_samples`). Importance sampling
         needs the training forward's outputs for this batch, samples first (``batch_dim`` 0);
         without them it takes the batch's first samples, and says so once."""
+        if self._loss == "cross_entropy" and targets.numel() and int(targets.min()) < 0:
+            raise ValueError(
+                f"the adaptive step got a negative class index ({int(targets.min())}) in targets: ignored positions "
+                "(F.cross_entropy's ignore_index) are not handled by its quadratic model; drop them from inputs and targets"
+            )
         n = inputs[0].shape[self.batch_dim]
         if self.sampling == "first" or self.sample_count >= n:
             return first_samples(inputs, targets, self.sample_count, self.batch_dim, self.loss_reduction)
         outputs = self._outputs
-        first = first_samples(inputs, targets, self._first_count, self.batch_dim, self.loss_reduction)
         if any(m.training for m in self._batch_norms):
-            self._fall_back_once("a BatchNorm in training mode would normalise over the drawn samples, repeats included")
-            return first
-        if self.batch_dim != 0 or outputs is None or outputs.dim() == 0 or outputs.shape[0] != n:
+            why = "a BatchNorm in training mode would normalise over the drawn samples, repeats included"
+        elif self.batch_dim != 0 or outputs is None or outputs.dim() == 0 or outputs.shape[0] != n:
             seen = "no training forward seen" if outputs is None else f"the last training forward gave {tuple(outputs.shape)}"
-            self._fall_back_once(
-                f"it needs the model's outputs for the batch of {n} samples along dimension 0 "
-                f"(batch_dim={self.batch_dim}; {seen})"
-            )
-            return first
-        generator = torch.Generator().manual_seed(derived_seed(self.seed, "curvature-samples", self.steps))
-        return importance_samples(inputs, targets, outputs, self._loss, self.sample_count, self.loss_reduction, generator)
+            why = f"it needs the model's outputs for the batch of {n} samples along dimension 0 "
+            why += f"(batch_dim={self.batch_dim}; {seen})"
+        else:
+            generator = torch.Generator().manual_seed(derived_seed(self.seed, "curvature-samples", self.steps))
+            return importance_samples(inputs, targets, outputs, self.sample_count, self.loss_reduction, generator)
+        self._fall_back_once(why)
+        return first_samples(inputs, targets, self._first_count, self.batch_dim, self.loss_reduction)
 
     @property
     def _first_count(self) -> int:

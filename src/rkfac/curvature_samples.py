@@ -61,12 +61,12 @@ def first_samples(inputs: Sequence[Tensor], targets: Tensor, count: int, batch_d
 
 
 def importance_samples(
-    inputs: Sequence[Tensor], targets: Tensor, outputs: Tensor, kind: str, count: int, reduction: str, generator: torch.Generator
+    inputs: Sequence[Tensor], targets: Tensor, outputs: Tensor, count: int, reduction: str, generator: torch.Generator
 ) -> CurvatureSample:
     """``count`` draws of the batch's samples (dimension 0) with probability q (module
-    docstring) from the training forward's ``outputs``, and their weights ω."""
+    docstring) from the training forward's ``outputs`` (cross-entropy logits), and their weights ω."""
     n = inputs[0].shape[0]
-    trace = ggn_weights(kind, outputs.detach()).double().cpu()
+    trace = ggn_weights(outputs.detach()).double().cpu()
     total = float(trace.sum())
     q = torch.full((n,), 1.0 / n, dtype=torch.float64)
     if total > 0 and torch.isfinite(trace).all():

@@ -70,8 +70,8 @@ def loss_value(kind: str, outputs: Tensor, targets: Tensor, reduction: str = "me
     if kind == "cross_entropy":
         return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1), reduction=reduction)
     if kind == "mse":
-        per_sample_error = (outputs - targets).pow(2).reshape(outputs.shape[0], -1).sum(1)
-        return per_sample_error.mean() if reduction == "mean" else per_sample_error.sum()
+        errors = _loss_rows(kind, outputs, targets)
+        return errors.mean() if reduction == "mean" else errors.sum()
     raise ValueError(f"loss must be one of {LOSS_KINDS}, got {kind!r}")
 
 
@@ -113,17 +113,13 @@ def ggn_inner(
     return rows.mean() if reduction == "mean" else rows.sum()
 
 
-def ggn_weights(kind: str, outputs: Tensor) -> Tensor:
-    """Per sample (the first dimension of ``outputs``), the trace of H summed over its rows: for
-    cross-entropy Σ_rows (1 − Σ_c p_c²), which is near 0 for a confidently classified sample,
-    whose GGN part JᵀHJ is then near 0 too; for the squared error a constant (H = 2I)."""
-    if kind == "cross_entropy":
-        dtype = torch.promote_types(outputs.dtype, torch.float32)
-        probs = F.softmax(outputs.reshape(-1, outputs.shape[-1]).to(dtype), dim=-1)
-        return (1.0 - probs.pow(2).sum(1)).reshape(outputs.shape[0], -1).sum(1)
-    if kind == "mse":
-        return torch.full((outputs.shape[0],), 2.0 * outputs[0].numel(), device=outputs.device)
-    raise ValueError(f"loss must be one of {LOSS_KINDS}, got {kind!r}")
+def ggn_weights(outputs: Tensor) -> Tensor:
+    """Per sample (the first dimension of ``outputs``, logits), the cross-entropy's trace of H
+    summed over its rows, Σ_rows (1 − Σ_c p_c²): near 0 for a confidently classified sample,
+    whose GGN part JᵀHJ is then near 0 too. (The squared error's H = 2I weighs every sample alike.)"""
+    dtype = torch.promote_types(outputs.dtype, torch.float32)
+    probs = F.softmax(outputs.reshape(-1, outputs.shape[-1]).to(dtype), dim=-1)
+    return (1.0 - probs.pow(2).sum(1)).reshape(outputs.shape[0], -1).sum(1)
 
 
 def output_tangents(
