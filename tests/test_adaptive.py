@@ -32,9 +32,17 @@ def make_model(dropout: float = 0.0) -> nn.Module:
     return nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Dropout(dropout), nn.Linear(8, 3)).double()
 
 
-def batch(seed: int, n: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(seed: int, n: int = 10, tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """n samples of 4 features, or with ``tokens`` a sequence batch (n, tokens, 4) whose targets
+    mark about a third of the positions, and all of sample 1's, ignore_index (−100)."""
     generator = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 4, generator=generator, dtype=torch.float64), torch.randint(0, 3, (n,), generator=generator)
+    if not tokens:
+        return torch.randn(n, 4, generator=generator, dtype=torch.float64), torch.randint(0, 3, (n,), generator=generator)
+    x = torch.randn(n, tokens, 4, generator=generator, dtype=torch.float64)
+    y = torch.randint(0, 3, (n, tokens), generator=generator)
+    padding = torch.rand(n, tokens, generator=generator) < 0.3
+    padding[1] = True
+    return x, y.masked_fill(padding, -100)
 
 
 def make_optimizer(model: nn.Module, **options: object) -> rkfac.KFAC:
@@ -62,12 +70,18 @@ def minimise(matrix: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return coefficients
 
 
-def importance_draws(logits: torch.Tensor, count: int, seed: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def importance_draws(
+    logits: torch.Tensor, count: int, seed: int, step: int, targets: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The draws of ``rkfac.curvature_samples.importance_samples``, written out: q mixes each
-    sample's 1 − Σp² (normalised) 9:1 with uniform; the m draws with replacement come from the
-    generator seeded by (seed, "curvature-samples", step). Returns the draws and their q."""
+    sample's 1 − Σp² (normalised; summed over its positions not marked −100 in ``targets``) 9:1
+    with uniform; the m draws with replacement come from the generator seeded by
+    (seed, "curvature-samples", step). Returns the draws and their q."""
     probs = logits.detach().softmax(-1).double()
-    trace = 1 - probs.pow(2).sum(1)
+    per_row = 1 - probs.pow(2).sum(-1)
+    if targets is not None:
+        per_row = per_row * (targets != -100)
+    trace = per_row.reshape(len(per_row), -1).sum(1)
     q = 0.9 * trace / trace.sum() + 0.1 / len(trace)
     generator = torch.Generator().manual_seed(derived_seed(seed, "curvature-samples", step))
     draws = torch.multinomial(q, count, replacement=True, generator=generator)
@@ -86,33 +100,36 @@ def sampled_ggn(
     step: int,
 ) -> torch.Tensor:
     """The curvature the step should use: the dense GGN of the first samples (scaled n/m for a
-    sum), of the whole batch, or Σₖ ωₖ C_{sₖ} over importance draws, C_s one sample's GGN and
-    ωₖ = 1/(m n qₖ) for a mean, 1/(m qₖ) for a sum."""
+    sum), of the whole batch, or Σₖ ωₖ C_{sₖ} over importance draws, C_s one sample's GGN summed
+    over its positions and ωₖ = 1/(m N qₖ) for a mean (N the positions the loss keeps: those not
+    marked −100), 1/(m qₖ) for a sum."""
     if samples >= len(x) or sampling == "first":
         curvature = dense_ggn(model, x[:samples], y[:samples], "cross_entropy", reduction)
         return curvature * len(x) / len(x[:samples]) if reduction == "sum" else curvature  # a sum stands for the batch's
-    draws, q = importance_draws(logits, samples, seed, step)
-    weights = 1 / (samples * q) / (len(x) if reduction == "mean" else 1)
+    draws, q = importance_draws(logits, samples, seed, step, y)
+    weights = 1 / (samples * q) / (int((y != -100).sum()) if reduction == "mean" else 1)
     with torch.random.fork_rng():  # a copy without the step's forward hook (its passes would be caught as the batch's)
         twin = make_model()
     twin.load_state_dict(model.state_dict())
-    return sum(
-        w * dense_ggn(twin, x[s : s + 1], y[s : s + 1], "cross_entropy", reduction) for w, s in zip(weights, draws.tolist())
-    )
+    return sum(w * dense_ggn(twin, x[s : s + 1], y[s : s + 1], "cross_entropy", "sum") for w, s in zip(weights, draws.tolist()))
 
 
 @pytest.mark.parametrize(
-    ("samples", "reduction", "sampling"),
+    ("samples", "reduction", "sampling", "tokens"),
     [
-        (10_000, "mean", "importance"),
-        (4, "mean", "first"),
-        (4, "sum", "first"),
-        (4, "mean", "importance"),
-        (4, "sum", "importance"),
+        (10_000, "mean", "importance", 0),
+        (4, "mean", "first", 0),
+        (4, "sum", "first", 0),
+        (4, "mean", "importance", 0),
+        (4, "sum", "importance", 0),
+        (10_000, "mean", "importance", 3),
+        (4, "mean", "first", 3),
+        (4, "mean", "importance", 3),
+        (4, "sum", "importance", 3),
     ],
-)  # 10 000: all of it
+)  # 10 000: all of it; tokens: a sequence batch with padded positions (ignore_index)
 def test_each_step_takes_the_alpha_and_mu_that_minimise_the_dense_quadratic_model(
-    samples: int, reduction: str, sampling: str
+    samples: int, reduction: str, sampling: str, tokens: int
 ) -> None:
     model = make_model()
     opt = make_optimizer(
@@ -120,10 +137,10 @@ def test_each_step_takes_the_alpha_and_mu_that_minimise_the_dense_quadratic_mode
     )
     previous: torch.Tensor | None = None
     for step in range(3):
-        x, y = batch(step)
+        x, y = batch(step, tokens=tokens)
         opt.zero_grad()
         logits = model(x)
-        F.cross_entropy(logits, y, reduction=reduction).backward()
+        F.cross_entropy(logits.reshape(-1, 3), y.reshape(-1), reduction=reduction).backward()
         theta, _ = flat_params(model)
         g = flat([p.grad for p in model.parameters()]).clone() + WEIGHT_DECAY * theta
         damping = opt.adaptive.damping  # type: ignore[union-attr]

@@ -117,12 +117,62 @@ def test_the_output_hook_goes_with_its_step() -> None:
     assert len(model._forward_hooks) == 0
 
 
-def test_a_negative_class_index_is_refused_by_value() -> None:
+def test_a_negative_class_index_other_than_ignore_index_is_refused_by_value() -> None:
     model = make_model()
     opt = make_optimizer(model)
     x, y = batch(0)
-    y[3] = -100  # F.cross_entropy's ignore_index: the gradient leaves the row out, the model would not
+    y[3], y[5] = -100, -1  # -100: F.cross_entropy's ignore_index, left out; -1 is no class and no ignore_index
     opt.zero_grad()
-    F.cross_entropy(model(x), y).backward()
-    with pytest.raises(ValueError, match=re.escape("negative class index (-100)")):
+    F.cross_entropy(model(x), y.clamp_min(-100).masked_fill(y == -1, 0)).backward()
+    with pytest.raises(ValueError, match=re.escape("negative class index (-1)")):
         opt.step(inputs=x, targets=y)
+
+
+def test_a_stated_ignore_index_takes_the_steps_of_torchs_own_marking() -> None:
+    """ignore_index=0 (a padding class) steps as the same batch with those targets marked −100."""
+    x, y = batch(0, tokens=3)
+    y = y.clamp_min(0)  # class 0 is the padding here
+    results = []
+    for targets, options in ((y, {"ignore_index": 0}), (y.masked_fill(y == 0, -100), {})):
+        model = make_model()
+        opt = make_optimizer(model, **options)
+        for _ in range(2):
+            opt.zero_grad()
+            ignore = options.get("ignore_index", -100)
+            F.cross_entropy(model(x).reshape(-1, 3), targets.reshape(-1), ignore_index=ignore).backward()
+            opt.step(inputs=x, targets=targets)
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.equal(results[0], results[1])
+    model = make_model()
+    plain = make_optimizer(model)  # the same batch with class 0 counted: another step
+    for _ in range(2):
+        plain.zero_grad()
+        F.cross_entropy(model(x).reshape(-1, 3), y.reshape(-1)).backward()
+        plain.step(inputs=x, targets=y)
+    assert not torch.allclose(torch.cat([p.detach().reshape(-1) for p in model.parameters()]), results[0])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_importance_draws_over_padded_positions_estimate_the_mean_over_the_kept_ones(reduction: str) -> None:
+    generator = torch.Generator().manual_seed(5)
+    logits = torch.randn(SAMPLES, 3, 4, generator=generator, dtype=torch.float64)
+    targets = torch.randint(0, 4, (SAMPLES, 3), generator=generator)
+    targets[0] = -100
+    targets[1:4, 1:] = -100
+    parts = torch.rand(SAMPLES, 3, generator=generator, dtype=torch.float64) * (targets != -100)  # 0 where left out
+    kept = int((targets != -100).sum())
+    index = torch.arange(SAMPLES)
+    estimates, padding_draws = [], 0
+    for seed in range(REPEATS):
+        generator = torch.Generator().manual_seed(seed)
+        sample = importance_samples([index[:, None].double()], targets, logits, DRAWN, reduction, generator)
+        assert sample.weights is not None
+        drawn = sample.inputs[0][:, 0].long()  # the inputs are the samples' indices
+        per_sample = parts[drawn].mean(1) if reduction == "mean" else parts[drawn].sum(1)  # per_sample's grouping
+        estimates.append(float((sample.weights * per_sample).sum()))
+        padding_draws += int((drawn == 0).sum())
+    estimates_t = torch.tensor(estimates, dtype=torch.float64)
+    exact = float(parts.sum() / kept if reduction == "mean" else parts.sum())
+    assert abs(float(estimates_t.mean()) - exact) < 4 * float(estimates_t.std()) / REPEATS**0.5
+    # the all-padding sample has weight 0: it is drawn only through the uniform share β/n
+    assert padding_draws / (REPEATS * DRAWN) == pytest.approx(UNIFORM_SHARE / SAMPLES, rel=0.15)

@@ -7,10 +7,11 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-from rkfac.quadratic_model import QuadraticModel, forward, ggn_inner, loss_value, output_tangents
+from rkfac.quadratic_model import IGNORE_INDEX, QuadraticModel, forward, ggn_inner, ggn_weights, loss_value, output_tangents
 
 
 def small_model() -> nn.Module:
@@ -32,9 +33,18 @@ def unflatten(vector: torch.Tensor, named: list[tuple[str, torch.Size]]) -> dict
     return out
 
 
+def reference_loss(kind: str, outputs: torch.Tensor, targets: torch.Tensor, reduction: str) -> torch.Tensor:
+    """The loss written out with torch's own functions (cross-entropy: F.cross_entropy over the
+    rows, ignore_index −100 left out as it leaves it; squared error: summed per sample)."""
+    if kind == "cross_entropy":
+        return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1), reduction=reduction)
+    per_sample = (outputs - targets).pow(2).reshape(outputs.shape[0], -1).sum(1)
+    return per_sample.mean() if reduction == "mean" else per_sample.sum()
+
+
 def dense_ggn(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, kind: str, reduction: str) -> torch.Tensor:
     """C = Jᵀ H J with J the reverse-mode Jacobian of the flattened outputs and H the autograd
-    Hessian of the loss in the outputs."""
+    Hessian of the loss (:func:`reference_loss`) in the outputs."""
     theta, named = flat_params(model)
     buffers = {name: b.clone() for name, b in model.named_buffers()}
 
@@ -44,7 +54,7 @@ def dense_ggn(model: nn.Module, x: torch.Tensor, targets: torch.Tensor, kind: st
     outputs = outputs_of(theta).detach()
     jacobian = torch.autograd.functional.jacobian(outputs_of, theta)
     shape = functional_call(model, {**unflatten(theta, named), **buffers}, (x,)).shape
-    hessian = torch.autograd.functional.hessian(lambda o: loss_value(kind, o.reshape(shape), targets, reduction), outputs)
+    hessian = torch.autograd.functional.hessian(lambda o: reference_loss(kind, o.reshape(shape), targets, reduction), outputs)
     return jacobian.T @ hessian @ jacobian
 
 
@@ -73,6 +83,28 @@ def test_cross_entropy_over_token_rows_treats_every_position_as_a_sample() -> No
     hessian = torch.autograd.functional.hessian(lambda o: loss_value("cross_entropy", o.reshape(6, 5), targets.reshape(6)), flat)
     expected = left.reshape(-1) @ hessian.reshape(30, 30) @ right.reshape(-1)
     assert float(ggn_inner("cross_entropy", outputs, left, right)) == pytest.approx(float(expected), rel=1e-10)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_positions_marked_ignore_index_drop_out_of_the_curvature_and_loss_as_out_of_f_cross_entropy(reduction: str) -> None:
+    torch.manual_seed(2)
+    outputs = torch.randn(3, 4, 5, dtype=torch.float64)  # (batch, tokens, classes)
+    left, right = torch.randn_like(outputs), torch.randn_like(outputs)
+    targets = torch.randint(0, 5, (3, 4))
+    targets[0, 1:] = IGNORE_INDEX  # padding
+    targets[2] = IGNORE_INDEX  # a sample that is all padding
+    hessian = torch.autograd.functional.hessian(lambda o: reference_loss("cross_entropy", o, targets, reduction), outputs)
+    expected = left.reshape(-1) @ hessian.reshape(60, 60) @ right.reshape(-1)
+    inner = ggn_inner("cross_entropy", outputs, left, right, reduction, targets=targets)
+    assert float(inner) == pytest.approx(float(expected), rel=1e-10)
+    reference = reference_loss("cross_entropy", outputs, targets, reduction)
+    assert float(loss_value("cross_entropy", outputs, targets, reduction)) == pytest.approx(float(reference), rel=1e-12)
+    # the trace weights of the importance draws count only the kept rows
+    probs = outputs.softmax(-1)
+    kept = (targets != IGNORE_INDEX).double()
+    expected_weights = ((1 - probs.pow(2).sum(-1)) * kept).sum(1)
+    torch.testing.assert_close(ggn_weights(outputs, targets), expected_weights)
+    assert float(ggn_weights(outputs, targets)[2]) == 0.0
 
 
 def test_the_passes_leave_running_statistics_alone_and_capture_nothing() -> None:

@@ -37,10 +37,11 @@ own forward pass, caught by a forward hook on the model), weighted to stay unbia
 alike, the batch's first 32 (``"first"``); a model with BatchNorm takes the first 128 by
 default too (drawn samples, repeats included, would skew its batch statistics; asked for
 importance, a BatchNorm in training mode makes the step take the first ones, saying so once).
-Each is an unbiased estimate of its whole-batch
-value: the predicted change uses the samples' curvature, the measured one the same samples'
-losses. h(θ) is the primal of the first forward-mode pass, so ρ costs one extra forward of the
-samples every T steps.
+Each is an unbiased estimate of its whole-batch value: the predicted change uses the samples'
+curvature, the measured one the same samples' losses. Cross-entropy positions whose target is
+``ignore_index`` (−100, F.cross_entropy's default: a sequence's padding) are left out of both,
+as the loss leaves them out. h(θ) is the primal of the first forward-mode pass, so ρ costs one
+extra forward of the samples every T steps.
 
 Every ``model_every`` (K) steps the curvature is measured: on steps 0, K, 2K, ... as above. The
 K − 1 steps between measure nothing on the model (no forward pass): they keep the last
@@ -74,7 +75,7 @@ from torch import Tensor, nn
 
 from rkfac.curvature_samples import SAMPLINGS, CurvatureSample, first_samples, importance_samples
 from rkfac.distributed import Communicator
-from rkfac.quadratic_model import LOSS_KINDS, QuadraticModel, forward, ggn_inner, loss_value, output_tangents
+from rkfac.quadratic_model import IGNORE_INDEX, LOSS_KINDS, QuadraticModel, forward, ggn_inner, loss_value, output_tangents
 from rkfac.schema import option, validate
 from rkfac.seeding import derived_seed
 
@@ -119,6 +120,9 @@ class AdaptiveOptions:
     )
     model_every: int = option(
         1, "steps between curvature measurements (K); between, M keeps the last curvature per unit direction", kind="int", low=1
+    )
+    ignore_index: int = option(
+        IGNORE_INDEX, "cross_entropy targets equal to it are left out of the model, as F.cross_entropy's ignore_index", kind="int"
     )
 
     def __post_init__(self) -> None:
@@ -296,7 +300,7 @@ class AdaptiveStep:
         reduction, weights = self.loss_reduction, sample.weights
         curvature = torch.stack(
             [
-                ggn_inner(self._loss, outputs, derivatives[i], derivatives[j], reduction, weights)
+                ggn_inner(self._loss, outputs, derivatives[i], derivatives[j], reduction, weights, sample.targets)
                 for i in range(k)
                 for j in range(k)
             ]
@@ -341,11 +345,8 @@ class AdaptiveStep:
         """This step's curvature samples (:mod:`rkfac.curvature_samples`). Importance sampling
         needs the training forward's outputs for this batch, samples first (``batch_dim`` 0);
         without them it takes the batch's first samples, and says so once."""
-        if self._loss == "cross_entropy" and targets.numel() and int(targets.min()) < 0:
-            raise ValueError(
-                f"the adaptive step got a negative class index ({int(targets.min())}) in targets: ignored positions "
-                "(F.cross_entropy's ignore_index) are not handled by its quadratic model; drop them from inputs and targets"
-            )
+        if self._loss == "cross_entropy":
+            targets = self._marked_ignored(targets)
         n = inputs[0].shape[self.batch_dim]
         if self.sampling == "first" or self.sample_count >= n:
             return first_samples(inputs, targets, self.sample_count, self.batch_dim, self.loss_reduction)
@@ -361,6 +362,19 @@ class AdaptiveStep:
             return importance_samples(inputs, targets, outputs, self.sample_count, self.loss_reduction, generator)
         self._fall_back_once(why)
         return first_samples(inputs, targets, self._first_count, self.batch_dim, self.loss_reduction)
+
+    def _marked_ignored(self, targets: Tensor) -> Tensor:
+        """Class indices with the positions to leave out (``ignore_index``) marked as the quadratic
+        model marks them (``IGNORE_INDEX``); any other negative index is refused by value."""
+        ignore = self.options.ignore_index
+        left_out = targets == ignore
+        invalid = (targets < 0) & ~left_out
+        if bool(invalid.any()):
+            raise ValueError(
+                f"the adaptive step got a negative class index ({int(targets[invalid][0])}) in targets; "
+                f"only ignore_index={ignore} marks a position to leave out (set ignore_index= to the loss's own)"
+            )
+        return targets if ignore == IGNORE_INDEX else targets.masked_fill(left_out, IGNORE_INDEX)
 
     @property
     def _first_count(self) -> int:

@@ -19,6 +19,12 @@ and backward of the samples it sees, so they are estimated from m of the batch's
   (``benchmarks/curvature_sampling.py``, BENCHMARKS.md): the standard error of ΔᵀCΔ from 64
   importance draws is 0.95–1.31× that of 128 first samples once the loss is below 0.5 (2× at
   initialisation, where every sample is uncertain and the draws only lose the 128's share).
+
+Rows left out of the cross-entropy (target ``IGNORE_INDEX``, a sequence's padding) have cᵣ = 0
+and weigh 0 in wₛ. A "mean" then divides by the N rows kept, not by all n R of the batch (R
+rows per sample), so each draw's weight is multiplied by n R / N: Σₖ ωₖ c_{sₖ} still estimates
+the batch's value. The first m samples under "mean" divide by their own kept rows, as
+F.cross_entropy on them would (a ratio estimate, as their plain mean is without padding).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from rkfac.quadratic_model import ggn_weights
+from rkfac.quadratic_model import ggn_weights, kept_rows
 
 #: β: the uniform part of the importance distribution (every qₛ ≥ β / n).
 UNIFORM_SHARE = 0.1
@@ -66,7 +72,7 @@ def importance_samples(
     """``count`` draws of the batch's samples (dimension 0) with probability q (module
     docstring) from the training forward's ``outputs`` (cross-entropy logits), and their weights ω."""
     n = inputs[0].shape[0]
-    trace = ggn_weights(outputs.detach()).double().cpu()
+    trace = ggn_weights(outputs.detach(), targets).double().cpu()
     total = float(trace.sum())
     q = torch.full((n,), 1.0 / n, dtype=torch.float64)
     if total > 0 and torch.isfinite(trace).all():
@@ -75,6 +81,9 @@ def importance_samples(
     weights = 1.0 / (count * q[draws])
     if reduction == "mean":
         weights = weights / n
+        kept = kept_rows("cross_entropy", targets)
+        if kept is not None:  # the mean is over the kept rows (module docstring)
+            weights = weights * (kept.numel() / max(int(kept.sum()), 1))
     device = inputs[0].device
     index = draws.to(device)
     return CurvatureSample(

@@ -24,6 +24,9 @@ Loss kinds (``LOSS_KINDS``; "mean" averages over samples, "sum" adds them):
 
 - "cross_entropy": outputs are logits (..., C), targets class indices (...); every leading
   position is a sample row, as in ``F.cross_entropy``. Per row H = diag(p) − ppᵀ, p = softmax.
+  A row whose target is ``IGNORE_INDEX`` (−100, F.cross_entropy's default ``ignore_index``, as
+  padded positions of a sequence batch are marked) is left out, as F.cross_entropy leaves it:
+  its loss does not depend on the outputs, so its H is 0, and a "mean" divides by the rows kept.
 - "mse": the squared error summed over each sample's outputs, ‖y − t‖², then reduced over the
   samples (the first dimension). Per sample H = 2I. (This is the loss whose Gaussian the
   "mc" Fisher samples from, :mod:`rkfac.mc_fisher`.)
@@ -50,6 +53,8 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 LOSS_KINDS = ("cross_entropy", "mse")
+#: The cross-entropy target of a row left out of the loss (F.cross_entropy's default ignore_index).
+IGNORE_INDEX = -100
 
 
 @contextmanager
@@ -68,6 +73,9 @@ def loss_value(kind: str, outputs: Tensor, targets: Tensor, reduction: str = "me
         rows = _loss_rows(kind, outputs, targets)
         return (weights.double() * per_sample(rows, outputs.shape[0], reduction).double()).sum()
     if kind == "cross_entropy":
+        kept = kept_rows(kind, targets)
+        if kept is not None and reduction == "mean":  # as F.cross_entropy, but 0 (not NaN) when no row is kept
+            return _loss_rows(kind, outputs, targets).sum() / kept.sum().clamp_min(1)
         return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1), reduction=reduction)
     if kind == "mse":
         errors = _loss_rows(kind, outputs, targets)
@@ -84,8 +92,18 @@ def per_sample(rows: Tensor, samples: int, reduction: str) -> Tensor:
     return grouped.mean(1) if reduction == "mean" else grouped.sum(1)
 
 
+def kept_rows(kind: str, targets: Tensor | None) -> Tensor | None:
+    """Which rows the loss keeps (a bool per row), None when it keeps every one: the
+    cross-entropy leaves out the rows whose target is ``IGNORE_INDEX``."""
+    if kind != "cross_entropy" or targets is None:
+        return None
+    kept = targets.reshape(-1) != IGNORE_INDEX
+    return None if bool(kept.all()) else kept
+
+
 def _loss_rows(kind: str, outputs: Tensor, targets: Tensor) -> Tensor:
-    """The loss per row: a cross-entropy per leading position, a squared error per sample."""
+    """The loss per row: a cross-entropy per leading position (0 on a row left out), a squared
+    error per sample."""
     if kind == "cross_entropy":
         return F.cross_entropy(outputs.reshape(-1, outputs.shape[-1]), targets.reshape(-1), reduction="none")
     if kind == "mse":
@@ -94,10 +112,17 @@ def _loss_rows(kind: str, outputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def ggn_inner(
-    kind: str, outputs: Tensor, left: Tensor, right: Tensor, reduction: str = "mean", weights: Tensor | None = None
+    kind: str,
+    outputs: Tensor,
+    left: Tensor,
+    right: Tensor,
+    reduction: str = "mean",
+    weights: Tensor | None = None,
+    targets: Tensor | None = None,
 ) -> Tensor:
     """vᵀ C w from the output tangents ``left`` = Jv and ``right`` = Jw (shaped like ``outputs``);
-    with ``weights`` (one per sample) Σᵢ ωᵢ cᵢ, cᵢ sample i's part (:func:`per_sample`)."""
+    with ``weights`` (one per sample) Σᵢ ωᵢ cᵢ, cᵢ sample i's part (:func:`per_sample`).
+    ``targets`` (cross-entropy): the rows they mark ``IGNORE_INDEX`` are left out (H = 0 there)."""
     dtype = torch.promote_types(outputs.dtype, torch.float32)  # half precision outputs: in float32
     if kind == "cross_entropy":
         width = outputs.shape[-1]
@@ -108,18 +133,28 @@ def ggn_inner(
         rows = 2.0 * (left.to(dtype) * right.to(dtype)).reshape(outputs.shape[0], -1).sum(1)
     else:
         raise ValueError(f"loss must be one of {LOSS_KINDS}, got {kind!r}")
+    kept = kept_rows(kind, targets)
+    if kept is not None:
+        rows = rows * kept.to(rows.device, rows.dtype)
     if weights is not None:
         return (weights.double() * per_sample(rows, outputs.shape[0], reduction).double()).sum()
-    return rows.mean() if reduction == "mean" else rows.sum()
+    if reduction == "sum":
+        return rows.sum()
+    return rows.mean() if kept is None else rows.sum() / kept.sum().clamp_min(1)
 
 
-def ggn_weights(outputs: Tensor) -> Tensor:
+def ggn_weights(outputs: Tensor, targets: Tensor | None = None) -> Tensor:
     """Per sample (the first dimension of ``outputs``, logits), the cross-entropy's trace of H
     summed over its rows, Σ_rows (1 − Σ_c p_c²): near 0 for a confidently classified sample,
-    whose GGN part JᵀHJ is then near 0 too. (The squared error's H = 2I weighs every sample alike.)"""
+    whose GGN part JᵀHJ is then near 0 too. (The squared error's H = 2I weighs every sample alike.)
+    Rows that ``targets`` marks ``IGNORE_INDEX`` count 0 (their H is 0)."""
     dtype = torch.promote_types(outputs.dtype, torch.float32)
     probs = F.softmax(outputs.reshape(-1, outputs.shape[-1]).to(dtype), dim=-1)
-    return (1.0 - probs.pow(2).sum(1)).reshape(outputs.shape[0], -1).sum(1)
+    rows = 1.0 - probs.pow(2).sum(1)
+    kept = kept_rows("cross_entropy", targets)
+    if kept is not None:
+        rows = rows * kept.to(rows.device, rows.dtype)
+    return rows.reshape(outputs.shape[0], -1).sum(1)
 
 
 def output_tangents(
@@ -193,4 +228,15 @@ class QuadraticModel:
         return float(self.vector @ c + 0.5 * c @ self.matrix @ c)
 
 
-__all__ = ["LOSS_KINDS", "QuadraticModel", "forward", "ggn_inner", "ggn_weights", "loss_value", "output_tangents", "per_sample"]
+__all__ = [
+    "IGNORE_INDEX",
+    "LOSS_KINDS",
+    "QuadraticModel",
+    "forward",
+    "ggn_inner",
+    "ggn_weights",
+    "kept_rows",
+    "loss_value",
+    "output_tangents",
+    "per_sample",
+]

@@ -35,11 +35,11 @@ def check_float(
     return number
 
 
-def check_int(value: object, name: str, *, low: int) -> int:
-    """Return ``value`` if it is an integer ≥ ``low``, else raise ValueError."""
+def check_int(value: object, name: str, *, low: int | None) -> int:
+    """Return ``value`` if it is an integer ≥ ``low`` (any integer when ``low`` is None), else raise ValueError."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < low:
+    if low is not None and value < low:
         raise ValueError(f"{name} must be >= {low}, got {value!r}")
     return value
 

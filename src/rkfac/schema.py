@@ -69,7 +69,7 @@ def check_field(field: dataclasses.Field[Any], value: Any) -> Any:
             return int_schedule(value, name, low=int(bounds["low"]))
         if value is None and meta.get("optional", field.default is None):
             return None
-        return check_int(value, name, low=int(bounds["low"]))
+        return check_int(value, name, low=None if bounds["low"] is None else int(bounds["low"]))
     if kind == "float":
         if meta["schedule"]:
             return float_schedule(value, name, **bounds)
