@@ -49,8 +49,9 @@ class Preconditioner(Protocol):
         """The parameters whose gradients it preconditions (the layers' weights and biases)."""
         ...
 
-    def sample_fisher(self, outputs: Tensor) -> None:
-        """Capture curvature from labels sampled from ``outputs`` (K-FAC with fisher="mc"; SENG refuses it)."""
+    def sample_fisher(self, outputs: Tensor, targets: Tensor | None = None, ignore_index: int = -100) -> None:
+        """Capture curvature from labels sampled from ``outputs``, leaving out the positions whose
+        ``targets`` are ``ignore_index`` (K-FAC with fisher="mc"; SENG refuses it)."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...

@@ -78,3 +78,46 @@ def test_sample_fisher_is_a_no_op_off_factor_steps_and_refused_for_empirical() -
         assert torch.equal(a, after_first[name][0]) and torch.equal(g, after_first[name][1])
     with pytest.raises(ValueError, match="sample_fisher is for fisher='mc'"):
         rkfac.KFACPreconditioner(model).sample_fisher(logits)
+
+
+def padded_sequence_batch() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    """A position-wise model on (batch, tokens, 5) inputs and targets with padding marked −100."""
+    model, _, _ = model_and_batch()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(6, 4, 5, generator=generator, dtype=DTYPE)
+    y = torch.randint(0, 3, (6, 4), generator=generator)
+    y[0, 2:] = -100
+    y[3] = -100
+    return model, x, y
+
+
+def test_given_the_targets_the_sampled_loss_leaves_out_the_padded_positions_as_the_training_loss_does() -> None:
+    """G from fisher="mc" with targets= is the G of the sampled labels' loss with the padded
+    positions marked −100 (what F.cross_entropy leaves out), captured from a plain backward;
+    without targets= the padded positions' draws count too."""
+    model, x, y = padded_sequence_batch()
+    g_factors = []
+    for targets in (y, None):
+        pre = rkfac.KFACPreconditioner(model, fisher="mc", seed=3, factor_every=1, clip=None)
+        logits = model(x)
+        pre.sample_fisher(logits, targets=targets)
+        F.cross_entropy(logits.reshape(-1, 3), y.reshape(-1)).backward()
+        pre.step()
+        g_factors.append(pre.factors()["2"][1])
+        pre.remove()
+        model.zero_grad()
+    labels = sampled_targets(model(x), "cross_entropy", keyed_generator(torch.device("cpu"), 3, "mc-labels"))
+    reference = rkfac.KFACPreconditioner(model, factor_every=1, clip=None)  # the empirical Fisher of that loss
+    F.cross_entropy(model(x).reshape(-1, 3), labels.masked_fill(y == -100, -100).reshape(-1)).backward()
+    reference.step()
+    torch.testing.assert_close(g_factors[0], reference.factors()["2"][1])
+    assert not torch.allclose(g_factors[1], g_factors[0])
+
+
+def test_sample_fisher_refuses_targets_it_cannot_match_by_shape_or_loss() -> None:
+    model, x, y = padded_sequence_batch()
+    logits = model(x)
+    with pytest.raises(ValueError, match=r"targets have shape \(6, 3\).*need \(6, 4\)"):
+        rkfac.KFACPreconditioner(model, fisher="mc").sample_fisher(logits, targets=y[:, :3])
+    with pytest.raises(ValueError, match="mc_loss is 'mse'"):
+        rkfac.KFACPreconditioner(model, fisher="mc", mc_loss="mse").sample_fisher(logits, targets=y)

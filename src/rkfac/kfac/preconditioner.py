@@ -417,16 +417,21 @@ class KFACPreconditioner:
 
     # ------------------------------------------------------------------ the MC Fisher
 
-    def sample_fisher(self, outputs: Tensor) -> None:
+    def sample_fisher(self, outputs: Tensor, targets: Tensor | None = None, ignore_index: int = -100) -> None:
         """For ``fisher="mc"``: capture G from a backward with labels sampled from ``outputs``.
 
         Call it after the forward and before ``loss.backward()``, on every step (it returns at
         once on steps that are not factor steps)::
 
             logits = model(x)
-            pre.sample_fisher(logits)
+            pre.sample_fisher(logits)                 # pre.sample_fisher(logits, targets=y) with padding
             F.cross_entropy(logits, y).backward()
             pre.step(); optimizer.step()
+
+        ``targets`` (cross-entropy, class indices shaped like ``outputs`` without its last
+        dimension): the positions whose target is ``ignore_index`` (a sequence's padding, left
+        out of your loss) are left out of the sampled loss too, which then divides a mean by
+        the positions kept, as yours does. Without it every position gets a sampled label.
 
         The sampled backward uses ``torch.autograd.grad``, so ``.grad`` is not touched, and it
         keeps the graph for the user's own backward.
@@ -434,8 +439,19 @@ class KFACPreconditioner:
         options = self.options
         if options.fisher != "mc":
             raise ValueError(f"sample_fisher is for fisher='mc'; this preconditioner has fisher={options.fisher!r}")
+        kept = None
+        if targets is not None:
+            if options.mc_loss != "cross_entropy":
+                raise ValueError(f"sample_fisher's targets= are for cross_entropy's padding; mc_loss is {options.mc_loss!r}")
+            if targets.shape != outputs.shape[:-1]:
+                raise ValueError(
+                    f"sample_fisher's targets have shape {tuple(targets.shape)}; the outputs {tuple(outputs.shape)} "
+                    f"need {tuple(outputs.shape[:-1])} (a class index per position)"
+                )
+            kept = targets != ignore_index
         if self._is_factor_step() and outputs.requires_grad:
-            self._sampler.backward(outputs, list({id(p): p for layer in self._layers for p in layer.kind.parameters()}.values()))
+            weights: list[Tensor] = list({id(p): p for layer in self._layers for p in layer.kind.parameters()}.values())
+            self._sampler.backward(outputs, weights, kept)
 
     # ------------------------------------------------------------------ state
 

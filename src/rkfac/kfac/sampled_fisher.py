@@ -26,11 +26,12 @@ class LabelSampler:
         self.collector = collector
         self.generator: torch.Generator | None = None
 
-    def backward(self, outputs: Tensor, weights: list[Tensor]) -> None:
-        """Capture G from the gradient of the sampled loss at ``outputs`` w.r.t. ``weights``."""
+    def backward(self, outputs: Tensor, weights: list[Tensor], kept: Tensor | None = None) -> None:
+        """Capture G from the gradient of the sampled loss at ``outputs`` w.r.t. ``weights``
+        (``kept``: the positions the training loss keeps, :func:`rkfac.mc_fisher.sampled_loss`)."""
         if self.generator is None or self.generator.device != outputs.device:
             self.generator = keyed_generator(outputs.device, self.seed, "mc-labels")
-        loss = sampled_loss(outputs, self.loss, self.loss_reduction, self.generator)
+        loss = sampled_loss(outputs, self.loss, self.loss_reduction, self.generator, kept)
         self.collector.capture_output_grads = True
         try:
             torch.autograd.grad(loss, weights, retain_graph=True, allow_unused=True)

@@ -188,7 +188,7 @@ class SENGPreconditioner:
             lines + ([f"divided by (1 + λ): {len(self._other_params)} other parameters"] if self._other_params else [])
         )
 
-    def sample_fisher(self, outputs: Tensor) -> None:
+    def sample_fisher(self, outputs: Tensor, targets: Tensor | None = None, ignore_index: int = -100) -> None:
         raise ValueError("SENG uses the empirical Fisher of the user's backward; it has no fisher='mc'")
 
     @property
