@@ -12,7 +12,8 @@
 #                                        # (PRESET=quick, 2 epochs; SEEDS=0,1), interleaved by seed (~8 min on quick)
 #   benchmarks/adaptive.sh defaults      # sre-kfac-auto at its defaults (issue 20's "never diverges, 3 seeds") on
 #                                        # fashion-vit, fashion-cnn, fashion-cnn-2048, fashion-mlp-wide-2048 and
-#                                        # fashion-mlp-wide, seeds 0-2 interleaved by seed, then the table (~140 min)
+#                                        # fashion-mlp-wide, seeds 0-2 interleaved by seed, then the table (~140 min);
+#                                        # PRESETS="a b" and SEEDS="0 1" restrict it, OUT (runs/defaults) is where runs go
 #
 # Nothing else may run meanwhile (2 cores).
 set -euo pipefail
@@ -37,18 +38,20 @@ case "${1:-}" in
     "$RKFAC" bench --preset "$preset" --optimizers sre-kfac-auto-first,sre-kfac-auto,sre-kfac-auto-is32 \
       --epochs "${EPOCHS:-2}" --seeds "${SEEDS:-0,1}" --out "runs/bench-$preset-sampling" --quiet --resume ;;
   defaults)
-    presets=(fashion-vit fashion-cnn fashion-cnn-2048 fashion-mlp-wide-2048 fashion-mlp-wide)
+    read -r -a presets <<< "${PRESETS:-fashion-vit fashion-cnn fashion-cnn-2048 fashion-mlp-wide-2048 fashion-mlp-wide}"
+    read -r -a seeds <<< "${SEEDS:-0 1 2}"
+    root=${OUT:-runs/defaults}
     failed=()
-    for seed in 0 1 2; do  # a run that fails is named at the end; the others go on
+    for seed in "${seeds[@]}"; do  # a run that fails is named at the end; the others go on
       for preset in "${presets[@]}"; do
-        out=runs/defaults/$preset-s$seed
+        out=$root/$preset-s$seed
         [ -f "$out/summary.json" ] && continue
         "$RKFAC" train --optimizer sre-kfac-auto --preset "$preset" --seed "$seed" --quiet --out "$out" \
           || failed+=("$preset seed $seed")
       done
     done
     for preset in "${presets[@]}"; do
-      runs=$(ls -d "runs/defaults/$preset"-s*/summary.json 2>/dev/null | xargs -r -n1 dirname | paste -sd,)
+      runs=$(ls -d "$root/$preset"-s*/summary.json 2>/dev/null | xargs -r -n1 dirname | paste -sd,)
       [ -n "$runs" ] && "$PYTHON" benchmarks/equal_time.py --metric test_acc "$preset=$runs"
     done
     if [ ${#failed[@]} -gt 0 ]; then
