@@ -123,7 +123,7 @@ def test_a_negative_class_index_other_than_ignore_index_is_refused_by_value() ->
     x, y = batch(0)
     y[3], y[5] = -100, -1  # -100: F.cross_entropy's ignore_index, left out; -1 is no class and no ignore_index
     opt.zero_grad()
-    F.cross_entropy(model(x), y.clamp_min(-100).masked_fill(y == -1, 0)).backward()
+    F.cross_entropy(model(x), y.masked_fill(y == -1, 0)).backward()
     with pytest.raises(ValueError, match=re.escape("negative class index (-1)")):
         opt.step(inputs=x, targets=y)
 
@@ -176,3 +176,20 @@ def test_importance_draws_over_padded_positions_estimate_the_mean_over_the_kept_
     assert abs(float(estimates_t.mean()) - exact) < 4 * float(estimates_t.std()) / REPEATS**0.5
     # the all-padding sample has weight 0: it is drawn only through the uniform share β/n
     assert padding_draws / (REPEATS * DRAWN) == pytest.approx(UNIFORM_SHARE / SAMPLES, rel=0.15)
+
+
+def test_samples_that_are_all_padding_give_way_to_the_whole_batch() -> None:
+    """The first 4 samples all padding would measure no curvature (M = the damping alone): the
+    step measures the whole batch instead, and so takes the whole-batch step."""
+    x, y = batch(0, tokens=3)
+    y[:4] = -100
+    results = []
+    for samples in (4, 10_000):
+        model = make_model()
+        opt = make_optimizer(model, curvature_samples=samples, curvature_sampling="first")
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(x).reshape(-1, 3), y.reshape(-1)).backward()
+            opt.step(inputs=x, targets=y)
+        results.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]))
+    assert torch.equal(results[0], results[1])

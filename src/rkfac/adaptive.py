@@ -342,11 +342,22 @@ class AdaptiveStep:
         return {name: p.detach() for name, p in self.model.named_parameters()}
 
     def _curvature_sample(self, inputs: Sequence[Tensor], targets: Tensor) -> CurvatureSample:
-        """This step's curvature samples (:mod:`rkfac.curvature_samples`). Importance sampling
-        needs the training forward's outputs for this batch, samples first (``batch_dim`` 0);
-        without them it takes the batch's first samples, and says so once."""
-        if self._loss == "cross_entropy":
-            targets = self._marked_ignored(targets)
+        """This step's curvature samples (:mod:`rkfac.curvature_samples`), positions marked
+        ``ignore_index`` left out. Samples whose every position is left out (all padding) would
+        measure no curvature at all, so M would be the damping alone and its α far too long: the
+        whole batch is measured instead."""
+        if self._loss != "cross_entropy":
+            return self._chosen_samples(inputs, targets)
+        targets = self._marked_ignored(targets)
+        sample = self._chosen_samples(inputs, targets)
+        if sample.targets is not targets and not bool((sample.targets != IGNORE_INDEX).any()):
+            return CurvatureSample(list(inputs), targets)
+        return sample
+
+    def _chosen_samples(self, inputs: Sequence[Tensor], targets: Tensor) -> CurvatureSample:
+        """The samples by ``sampling``. Importance sampling needs the training forward's outputs
+        for this batch, samples first (``batch_dim`` 0); without them it takes the batch's first
+        samples, and says so once."""
         n = inputs[0].shape[self.batch_dim]
         if self.sampling == "first" or self.sample_count >= n:
             return first_samples(inputs, targets, self.sample_count, self.batch_dim, self.loss_reduction)

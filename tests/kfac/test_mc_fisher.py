@@ -92,8 +92,9 @@ def padded_sequence_batch() -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
 
 
 def test_given_the_targets_the_sampled_loss_leaves_out_the_padded_positions_as_the_training_loss_does() -> None:
-    """G from fisher="mc" with targets= is the G of the sampled labels' loss with the padded
-    positions marked −100 (what F.cross_entropy leaves out), captured from a plain backward;
+    """G from fisher="mc" with targets= is n Σ_r g_r g_rᵀ (README: the statistics' scaling, n
+    the batch) with g_r the output gradient at position r of the sampled labels' mean loss with
+    the padded positions marked −100 (what F.cross_entropy leaves out), written out by hand;
     without targets= the padded positions' draws count too."""
     model, x, y = padded_sequence_batch()
     g_factors = []
@@ -106,11 +107,14 @@ def test_given_the_targets_the_sampled_loss_leaves_out_the_padded_positions_as_t
         g_factors.append(pre.factors()["2"][1])
         pre.remove()
         model.zero_grad()
-    labels = sampled_targets(model(x), "cross_entropy", keyed_generator(torch.device("cpu"), 3, "mc-labels"))
-    reference = rkfac.KFACPreconditioner(model, factor_every=1, clip=None)  # the empirical Fisher of that loss
-    F.cross_entropy(model(x).reshape(-1, 3), labels.masked_fill(y == -100, -100).reshape(-1)).backward()
-    reference.step()
-    torch.testing.assert_close(g_factors[0], reference.factors()["2"][1])
+    outputs = model(x).detach().requires_grad_()
+    labels = sampled_targets(outputs, "cross_entropy", keyed_generator(torch.device("cpu"), 3, "mc-labels"))
+    kept = y != -100
+    rows = outputs.reshape(-1, 3)[kept.reshape(-1)]
+    loss = F.cross_entropy(rows, labels.reshape(-1)[kept.reshape(-1)], reduction="sum") / int(kept.sum())
+    (grads,) = torch.autograd.grad(loss, outputs)
+    flat = grads.reshape(-1, 3)
+    torch.testing.assert_close(g_factors[0], len(x) * flat.T @ flat)
     assert not torch.allclose(g_factors[1], g_factors[0])
 
 
