@@ -23,6 +23,9 @@
 #                                             # mlp-wide and cnn, then 3 seeds x 10 epochs of m = 512 on mlp-wide, ≈ 25 min
 #   benchmarks/low_rank_soap.sh steps         # ms per step, interleaved, on every preset's model, ≈ 15 min
 #                                             # (sre-soap at its defaults, at r = 64, and at r = 64 with factors every 3)
+#   benchmarks/low_rank_soap.sh steps-peers   # ms per step, interleaved, of AdamW, SGD, SRE-KFAC, sre-kfac-auto, sre-soap and SOAP at
+#                                             # each preset's settings; PRESETS (default: the two batch-2048 presets and the ViT) and
+#                                             # STEPS (default 50, one K-FAC cycle) choose; ≈ 20 min for the defaults
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RKFAC=${RKFAC:-.venv/bin/rkfac}
@@ -107,6 +110,12 @@ case "${1:-}" in
     for preset in fashion-autoencoder fashion-mlp-wide fashion-cnn fashion-vit; do
       "$PYTHON" benchmarks/step_time.py --preset "$preset" --optimizers "sgd,sre-kfac,soap,sre-soap,sre-soap[rank=64],sre-soap[rank=64;factor_every=3]" --steps 50 --chunk 10
     done ;;
+  steps-peers)
+    mkdir -p runs/steps-peers
+    for preset in ${PRESETS:-fashion-vit fashion-mlp-wide-2048 fashion-cnn-2048}; do
+      "$PYTHON" benchmarks/step_time.py --preset "$preset" --optimizers adamw,sgd,sre-kfac,sre-kfac-auto,sre-soap,soap \
+        --steps "${STEPS:-50}" --chunk 10 --json "runs/steps-peers/$preset.json"
+    done ;;
   *)
-    echo "usage: $0 autoencoder|peers|mlp2048|cnn2048|cnn|cnn2048-winners|vit|vit-winners|mlp2048-decay|ranks|carry|sweep|subset|steps" >&2; exit 2 ;;
+    echo "usage: $0 autoencoder|peers|mlp2048|cnn2048|cnn|cnn2048-winners|vit|vit-winners|mlp2048-decay|ranks|carry|sweep|subset|steps|steps-peers" >&2; exit 2 ;;
 esac

@@ -8,7 +8,9 @@ interleaved round-robin across optimizers so that machine drift touches all alik
 Reported: mean seconds per step (forward, backward and optimizer step; data indexing
 excluded) and the ratio to SGD in the same run, for each width scale asked for. The loss is the
 preset's task's (cross-entropy, or the autoencoder's squared error); optimizers with the MC
-Fisher include its sampled backward. The adaptive optimizers (``*-auto``) are not timed here.
+Fisher include its sampled backward. The adaptive optimizers (``*-auto``) take the batch in
+their step (``step(inputs=, targets=)``), as the training loop gives it, so their time includes
+the quadratic model's forward-mode passes.
 
     python benchmarks/step_time.py --preset fashion-cnn --optimizers sgd,sre-kfac,seng --width-scales 1,2
 
@@ -25,7 +27,7 @@ from pathlib import Path
 import torch
 
 from preset_runs import batch_at, model_and_optimizer
-from rkfac.experiments.config import KFAC_FACTORS
+from rkfac.experiments.config import ADAPTIVE_OPTIMIZERS, KFAC_FACTORS
 from rkfac.experiments.datasets import load_dataset
 from rkfac.experiments.presets import resolve_config
 from rkfac.experiments.tasks import task_for
@@ -54,7 +56,8 @@ def measure(preset: str, optimizers: list[str], width_scale: float, steps: int, 
         config = resolve_config(optimizer_name, preset, {"width_scale": width_scale, **overrides})
         model, optimizer = model_and_optimizer(config, data)
         sampled = config.fisher == "mc" and config.optimizer in KFAC_FACTORS  # the MC Fisher's extra backward
-        runs[name] = {"model": model, "optimizer": optimizer, "seconds": 0.0, "done": 0, "sampled": sampled}
+        adaptive = config.optimizer in ADAPTIVE_OPTIMIZERS  # the step measures its model on the batch
+        runs[name] = {"model": model, "optimizer": optimizer, "seconds": 0.0, "done": 0, "sampled": sampled, "adaptive": adaptive}
     first = resolve_config(parse_spec(optimizers[0])[0], preset)
     task = task_for(first.model)  # the preset's loss: classification or reconstruction
     batch = first.batch_size
@@ -68,7 +71,10 @@ def measure(preset: str, optimizers: list[str], width_scale: float, steps: int, 
                 if run["sampled"]:
                     run["optimizer"].preconditioner.sample_fisher(outputs)
                 task.loss(outputs, targets).backward()
-                run["optimizer"].step()
+                if run["adaptive"]:
+                    run["optimizer"].step(inputs=inputs, targets=targets)
+                else:
+                    run["optimizer"].step()
                 run["seconds"] += time.perf_counter() - start
                 run["done"] += 1
     return {name: run["seconds"] / run["done"] for name, run in runs.items()}
