@@ -14,6 +14,9 @@
 #                                        # fashion-vit, fashion-cnn, fashion-cnn-2048, fashion-mlp-wide-2048 and
 #                                        # fashion-mlp-wide, seeds 0-2 interleaved by seed, then the table (~140 min);
 #                                        # PRESETS="a b" and SEEDS="0 1" restrict it, OUT (runs/defaults) is where runs go
+#   benchmarks/adaptive.sh schedule      # sre-kfac-auto with factors and decompositions more often (SCHEDULES="fe:ie ...",
+#                                        # default "3:10 1:5") on PRESET (fashion-mlp-wide-2048), SEEDS ("0"), into
+#                                        # runs/schedule; the library's 10:50 is runs/defaults (~5 min a run on mlp-wide-2048)
 #
 # Nothing else may run meanwhile (2 cores).
 set -euo pipefail
@@ -57,6 +60,17 @@ case "${1:-}" in
     if [ ${#failed[@]} -gt 0 ]; then
       printf 'failed (no summary.json): %s\n' "${failed[@]}" >&2; exit 1
     fi ;;
+  schedule)
+    preset=${PRESET:-fashion-mlp-wide-2048}
+    read -r -a seeds <<< "${SEEDS:-0}"
+    for seed in "${seeds[@]}"; do
+      for pair in ${SCHEDULES:-3:10 1:5}; do
+        out=runs/schedule/$preset-f${pair%%:*}-i${pair##*:}-s$seed
+        [ -f "$out/summary.json" ] && continue
+        "$RKFAC" train --optimizer sre-kfac-auto --preset "$preset" --seed "$seed" --quiet --out "$out" \
+          --factor-every "${pair%%:*}" --inverse-every "${pair##*:}"
+      done
+    done ;;
   *)
-    echo "usage: $0 autoencoder|quick|mlp-2048|model-every|sampling|defaults" >&2; exit 2 ;;
+    echo "usage: $0 autoencoder|quick|mlp-2048|model-every|sampling|defaults|schedule" >&2; exit 2 ;;
 esac
