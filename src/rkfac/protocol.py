@@ -8,6 +8,7 @@ wrapper (:mod:`rkfac.optim`) and the experiment trainer use nothing else.
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
@@ -52,6 +53,11 @@ class Preconditioner(Protocol):
     def sample_fisher(self, outputs: Tensor, targets: Tensor | None = None, ignore_index: int = -100) -> None:
         """Capture curvature from labels sampled from ``outputs``, leaving out the positions whose
         ``targets`` are ``ignore_index`` (K-FAC with fisher="mc"; SENG refuses it)."""
+        ...
+
+    def positions(self, kept: Tensor) -> AbstractContextManager[None]:
+        """Leave the positions where ``kept`` is False (padding) out of the curvature of the
+        forwards inside (K-FAC; SENG's per-sample gradients need nothing left out)."""
         ...
 
     def state_dict(self) -> dict[str, Any]: ...

@@ -26,9 +26,10 @@ Statistics are captured only on factor steps, in training mode, with grad enable
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -41,6 +42,7 @@ from rkfac.distributed import Communicator, TrafficCounter
 from rkfac.distributed.sharded import average_statistics, decompose_across_ranks, refuse_block_layers
 from rkfac.health import Health, decompose_with_retry
 from rkfac.kfac.guards import Fault, Faults, Guard
+from rkfac.kfac.positions import check_mask
 from rkfac.kfac.sampled_fisher import LabelSampler
 from rkfac.kfac.state import STATE_VERSION, Factor, LayerState, LayerView, layers_state_dict, load_layers, view
 from rkfac.kfac.statistics import RowObserver, Statistic, StatisticsCollector
@@ -414,6 +416,35 @@ class KFACPreconditioner:
         if self.grad_scaler is None or not self.grad_scaler.is_enabled() or self.options.fisher != "empirical":
             return 1.0
         return float(self.grad_scaler.get_scale())
+
+    # ------------------------------------------------------------------ padded positions
+
+    @contextlib.contextmanager
+    def positions(self, kept: Tensor) -> Iterator[None]:
+        """Leave the positions where ``kept`` is False (a sequence batch's padding) out of the
+        statistics of the forwards run inside (:mod:`rkfac.kfac.positions`)::
+
+            with pre.positions(tokens != pad_id):     # (batch, positions), samples first
+                logits = model(tokens)
+            F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100).backward()
+
+        ``kept`` is a bool tensor shaped like the batch's positions, samples first whatever
+        ``batch_dim`` says. Layers whose rows are those positions (Linear, attention
+        projections, Embedding) drop the left-out rows from A and G; a layer with one row per
+        sample keeps its rows; a layer whose positions have another shape is refused by name.
+        Refused with ``kfac_approx="reduce"``.
+        """
+        if self.options.kfac_approx == "reduce":
+            raise ValueError(
+                "positions() needs kfac_approx='expand': 'reduce' averages each sample's rows before the "
+                "products, and a position mask there is not implemented"
+            )
+        mask, previous = self._collector.positions, self._collector.positions.kept
+        mask.kept = check_mask(kept)
+        try:
+            yield
+        finally:
+            mask.kept = previous
 
     # ------------------------------------------------------------------ the MC Fisher
 

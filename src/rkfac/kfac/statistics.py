@@ -58,6 +58,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
+from rkfac.kfac.positions import PositionMask
 from rkfac.layers import Call, LayerKind
 from rkfac.timing import PhaseTimer, maybe_phase
 
@@ -70,7 +71,8 @@ class PendingInputs:
     rows: Tensor | None  # the rows (B-KFAC's online factors)
     count: int  # N, the rows of the call
     committed: bool = False
-    keep: Tensor | None = None  # the rows that count (an embedding's non-padding tokens), None: all
+    keep: Tensor | None = None  # the rows that count (an embedding's non-padding tokens, a mask's positions), None: all
+    batch_first: bool = False  # the rows are in batch-first order (a position mask's): take the gradient's so too
     observed: Any = None  # what a RowObserver made of the rows (e.g. rotated into a basis)
 
 
@@ -236,6 +238,7 @@ class StatisticsCollector:
         self.capture_output_grads = True
         self.uncaptured_grads = 0
         self.observer: RowObserver | None = None
+        self.positions = PositionMask()  # positions left out of the statistics (rkfac.kfac.positions)
 
     def capturing(self) -> bool:
         return self.is_factor_step()
@@ -250,19 +253,30 @@ class StatisticsCollector:
 
     def on_input(self, name: str, layer: LayerKind, inputs: Tensor) -> PendingInputs:
         with torch.no_grad(), maybe_phase(self.timer, "statistics"):
-            inputs, kept, batch_dim = self._kept(layer, inputs, layer.samples(inputs, self.batch_dim))
+            samples = layer.samples(inputs, self.batch_dim)
+            inputs, kept, batch_dim = self._kept(layer, inputs, samples)
+            positions = None
+            if self.positions.kept is not None:  # the mask's rows are batch first: so are these
+                inputs, batch_dim = layer.batch_first(inputs, batch_dim), 0
+                positions = self.positions.rows(name, layer, inputs, samples)
             if layer.diagonal_input:  # an embedding: Σ e eᵀ is diagonal, kept as token counts
-                counts, count = layer.input_diagonal(inputs, layer.statistics_dtype)
-                diagonal = PendingInputs(counts, None, count, keep=layer.row_mask(inputs))
+                keep = layer.row_mask(inputs)
+                if positions is not None:
+                    keep = positions if keep is None else keep & positions
+                counts, count = layer.input_diagonal(inputs, layer.statistics_dtype, keep)
+                diagonal = PendingInputs(counts, None, count, keep=keep, batch_first=positions is not None)
                 if self.observer is not None:
-                    diagonal.observed = self.observer.on_input_tokens(name, layer.input_tokens(inputs))
+                    diagonal.observed = self.observer.on_input_tokens(name, layer.input_tokens(inputs, keep))
                 return diagonal
             if not self.reduce:
                 rows = layer.input_rows(inputs).to(layer.statistics_dtype)
+                if positions is not None:
+                    rows = rows[positions]
             else:
                 rows = layer.input_rows(layer.batch_first(inputs, batch_dim)).to(layer.statistics_dtype)
                 rows = rows.unflatten(-2, (kept, -1)).mean(-2)
             pending = self.sums[name].pending(rows)
+            pending.keep, pending.batch_first = positions, positions is not None
             if self.observer is not None:
                 pending.observed = self.observer.on_input_rows(name, rows)
             return pending
@@ -273,6 +287,8 @@ class StatisticsCollector:
             return
         with torch.no_grad(), maybe_phase(self.timer, "statistics"):
             grad, kept, batch_dim = self._kept(layer, grad, call.samples)
+            if call.context.batch_first:  # rows a position mask chose, in batch-first order
+                grad = layer.batch_first(grad, batch_dim)
             if self.reduce and not layer.diagonal_input:
                 rows = layer.output_grad_rows(layer.batch_first(grad, batch_dim)).to(layer.statistics_dtype)
                 rows = rows.unflatten(-2, (kept, -1)).sum(-2)

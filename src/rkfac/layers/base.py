@@ -112,11 +112,19 @@ class LayerKind(ABC):
         """Which rows (in :meth:`output_grad_rows` order) depend on the weight; None: all of them."""
         return None
 
-    def input_diagonal(self, inputs: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
-        """(diagonal of Σ_rows a aᵀ, the number of rows N), for kinds with ``diagonal_input``."""
+    def position_shape(self, inputs: Tensor) -> torch.Size | None:
+        """The shape of the rows' positions in the (batch-first) ``inputs``, samples first, when
+        each row is one input position (a Linear's (n, T, ..., d) input: (n, T, ...)); None when
+        the rows are not the input's positions (a convolution's rows are its output positions).
+        What :mod:`rkfac.kfac.positions` matches a position mask against."""
+        return None
+
+    def input_diagonal(self, inputs: Tensor, dtype: torch.dtype, keep: Tensor | None = None) -> tuple[Tensor, int]:
+        """(diagonal of Σ_rows a aᵀ, the number of rows N), for kinds with ``diagonal_input``;
+        ``keep``: the rows that count (flat), None: those of :meth:`row_mask`."""
         raise NotImplementedError(f"{type(self).__name__} has dense input rows")
 
-    def input_tokens(self, inputs: Tensor) -> Tensor:
+    def input_tokens(self, inputs: Tensor, keep: Tensor | None = None) -> Tensor:
         """The index of each one-hot input row (N,), for kinds with ``diagonal_input``."""
         raise NotImplementedError(f"{type(self).__name__} has dense input rows")
 

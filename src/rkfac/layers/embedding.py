@@ -58,16 +58,22 @@ class EmbeddingKind(LayerKind):
         padding = self.module.padding_idx
         return None if padding is None else inputs.reshape(-1) != padding
 
-    def input_tokens(self, inputs: Tensor) -> Tensor:
+    def position_shape(self, inputs: Tensor) -> torch.Size | None:
+        return inputs.shape
+
+    def input_tokens(self, inputs: Tensor, keep: Tensor | None = None) -> Tensor:
         """The looked-up tokens, one per row (the index of its one-hot input row), padding left
-        out: in the order of :meth:`output_grad_rows` after :meth:`row_mask`."""
+        out: in the order of :meth:`output_grad_rows` after :meth:`row_mask`. ``keep`` (flat,
+        one per token) leaves out more rows: positions a mask left out, already combined with
+        :meth:`row_mask`."""
         flat = inputs.reshape(-1)
-        mask = self.row_mask(inputs)
+        mask = self.row_mask(inputs) if keep is None else keep
         return flat if mask is None else flat[mask]
 
-    def input_diagonal(self, inputs: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
-        """(Σ_rows e eᵀ as its diagonal, the number of rows N): token counts, padding left out."""
-        flat = self.input_tokens(inputs)
+    def input_diagonal(self, inputs: Tensor, dtype: torch.dtype, keep: Tensor | None = None) -> tuple[Tensor, int]:
+        """(Σ_rows e eᵀ as its diagonal, the number of rows N): token counts, padding (and the
+        rows ``keep`` leaves out) left out."""
+        flat = self.input_tokens(inputs, keep)
         return torch.bincount(flat, minlength=self.module.num_embeddings).to(dtype), flat.numel()
 
     def input_rows(self, inputs: Tensor) -> Tensor:

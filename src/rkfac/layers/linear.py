@@ -26,6 +26,9 @@ class LinearKind(LayerKind):
         depend on it."""
         return tensor.movedim(batch_dim, 0) if batch_dim and tensor.dim() > 2 else tensor
 
+    def position_shape(self, inputs: Tensor) -> torch.Size | None:
+        return inputs.shape[:-1]
+
     def input_rows(self, inputs: Tensor) -> Tensor:
         rows = inputs.reshape(-1, inputs.shape[-1])
         return append_ones(rows) if self.has_bias else rows

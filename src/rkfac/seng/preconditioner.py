@@ -47,7 +47,9 @@ Decisions (the issue is silent on them):
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,6 +58,7 @@ from torch import Tensor, nn
 
 from rkfac.distributed import Communicator, TrafficCounter
 from rkfac.health import Health
+from rkfac.kfac.positions import check_mask
 from rkfac.layers import Call, LayerCapture, LayerKind
 from rkfac.layers.selection import check_model, display_name, select_layers, unwrap
 from rkfac.options import SENGOptions
@@ -190,6 +193,14 @@ class SENGPreconditioner:
 
     def sample_fisher(self, outputs: Tensor, targets: Tensor | None = None, ignore_index: int = -100) -> None:
         raise ValueError("SENG uses the empirical Fisher of the user's backward; it has no fisher='mc'")
+
+    @contextlib.contextmanager
+    def positions(self, kept: Tensor) -> Iterator[None]:
+        """Checks ``kept`` as K-FAC's does and changes nothing: a per-sample gradient
+        Σ_t g_t a_tᵀ already has no part from a padded position, whose output gradient g_t the
+        loss makes zero."""
+        check_mask(kept)
+        yield
 
     @property
     def rebuilds_now(self) -> bool:
