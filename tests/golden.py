@@ -10,7 +10,7 @@ case below was run and its record written to ``tests/golden/trajectories.json``:
 - ``norms``: the float64 norm of every parameter, for the tolerance check below.
 
 ``tests/test_golden.py`` reruns every case. On a machine kind with a record (same torch
-version, CPU capability and thread count: :func:`fingerprint`) it asserts bitwise equality of
+version, CPU vendor and capability, and thread count: :func:`fingerprint`) it asserts bitwise equality of
 all four. A kind's record after the first (``trajectories-<kind>.json``) is written by running
 ``--write`` at a commit whose numbers match the first record on its own kind, so it extends the
 same numbers to that kind. Elsewhere, BLAS kernels may sum in another order, so it asserts losses
@@ -48,10 +48,25 @@ RECORDS = Path(__file__).parent / "golden"
 RECORD = RECORDS / "trajectories.json"  # the first record (issue 16's, before any code moved)
 
 
+def cpu_vendor() -> str:
+    """The CPU's vendor string (``vendor_id`` of /proc/cpuinfo; "unknown" where there is none).
+
+    Part of the fingerprint because the BLAS picks its kernels by vendor as well as by vector
+    width: an Intel Xeon and an AMD EPYC, both AVX512, differ from step 3 of ``small/sgd``.
+    """
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("vendor_id"):
+                return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
 def fingerprint() -> dict[str, Any]:
     """What decides whether two machines give bitwise equal floats for the same program."""
     return {
         "torch": torch.__version__,
+        "cpu_vendor": cpu_vendor(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
     }
@@ -246,7 +261,8 @@ def record_path(print_: dict[str, Any]) -> Path:
     else one file per kind (so that each kind is checked bitwise against its own record)."""
     if RECORD.exists() and json.loads(RECORD.read_text())["fingerprint"] == print_:
         return RECORD
-    return RECORDS / f"trajectories-torch{print_['torch']}-{print_['cpu_capability']}-{print_['threads']}threads.json"
+    kind = f"torch{print_['torch']}-{print_['cpu_vendor']}-{print_['cpu_capability']}-{print_['threads']}threads"
+    return RECORDS / f"trajectories-{kind}.json"
 
 
 def load() -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """The golden trajectories of :mod:`golden` still come out the same: the renovation's "same numbers".
 
-Bitwise on a machine kind with a record (``tests/golden/``: AVX2 and AVX512, 2 threads, torch
-2.13.0). On a kind without one (another CPU capability, torch version or thread count), BLAS
+Bitwise on a machine kind with a record (``tests/golden/``: AMD AVX2 and AVX512, Intel AVX512, 2 threads, torch
+2.13.0). On a kind without one (another CPU vendor or capability, torch version or thread count), BLAS
 sums in another order and training amplifies the difference: between the AVX2 and AVX512
 records the losses differ by at most 4.3e-5 (relative) over the first two steps but by up to
 124% at step 30 (fashion-cnn/sre-kfac). There only the first two losses are checked, to a
@@ -44,8 +44,11 @@ def test_trajectory_matches_the_record(name: str) -> None:
         for key in expected:
             assert actual[key] == expected[key], f"{name}: {key} differs bitwise"
         return
-    warnings.warn(f"golden {name}: no record of this machine kind, first two losses checked to rtol 1e-4 only", stacklevel=1)
+    # A bf16 case's products round to 8 bits, and the kernels that do it differ by vendor: an Intel
+    # AVX512 machine's second loss of small/sre-kfac-bf16 is 1.8e-4 (relative) off the AMD record.
+    rtol = 1e-3 if "bf16" in name else 1e-4
+    warnings.warn(f"golden {name}: no record of this machine kind, first two losses checked to rtol {rtol:g} only", stacklevel=1)
     first = slice(0, 2)
     torch.testing.assert_close(
-        torch.tensor(actual["losses"][first]), torch.tensor(expected["losses"][first]), rtol=1e-4, atol=1e-6
+        torch.tensor(actual["losses"][first]), torch.tensor(expected["losses"][first]), rtol=rtol, atol=1e-6
     )
