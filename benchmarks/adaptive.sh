@@ -13,7 +13,8 @@
 #   benchmarks/adaptive.sh defaults      # sre-kfac-auto at its defaults (issue 20's "never diverges, 3 seeds") on
 #                                        # fashion-vit, fashion-cnn, fashion-cnn-2048, fashion-mlp-wide-2048 and
 #                                        # fashion-mlp-wide, seeds 0-2 interleaved by seed, then the table (~140 min);
-#                                        # PRESETS="a b" and SEEDS="0 1" restrict it, OUT (runs/defaults) is where runs go
+#                                        # PRESETS="a b" and SEEDS="0 1" restrict it, EPOCHS=1 shortens each run,
+#                                        # OUT (runs/defaults) is where runs go
 #   benchmarks/adaptive.sh schedule      # sre-kfac-auto with factors and decompositions more often (SCHEDULES="fe:ie ...",
 #                                        # default "3:10 1:5") on PRESET (fashion-mlp-wide-2048), SEEDS ("0"), into
 #                                        # runs/schedule; the library's 10:50 is runs/defaults (~5 min a run on mlp-wide-2048)
@@ -50,7 +51,7 @@ case "${1:-}" in
         out=$root/$preset-s$seed
         [ -f "$out/summary.json" ] && continue
         "$RKFAC" train --optimizer sre-kfac-auto --preset "$preset" --seed "$seed" --quiet --out "$out" \
-          || failed+=("$preset seed $seed")
+          ${EPOCHS:+--epochs "$EPOCHS"} || failed+=("$preset seed $seed")
       done
     done
     for preset in "${presets[@]}"; do
