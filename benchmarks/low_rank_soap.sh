@@ -26,6 +26,10 @@
 #   benchmarks/low_rank_soap.sh steps-peers   # ms per step, interleaved, of AdamW, SGD, SRE-KFAC, sre-kfac-auto, sre-soap and SOAP at
 #                                             # each preset's settings; PRESETS (default: the two batch-2048 presets and the ViT) and
 #                                             # STEPS (default 50, one K-FAC cycle) choose; ≈ 20 min for the defaults
+#   benchmarks/low_rank_soap.sh vit-periods   # sre-soap's statistics less often on fashion-vit: ms per step of SGD, SOAP, sre-soap
+#                                             # with factors every 3 (default), 10, and 10 with bases every 30; then 5 epochs of
+#                                             # FACTOR_EVERY (10) against sre-soap's default and SOAP, all at the grid's lr 3e-3,
+#                                             # SEEDS (0,1,2) interleaved by seed, into runs/vit-periods-*; ≈ 15 min a seed
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RKFAC=${RKFAC:-.venv/bin/rkfac}
@@ -116,6 +120,24 @@ case "${1:-}" in
       "$PYTHON" benchmarks/step_time.py --preset "$preset" --optimizers adamw,sgd,sre-kfac,sre-kfac-auto,sre-soap,soap \
         --steps "${STEPS:-50}" --chunk 10 --json "runs/steps-peers/$preset.json"
     done ;;
+  vit-periods)
+    mkdir -p runs/vit-periods
+    [ -f runs/vit-periods/steps.json ] || "$PYTHON" benchmarks/step_time.py --preset fashion-vit \
+      --optimizers "sgd,soap,sre-soap,sre-soap[factor_every=10],sre-soap[factor_every=10;inverse_every=30]" \
+      --steps 60 --chunk 10 --json runs/vit-periods/steps.json
+    every=${FACTOR_EVERY:-10}
+    for seed in ${SEEDS:-0 1 2}; do
+      for variant in "sre-soap-f$every:sre-soap:--factor-every $every" "sre-soap:sre-soap:" "soap:soap:"; do
+        IFS=: read -r label name extra <<< "$variant"
+        out=runs/vit-periods-$label-s$seed
+        [ -f "$out/summary.json" ] && continue
+        # shellcheck disable=SC2086  # $extra is a flag and its value
+        "$RKFAC" train --optimizer "$name" --preset fashion-vit --lr 3e-3 --seed "$seed" --quiet --out "$out" $extra
+      done
+    done
+    "$PYTHON" benchmarks/equal_time.py --metric test_acc --at 30,60,120,180 \
+      "sre-soap-f$every=$(ls -d runs/vit-periods-sre-soap-f"$every"-s* | paste -sd,)" \
+      "sre-soap=$(ls -d runs/vit-periods-sre-soap-s* | paste -sd,)" "soap=$(ls -d runs/vit-periods-soap-s* | paste -sd,)" ;;
   *)
-    echo "usage: $0 autoencoder|peers|mlp2048|cnn2048|cnn|cnn2048-winners|vit|vit-winners|mlp2048-decay|ranks|carry|sweep|subset|steps|steps-peers" >&2; exit 2 ;;
+    echo "usage: $0 autoencoder|peers|mlp2048|cnn2048|cnn|cnn2048-winners|vit|vit-winners|mlp2048-decay|ranks|carry|sweep|subset|steps|steps-peers|vit-periods" >&2; exit 2 ;;
 esac

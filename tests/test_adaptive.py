@@ -115,25 +115,31 @@ def sampled_ggn(
 
 
 @pytest.mark.parametrize(
-    ("samples", "reduction", "sampling", "tokens"),
+    ("samples", "reduction", "sampling", "tokens", "scale"),
     [
-        (10_000, "mean", "importance", 0),
-        (4, "mean", "first", 0),
-        (4, "sum", "first", 0),
-        (4, "mean", "importance", 0),
-        (4, "sum", "importance", 0),
-        (10_000, "mean", "importance", 3),
-        (4, "mean", "first", 3),
-        (4, "mean", "importance", 3),
-        (4, "sum", "importance", 3),
+        (10_000, "mean", "importance", 0, 1.0),
+        (4, "mean", "first", 0, 1.0),
+        (4, "sum", "first", 0, 1.0),
+        (4, "mean", "importance", 0, 1.0),
+        (4, "sum", "importance", 0, 1.0),
+        (10_000, "mean", "importance", 3, 1.0),
+        (4, "mean", "first", 3, 1.0),
+        (4, "mean", "importance", 3, 1.0),
+        (4, "sum", "importance", 3, 1.0),
+        (10_000, "mean", "importance", 0, 0.3),
     ],
-)  # 10 000: all of it; tokens: a sequence batch with padded positions (ignore_index)
+)  # 10 000: all of it; tokens: a sequence batch with padded positions (ignore_index); scale: step_scale s
 def test_each_step_takes_the_alpha_and_mu_that_minimise_the_dense_quadratic_model(
-    samples: int, reduction: str, sampling: str, tokens: int
+    samples: int, reduction: str, sampling: str, tokens: int, scale: float
 ) -> None:
     model = make_model()
     opt = make_optimizer(
-        model, curvature_samples=samples, curvature_sampling=sampling, initial_damping=0.3, loss_reduction=reduction
+        model,
+        curvature_samples=samples,
+        curvature_sampling=sampling,
+        initial_damping=0.3,
+        loss_reduction=reduction,
+        step_scale=scale,
     )
     previous: torch.Tensor | None = None
     for step in range(3):
@@ -161,10 +167,11 @@ def test_each_step_takes_the_alpha_and_mu_that_minimise_the_dense_quadratic_mode
         vectors = [direction] if previous is None else [direction, previous]
         matrix = torch.tensor([[float(u @ shifted @ v) for v in vectors] for u in vectors], dtype=torch.float64)
         b = torch.tensor([float(g @ v) for v in vectors], dtype=torch.float64)
-        coefficients = minimise(matrix, b)
+        coefficients = scale * minimise(matrix, b)  # M's minimiser over span(Δ, δ₀), shortened by s
         expected = sum(c * v for c, v in zip(coefficients, vectors, strict=True))
         torch.testing.assert_close(update, expected, rtol=1e-7, atol=1e-12)
         record = opt.adaptive.last  # type: ignore[union-attr]
+        assert record.scale == scale
         assert record.alpha == pytest.approx(float(coefficients[0]), rel=1e-7)
         assert record.momentum == (0.0 if previous is None else pytest.approx(float(coefficients[1]), rel=1e-7))
         assert record.predicted == pytest.approx(float(g @ update + 0.5 * update @ shifted @ update), rel=1e-7)
@@ -254,11 +261,46 @@ def test_the_floor_raises_each_factor_damping_to_a_fraction_of_its_top_eigenvalu
         ({"grad_scaler": torch.amp.GradScaler("cpu")}, "GradScaler"),
         ({"loss": "hinge"}, "'hinge'"),
         ({"initial_damping": 10.0, "max_damping": 1.0}, "initial_damping 10.0"),
+        ({"step_scale": 0.0}, "step_scale"),
+        ({"step_scale": 1.5}, "step_scale"),
+        ({"loss": None, "curvature_samples": 8}, "['curvature_samples'] are the adaptive step's options: give loss="),
+        ({"loss": None, "step_scale": 0.5}, "['step_scale'] are the adaptive step's options"),
     ],
 )
 def test_settings_the_adaptive_step_cannot_honour_are_refused_by_name(options: dict, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         rkfac.KFAC(make_model(), **{"loss": "cross_entropy", **options})
+
+
+def test_an_lr_scheduler_or_a_step_scale_schedule_shortens_the_chosen_step() -> None:
+    """The param group's lr is the step scale s: after a StepLR halves it, the step is half of
+    the step an unscheduled twin takes from the same state; a callable step_scale does the same;
+    a scheduler taking s above 1 is refused by value."""
+    twins = [make_model() for _ in range(3)]
+    plain = make_optimizer(twins[0], curvature_samples=10_000)
+    scheduled = make_optimizer(twins[1], curvature_samples=10_000)
+    scheduler = torch.optim.lr_scheduler.StepLR(scheduled, step_size=1, gamma=0.5)
+    callable_scale = make_optimizer(twins[2], curvature_samples=10_000, step_scale=lambda step: 1.0 if step == 0 else 0.5)
+    updates = []
+    for step in range(2):
+        x, y = batch(step)
+        before = [flat_params(model)[0] for model in twins]
+        for model, opt in zip(twins, (plain, scheduled, callable_scale), strict=True):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step(inputs=x, targets=y)
+        scheduler.step()
+        updates.append([flat_params(model)[0] - theta for model, theta in zip(twins, before, strict=True)])
+    first, second = updates
+    assert torch.equal(first[0], first[1]) and torch.equal(first[0], first[2])  # s = 1 for all three at step 0
+    torch.testing.assert_close(second[1], 0.5 * second[0], rtol=1e-10, atol=1e-14)
+    assert torch.equal(second[1], second[2])
+    assert scheduled.adaptive.last.scale == 0.5  # type: ignore[union-attr]
+    scheduled.param_groups[0]["lr"] = 2.0
+    x, y = batch(2)
+    F.cross_entropy(twins[1](x), y).backward()
+    with pytest.raises(ValueError, match=r"must be in \(0, 1\], got 2.0"):
+        scheduled.step(inputs=x, targets=y)
 
 
 def test_the_step_asks_for_the_batch_and_the_fixed_step_refuses_one() -> None:

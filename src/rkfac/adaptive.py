@@ -5,9 +5,14 @@ Each step, with g the batch gradient (plus η θ, η the weight decay), Δ = −
 preconditioned direction (F̂ K-FAC's damped Kronecker curvature) and δ₀ the previous update::
 
     (α, μ) ← argmin M(αΔ + μδ₀), 0 ≤ μ ≤ max_momentum   (rkfac.quadratic_model; μ = 0 on the first step)
-    δ = αΔ + μδ₀;  θ ← θ + δ
+    δ = s (αΔ + μδ₀);  θ ← θ + δ
 
-M's curvature is the exact GGN of the batch, plus (λ + η)I. μ is kept in [0, ``max_momentum``]
+M's curvature is the exact GGN of the batch, plus (λ + η)I. s ∈ (0, 1] is ``step_scale`` (1: the
+model's minimiser): the param group's lr, so a torch LR scheduler, or a callable of the step, can
+decay the step late in training, where M measured on one batch keeps proposing steps whose
+noise the loss no longer absorbs (an lr decay lifted every optimizer's final accuracy in
+BENCHMARKS.md). ρ and the next step's δ₀ are those of the shortened step; the next M chooses μ
+for that δ₀. μ is kept in [0, ``max_momentum``]
 (0.95): measured on a subset of the batch, the 2 × 2 model is noisy, and on the quick MLP its free
 minimum swung μ between −8 and 4·10³ within ten steps and blew the run up (BENCHMARKS.md). Every ``damping_every`` (T) steps
 the reduction ratio (the same samples and dropout draws for both losses)
@@ -76,6 +81,7 @@ from torch import Tensor, nn
 from rkfac.curvature_samples import SAMPLINGS, CurvatureSample, first_samples, importance_samples
 from rkfac.distributed import Communicator
 from rkfac.quadratic_model import IGNORE_INDEX, LOSS_KINDS, QuadraticModel, forward, ggn_inner, loss_value, output_tangents
+from rkfac.schedules import FloatSchedule
 from rkfac.schema import option, validate
 from rkfac.seeding import derived_seed
 
@@ -124,6 +130,15 @@ class AdaptiveOptions:
     ignore_index: int = option(
         IGNORE_INDEX, "cross_entropy targets equal to it are left out of the model, as F.cross_entropy's ignore_index", kind="int"
     )
+    step_scale: FloatSchedule = option(
+        1.0,
+        "s in (0, 1]: the update is s times M's minimiser (a number, or a callable of the step: a decay); "
+        "it is the param group's lr, so torch LR schedulers set it too",
+        low=0.0,
+        high=1.0,
+        low_inclusive=False,
+        schedule=True,
+    )
 
     def __post_init__(self) -> None:
         validate(self)
@@ -143,9 +158,10 @@ class AdaptiveOptions:
 
 @dataclass
 class StepRecord:
-    """What the last adaptive step chose: α, μ, the λ it used, the model's predicted change and,
-    on adjustment steps, ρ and the losses it came from (None otherwise). ``skipped`` when M had
-    no minimum (a non-finite or non-positive curvature term): the parameters were left alone."""
+    """What the last adaptive step chose: α, μ (as applied: the step scale s included, and s
+    itself), the λ it used, the model's predicted change of the applied step and, on adjustment
+    steps, ρ (None otherwise). ``skipped`` when M had no minimum (a non-finite or non-positive
+    curvature term): the parameters were left alone."""
 
     alpha: float = math.nan
     momentum: float = 0.0
@@ -153,9 +169,17 @@ class StepRecord:
     predicted: float = math.nan
     rho: float | None = None
     skipped: bool = False
+    scale: float = 1.0
 
     def as_dict(self) -> dict[str, float | bool | None]:
-        return {"alpha": self.alpha, "mu": self.momentum, "lambda": self.damping, "rho": self.rho, "skipped": self.skipped}
+        return {
+            "alpha": self.alpha,
+            "mu": self.momentum,
+            "lambda": self.damping,
+            "rho": self.rho,
+            "skipped": self.skipped,
+            "scale": self.scale,
+        }
 
 
 class AdaptiveStep:
@@ -214,17 +238,25 @@ class AdaptiveStep:
 
     @torch.no_grad()
     def step(
-        self, raw_grads: Sequence[Tensor | None], weight_decay: float, inputs: Sequence[Tensor], targets: Tensor
+        self,
+        raw_grads: Sequence[Tensor | None],
+        weight_decay: float,
+        inputs: Sequence[Tensor],
+        targets: Tensor,
+        scale: float = 1.0,
     ) -> StepRecord:
         """Update the parameters in place. ``raw_grads`` are the gradients before preconditioning
         (one per parameter, None where absent); the parameters' ``.grad`` hold the preconditioned
-        ones. Returns (and keeps as ``last``) what it chose."""
+        ones; ``scale`` (s, in (0, 1]) shortens the update to s times M's minimiser. Returns (and
+        keeps as ``last``) what it chose."""
+        if not 0.0 < scale <= 1.0:
+            raise ValueError(f"the adaptive step's scale (the param group's lr) must be in (0, 1], got {scale}")
         pairs = [(p, g) for p, g in zip(self.params, raw_grads, strict=True) if g is not None and p.grad is not None]
         params = [p for p, _ in pairs]
         directions = [-(p.grad + weight_decay * p) if weight_decay else -p.grad for p in params]  # type: ignore[operator]
         previous = [self.previous.get(id(p)) for p in params]
         use_momentum = self.options.adapt_momentum and all(d is not None for d in previous) and bool(previous)
-        record = StepRecord(damping=self.damping)
+        record = StepRecord(damping=self.damping, scale=scale)
         measure = self.steps % self.options.model_every == 0 or self._unit_curvature is None
         adjust = measure and self._adjusts_now()
         if not measure and use_momentum and self._unit_curvature.shape[0] < 2:  # type: ignore[union-attr]
@@ -240,6 +272,7 @@ class AdaptiveStep:
             return record
         if adjust:
             before = float(self._comm.average_flat([self._loss_before])[0][0])
+        coefficients = coefficients * scale
         alpha, mu = float(coefficients[0]), float(coefficients[1]) if use_momentum else 0.0
         for index, p in enumerate(params):
             update = directions[index].mul(alpha)

@@ -38,6 +38,7 @@ from rkfac.kfac import KFACPreconditioner
 from rkfac.layers.selection import check_model, unwrap
 from rkfac.options import KFACOptions, SENGOptions, UpdateOptions, split_options
 from rkfac.protocol import Preconditioner
+from rkfac.quadratic_model import LOSS_KINDS
 from rkfac.schedules import at_step_float
 from rkfac.seng import SENGPreconditioner
 from rkfac.sgd import sgd_update
@@ -187,7 +188,9 @@ class KFAC(PreconditionedSGD):
         The loss must be the one :func:`rkfac.quadratic_model.loss_value` computes for that kind
         (with ``loss_reduction``). Its options are :class:`rkfac.adaptive.AdaptiveOptions`; lr,
         momentum, damping, damping_scale and a "kl" clip are the adaptation's and are refused, and
-        so are a fallback optimizer and a GradScaler. The clip defaults to none (α sets the length)
+        so are a fallback optimizer and a GradScaler. The param group's ``lr`` is the step scale s
+        (``step_scale``, 1: M's minimiser; a number in (0, 1] or a callable of the step), so a torch
+        LR scheduler on this optimizer shortens the chosen step. The clip defaults to none (α sets the length)
     and the damping mode to "pi" (Martens & Grosse's; on fashion-autoencoder it reached loss 11.1
     after one epoch where "relative" reached 12.7).
         ``opt.adaptive.last`` holds the step's α, μ, λ and ρ.
@@ -199,7 +202,13 @@ class KFAC(PreconditionedSGD):
         """``options``: PreconditionedSGD's objects (grad_scaler, process_group, timer, fallback)
         and settings, plus :class:`rkfac.adaptive.AdaptiveOptions`' fields."""
         adaptive_fields = {field.name for field in dataclasses.fields(AdaptiveOptions)}
-        self.adaptive_options = AdaptiveOptions(**{k: options.pop(k) for k in list(options) if k in adaptive_fields})
+        adaptive_given = {k: options.pop(k) for k in list(options) if k in adaptive_fields}
+        if adaptive_given.get("loss") is None and set(adaptive_given) - {"loss"}:
+            raise ValueError(
+                f"{sorted(set(adaptive_given) - {'loss'})} are the adaptive step's options: give loss= "
+                f"(one of {list(LOSS_KINDS)}) to turn it on, or drop them for the fixed step"
+            )
+        self.adaptive_options = AdaptiveOptions(**adaptive_given)
         self.adaptive: AdaptiveStep | None = None
         self._decay_now = 0.0
         loss = self.adaptive_options.loss
@@ -207,7 +216,7 @@ class KFAC(PreconditionedSGD):
             _refuse_with_adaptive(options, loss)
             floor = self.adaptive_options.min_relative_damping
             options = {"clip": None, "damping_mode": "pi", **options, "damping_scale": "tikhonov", "damping_floor": floor}
-            options["lr"] = 1.0
+            options["lr"] = self.adaptive_options.step_scale  # the group's lr is the step scale s
             options["damping"] = lambda _step: self._adaptive_damping()
         super().__init__(model, **options)
         if loss is not None:
@@ -254,8 +263,9 @@ class KFAC(PreconditionedSGD):
                 loss = closure()
         step = self.preconditioner.steps
         group = self.param_groups[0]
-        if callable(self.update.weight_decay):
-            group["weight_decay"] = self._value("weight_decay", step)
+        for name in ("lr", "weight_decay"):  # lr: the step scale s (AdaptiveOptions.step_scale)
+            if callable(getattr(self.update, name)):
+                group[name] = self._value(name, step)
         self._decay_now = group["weight_decay"] if step >= self.update.weight_decay_start else 0.0
         timer = self.preconditioner.timer  # type: ignore[attr-defined]
         with maybe_phase(timer, "adaptive"):
@@ -263,7 +273,7 @@ class KFAC(PreconditionedSGD):
         self.preconditioner.step()
         batch = (inputs,) if isinstance(inputs, Tensor) else tuple(inputs)
         with maybe_phase(timer, "adaptive"):
-            self.adaptive.step(raw, self._decay_now, batch, targets)
+            self.adaptive.step(raw, self._decay_now, batch, targets, scale=group["lr"])
         return loss
 
     def state_dict(self) -> dict[str, Any]:
@@ -291,7 +301,8 @@ def _refuse_with_adaptive(options: dict[str, Any], loss: str) -> None:
     if given:
         raise ValueError(
             f"with loss={loss!r} the step adapts lr, momentum and damping itself; drop {given} "
-            "(initial_damping= sets the first λ), or drop loss= for the fixed step"
+            "(initial_damping= sets the first λ; step_scale=, or an LR scheduler, shortens the chosen step), "
+            "or drop loss= for the fixed step"
         )
     if options.get("clip") == "kl":
         raise ValueError("clip='kl' needs a learning rate; the adaptive step (loss=...) chooses the step length itself")

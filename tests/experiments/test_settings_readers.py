@@ -66,6 +66,7 @@ CHANGES: dict[str, list[Any]] = {
     "curvature_samples": [4],
     "curvature_sampling": ["first"],
     "model_every": [2],
+    "step_scale": [0.5],
     "update_freq": [1],
     "col_sample_size": [4],
     "sketch_threshold": [0.0],

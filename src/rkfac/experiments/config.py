@@ -12,7 +12,8 @@ help, bounds, choices), from which :mod:`rkfac.experiments.cli` generates the fl
 - the experiment's own (model, dataset, epochs, device, ...), declared here with
   :func:`run_option`.
 
-A value that the paper schedules by epoch (lr, damping, rank, factor_every, inverse_every) is
+A value that the paper schedules by epoch (lr, damping, rank, factor_every, inverse_every; and the
+adaptive step's step_scale) is
 either a number or an epoch schedule ``{first_epoch: value, ...}`` (epochs counted from 1,
 each value holding from its epoch until the next key), written on the command line as
 ``1:0.3,2:0.2,3:0.1``; every value of a schedule is checked like the number it stands for.
@@ -73,6 +74,7 @@ _ADAPTIVE_SETTINGS = (
     "curvature_samples",
     "curvature_sampling",
     "model_every",
+    "step_scale",
 )
 _FACTOR_SETTINGS = ("weight_decay_start", "factor_decay", "factor_every", "inverse_every", "fisher", "kfac_approx")
 _DECOMPOSITION_SETTINGS = ("rank", "oversample", "power_iters", "warm_start", "warm_power_iters", "adaptive_rank", "min_rank")
@@ -215,6 +217,7 @@ class RunConfig:
     curvature_samples: int | None = library_option(AdaptiveOptions, "curvature_samples")
     curvature_sampling: str | None = library_option(AdaptiveOptions, "curvature_sampling")
     model_every: int = library_option(AdaptiveOptions, "model_every")
+    step_scale: EpochSchedule = library_option(AdaptiveOptions, "step_scale", epochs=True)
     carry: str = library_option(SOAPOptions, "carry")
     ekfac_carry: str = run_option(
         "keep", "SRE-EKFAC: what a new basis does to the measured scales (reset: its eigenvalue products)", choices=EKFAC_CARRY

@@ -72,6 +72,7 @@ def build_optimizer(
                 "curvature_samples": config.curvature_samples,
                 "curvature_sampling": config.curvature_sampling,
                 "model_every": config.model_every,
+                "step_scale": step_schedule(config.step_scale, steps_per_epoch),
             }
         else:
             step = {"lr": lr, "momentum": config.momentum, "damping": step_schedule(config.damping, steps_per_epoch)}

@@ -111,7 +111,8 @@ class Trainer:
         # batches (counted within the epoch) after which to evaluate, besides the epoch's end
         self._eval_batches = {i * self.steps_per_epoch // config.evals_per_epoch for i in range(1, config.evals_per_epoch)} - {0}
         # Schedules as callables of the step, built once (the loop reads them every step).
-        self._lr = step_schedule(config.lr, self.steps_per_epoch)
+        # The adaptive step's param-group lr is its step scale s (rkfac.adaptive), not config.lr.
+        self._lr = step_schedule(config.step_scale if self._adaptive else config.lr, self.steps_per_epoch)
         damped = config.optimizer in PRECONDITIONED and config.optimizer not in EIGENBASIS_ADAM
         self._damping = step_schedule(config.damping, self.steps_per_epoch) if damped else None
         # Called with the step number after the backward, before optimizer.step(): the raw
@@ -266,7 +267,7 @@ class Trainer:
         if self._adaptive:  # what the adaptive step chose: α as the lr, λ as the damping, μ and ρ
             chosen = self.optimizer.adaptive.last  # type: ignore[attr-defined]
             record = metrics.step_record(step, progress.epoch + 1, loss_value, chosen.alpha, chosen.damping, times, traffic)
-            return {**record, "mu": chosen.momentum, "rho": chosen.rho, "skipped": chosen.skipped}
+            return {**record, "mu": chosen.momentum, "rho": chosen.rho, "skipped": chosen.skipped, "scale": chosen.scale}
         return metrics.step_record(step, progress.epoch + 1, loss_value, lr, damping, times, traffic)
 
     def _evaluate(self) -> dict[str, float]:
