@@ -18,6 +18,9 @@
 #   benchmarks/adaptive.sh schedule      # sre-kfac-auto with factors and decompositions more often (SCHEDULES="fe:ie ...",
 #                                        # default "3:10 1:5") on PRESET (fashion-mlp-wide-2048), SEEDS ("0"), into
 #                                        # runs/schedule; the library's 10:50 is runs/defaults (~5 min a run on mlp-wide-2048)
+#   benchmarks/adaptive.sh decay         # sre-kfac-auto with its step scale decayed (SCALE, default 1:1,4:0.3,5:0.1 by
+#                                        # epoch) and SOAP at its tuned lr with the same decay (SOAP_LR), on PRESET
+#                                        # (fashion-vit), SEEDS (0 1 2) interleaved by seed, into runs/decay (~12 min a seed)
 #
 # Nothing else may run meanwhile (2 cores).
 set -euo pipefail
@@ -72,6 +75,18 @@ case "${1:-}" in
           --factor-every "${pair%%:*}" --inverse-every "${pair##*:}"
       done
     done ;;
+  decay)
+    preset=${PRESET:-fashion-vit}
+    for seed in ${SEEDS:-0 1 2}; do
+      out=runs/decay/$preset-auto-s$seed
+      [ -f "$out/summary.json" ] || "$RKFAC" train --optimizer sre-kfac-auto --preset "$preset" --seed "$seed" --quiet \
+        --out "$out" --step-scale "${SCALE:-1:1,4:0.3,5:0.1}"
+      out=runs/decay/$preset-soap-s$seed
+      [ -f "$out/summary.json" ] || "$RKFAC" train --optimizer soap --preset "$preset" --seed "$seed" --quiet \
+        --out "$out" --lr "${SOAP_LR:-1:3e-3,4:9e-4,5:3e-4}"
+    done
+    "$PYTHON" benchmarks/equal_time.py --metric test_acc "auto-decay=$(ls -d runs/decay/"$preset"-auto-s* | paste -sd,)" \
+      "soap-decay=$(ls -d runs/decay/"$preset"-soap-s* | paste -sd,)" ;;
   *)
-    echo "usage: $0 autoencoder|quick|mlp-2048|model-every|sampling|defaults|schedule" >&2; exit 2 ;;
+    echo "usage: $0 autoencoder|quick|mlp-2048|model-every|sampling|defaults|schedule|decay" >&2; exit 2 ;;
 esac
