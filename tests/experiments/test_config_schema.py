@@ -90,7 +90,7 @@ def test_every_flag_is_generated_from_its_field_with_its_help() -> None:
     for name, (flag, text) in flags.items():
         assert flag == "--" + name.replace("_", "-")
         assert RUN_FIELDS[name].metadata["help"] and text.startswith(RUN_FIELDS[name].metadata["help"].replace("%", "%%"))
-    assert set(SCHEDULED) == {"lr", "damping", "rank", "factor_every", "inverse_every"}
+    assert set(SCHEDULED) == {"lr", "damping", "rank", "factor_every", "inverse_every", "step_scale"}
 
 
 @pytest.mark.parametrize(
