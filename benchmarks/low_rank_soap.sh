@@ -30,6 +30,9 @@
 #                                             # with factors every 3 (default), 10, and 10 with bases every 30; then 5 epochs of
 #                                             # FACTOR_EVERY (10) against sre-soap's default and SOAP, all at the grid's lr 3e-3,
 #                                             # SEEDS (0,1,2) interleaved by seed, into runs/vit-periods-*; ≈ 15 min a seed
+#   benchmarks/low_rank_soap.sh cnn2048-seeds # sre-soap (9e-3) and SOAP (3e-3), the cnn2048 grid's winners, for SEEDS (1 2) and
+#                                             # EPOCHS (4: both targets fell by epoch 3 on seed 0) interleaved by seed, then the
+#                                             # time to each target per seed; ≈ 10 min a run
 #   benchmarks/low_rank_soap.sh vit-rank      # sre-soap at RANK (400: every ViT factor whole, exact eigh) on fashion-vit, lr 3e-3,
 #                                             # seeds 0-2, beside vit-periods' runs (run that first); ≈ 10 min
 set -euo pipefail
@@ -140,6 +143,16 @@ case "${1:-}" in
     "$PYTHON" benchmarks/equal_time.py --metric test_acc --at 30,60,120,180 \
       "sre-soap-f$every=$(ls -d runs/vit-periods-sre-soap-f"$every"-s* | paste -sd,)" \
       "sre-soap=$(ls -d runs/vit-periods-sre-soap-s* | paste -sd,)" "soap=$(ls -d runs/vit-periods-soap-s* | paste -sd,)" ;;
+  cnn2048-seeds)
+    for seed in ${SEEDS:-1 2}; do
+      for winner in sre-soap=9e-3 soap=3e-3; do
+        out=runs/cnn2048-${winner%%=*}-s$seed
+        [ -f "$out/summary.json" ] || "$RKFAC" train --optimizer "${winner%%=*}" --preset fashion-cnn-2048 --lr "${winner#*=}" \
+          --seed "$seed" --epochs "${EPOCHS:-4}" --quiet --out "$out"
+      done
+    done
+    "$PYTHON" benchmarks/equal_time.py --metric test_acc "sre-soap=$(ls -d runs/cnn2048-sre-soap-s* | paste -sd,)" \
+      "soap=$(ls -d runs/cnn2048-soap-s* | paste -sd,)" ;;
   vit-rank)
     rank=${RANK:-400}
     for seed in 0 1 2; do
@@ -151,5 +164,5 @@ case "${1:-}" in
       "sre-soap-r$rank=$(ls -d runs/vit-periods-sre-soap-r"$rank"-s* | paste -sd,)" \
       "sre-soap=$(ls -d runs/vit-periods-sre-soap-s* | paste -sd,)" "soap=$(ls -d runs/vit-periods-soap-s* | paste -sd,)" ;;
   *)
-    echo "usage: $0 autoencoder|peers|mlp2048|cnn2048|cnn|cnn2048-winners|vit|vit-winners|mlp2048-decay|ranks|carry|sweep|subset|steps|steps-peers|vit-periods|vit-rank" >&2; exit 2 ;;
+    echo "usage: $0 autoencoder|peers|mlp2048|cnn2048|cnn|cnn2048-winners|vit|vit-winners|mlp2048-decay|ranks|carry|sweep|subset|steps|steps-peers|vit-periods|vit-rank|cnn2048-seeds" >&2; exit 2 ;;
 esac
