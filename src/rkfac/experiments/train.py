@@ -111,8 +111,7 @@ class Trainer:
         # batches (counted within the epoch) after which to evaluate, besides the epoch's end
         self._eval_batches = {i * self.steps_per_epoch // config.evals_per_epoch for i in range(1, config.evals_per_epoch)} - {0}
         # Schedules as callables of the step, built once (the loop reads them every step).
-        # The adaptive step's param-group lr is its step scale s (rkfac.adaptive), not config.lr.
-        self._lr = step_schedule(config.step_scale if self._adaptive else config.lr, self.steps_per_epoch)
+        self._lr = step_schedule(config.lr, self.steps_per_epoch)
         damped = config.optimizer in PRECONDITIONED and config.optimizer not in EIGENBASIS_ADAM
         self._damping = step_schedule(config.damping, self.steps_per_epoch) if damped else None
         # Called with the step number after the backward, before optimizer.step(): the raw
@@ -231,8 +230,9 @@ class Trainer:
         config, progress = self.config, self.progress
         step = progress.step
         lr = _at(self._lr, step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        if not self._adaptive:  # the adaptive step's group lr is its step scale s, which it sets itself
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         clock = StepClock(self.device)
         clock.start = clock.now()
         images, labels = self.train_images[index], self.train_labels[index]
